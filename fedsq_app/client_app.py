@@ -1,0 +1,73 @@
+"""ClientApp: load the global Q, train it locally (gated by the local S for FedSQ), send Q back.
+
+S is built here from the same pretrained weights as on the server and never leaves the node. Data and
+models are built once per process and reused for every round.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from fedsq_app.config import NodeConfig, RunConfig
+from fedsq_app.data import DataKey, InputSpec, client_partition, dataset_info
+from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
+from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
+
+app = ClientApp()
+CLIENT_ERROR_CODE = 2  # same as Flower's CLIENT_APP_RAISED_EXCEPTION
+
+
+@functools.lru_cache(maxsize=2)
+def local_model(config: RunConfig) -> tuple[nn.Module, InputSpec, str]:
+    """(trainable model, input spec, S's SHA-256), built once per process and run config."""
+    start = build_start_model(config, dataset_info(DataKey.of(config)))
+    return trainable_model(config, start), start.spec, start.sha256
+
+
+def _error_reply(msg: Message, reason: str) -> Message:
+    return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+        node = NodeConfig.from_mapping(context.node_config)
+        model, spec, structural_sha256 = local_model(config)
+        server_config = msg.content.config_records.get("config", {})
+        expected_sha = server_config.get("structural-sha256")
+        if expected_sha is not None and expected_sha != structural_sha256:
+            return _error_reply(msg, f"structural copy mismatch: server S sha256={expected_sha}, "
+                                     f"this node's S sha256={structural_sha256}; use the same pretrained backbone")
+        data = client_partition(DataKey.of(config), node.partition_id, node.num_partitions)
+        load_global_arrays(model, msg.content["arrays"])
+        server_round = int(server_config.get("server-round", 0))
+        schedule = LocalSchedule(config.local_epochs, config.batch_size, config.lr, config.momentum,
+                                 config.weight_decay)
+        result = train_local(model, data, spec, schedule, device=pick_device(config.device),
+                             seed=config.seed * 100_003 + server_round * 1_009 + node.partition_id)
+        metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
+        return Message(RecordDict({"arrays": global_arrays(model.cpu()), "metrics": metrics}), reply_to=msg)
+    except Exception as error:  # reply with the reason instead of crashing the node
+        return _error_reply(msg, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this node's data (the server evaluates centrally by default)."""
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+        node = NodeConfig.from_mapping(context.node_config)
+        model, spec, _ = local_model(config)
+        data = client_partition(DataKey.of(config), node.partition_id, node.num_partitions)
+        load_global_arrays(model, msg.content["arrays"])
+        loss, accuracy = evaluate(model, data, spec, device=pick_device(config.device))
+        metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    except Exception as error:
+        return _error_reply(msg, f"{type(error).__name__}: {error}")

@@ -1,0 +1,163 @@
+"""Typed run and node configuration, validated once where a run starts.
+
+Flower hands apps a flat ``{"key-name": value}`` mapping (``[tool.flwr.app.config]`` merged with
+``--run-config``; ``run_simulation`` hands an empty one), so every default also lives here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+STRATEGIES = ("fedsq", "fedavg")
+PARTITIONERS = ("iid", "dirichlet")
+MODELS = ("smallcnn", "resnet18", "alexnet")
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value is missing, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str = "fedsq"
+    model: str = "smallcnn"
+    pretrained: str = "auto"  # auto | imagenet | none | /path/to/checkpoint.safetensors
+    dataset: str = "embedded"
+    num_server_rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    partitioner: str = "dirichlet"
+    alpha: float = 0.3
+    min_partition_size: int = 10
+    seed: int = 42
+    val_fraction: float = 0.1
+    max_train_samples: int = 0  # 0 = use the whole training split (a smaller value is for quick tests)
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    round_timeout: float = 600.0
+    device: str = "auto"  # auto | cpu | cuda
+    out_dir: str = "outputs"
+    run_name: str = ""
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run config: unknown keys, wrong types and bad ranges raise ``ConfigError``."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values = {}
+        for key, value in mapping.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(
+                    f"unknown run-config key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+                )
+            field = known[key]
+            values[field.name] = _coerce(key, value, field.type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("model", self.model, MODELS)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        for key in ("num-server-rounds", "local-epochs", "batch-size", "min-train-nodes"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 1)
+        for key in ("min-partition-size", "max-train-samples", "seed"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        if self.partitioner == "dirichlet" and self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0 for the Dirichlet partitioner, got {self.alpha}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if not self.dataset:
+            raise ConfigError("dataset must not be empty")
+        if not self.pretrained:
+            raise ConfigError("pretrained must be 'auto', 'imagenet', 'none' or a checkpoint path")
+
+    @property
+    def uses_dualcopy(self) -> bool:
+        return self.strategy == "fedsq"
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.strategy}-{self.model}-{self.dataset.replace('/', '_')}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Which slice of the data this node trains on (simulation fills both keys automatically)."""
+
+    partition_id: int
+    num_partitions: int
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> NodeConfig:
+        missing = [k for k in ("partition-id", "num-partitions") if k not in mapping]
+        if missing:
+            raise ConfigError(
+                f"node config lacks {missing}: start the SuperNode with "
+                "--node-config \"partition-id=0 num-partitions=2\""
+            )
+        partition_id = _coerce("partition-id", mapping["partition-id"], "int")
+        num_partitions = _coerce("num-partitions", mapping["num-partitions"], "int")
+        _at_least("num-partitions", num_partitions, 1)
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
+        return cls(partition_id, num_partitions)
+
+
+def cache_dir() -> Path:
+    """Where prepared data and pretrained backbones live (``$FEDSQ_CACHE_DIR``, else ~/.cache/fedsq)."""
+    if os.environ.get("FEDSQ_CACHE_DIR"):
+        return Path(os.environ["FEDSQ_CACHE_DIR"]).expanduser().resolve()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return (base / "fedsq").resolve()
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    type_name = getattr(type_name, "__name__", type_name)
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a {type_name}, got the boolean {value}")
+    if type_name == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if type_name == "float":
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        hint = difflib.get_close_matches(value, options, n=1)
+        raise ConfigError(
+            f"{key}='{value}' is not one of {', '.join(options)}"
+            + (f"; did you mean '{hint[0]}'?" if hint else "")
+        )
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")

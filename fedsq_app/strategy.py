@@ -1,0 +1,178 @@
+"""Server-side aggregation: reply validation and sample-weighted averaging (pure functions), and thin
+Flower strategy classes that use them.
+
+Flower's own ``FedAvg`` ends the whole run when one reply has a different key set or lacks
+``num-examples``, and it averages ``num_batches_tracked`` into a float. Here every reply is checked
+against the global model's keys, shapes and dtypes; a bad reply is dropped and logged, the round goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+ArraySpecs = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
+NUM_EXAMPLES = "num-examples"
+
+
+def array_specs(arrays: ArrayRecord) -> ArraySpecs:
+    return {key: (tuple(array.shape), str(array.dtype)) for key, array in arrays.items()}
+
+
+@dataclass(frozen=True)
+class CheckedReply:
+    """A reply that passed validation: its arrays by key, its weight and its metrics."""
+
+    node_id: int
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundReplies:
+    accepted: list[CheckedReply] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (node id, reason)
+
+
+def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int | None = None) -> CheckedReply | str:
+    """Return the reply's checked contents, or the reason it must be rejected. Never raises."""
+    try:
+        if message.has_error():
+            return f"error reply: {message.error.reason}"
+        content = message.content
+        array_records, metric_records = list(content.array_records.values()), list(content.metric_records.values())
+        if len(array_records) != 1 or len(metric_records) != 1:
+            return f"expected one ArrayRecord and one MetricRecord, got {len(array_records)} and {len(metric_records)}"
+        arrays, metrics = array_records[0], metric_records[0]
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        if missing or extra:
+            return f"array keys differ from the global model: missing {missing[:3]}, unexpected {extra[:3]}"
+        values = {}
+        for key, (shape, dtype) in expected.items():
+            array = arrays[key]
+            if tuple(array.shape) != shape or str(array.dtype) != dtype:
+                return f"'{key}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+            value = array.numpy()
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                return f"'{key}' holds NaN or Inf"
+            values[key] = value
+        num_examples = metrics.get(NUM_EXAMPLES)
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+            return f"'{NUM_EXAMPLES}' must be an integer, got {num_examples!r}"
+        if num_examples <= 0 or (max_examples is not None and num_examples > max_examples):
+            return f"'{NUM_EXAMPLES}'={num_examples} is outside [1, {max_examples or 'inf'}]"
+        scalars = {}
+        for key, value in metrics.items():
+            if isinstance(value, list) or not math.isfinite(float(value)):
+                return f"metric '{key}' is not a finite number: {value!r}"
+            scalars[key] = float(value)
+        return CheckedReply(message.metadata.src_node_id, values, num_examples, scalars)
+    except Exception as error:  # a malformed message must never end the run
+        return f"malformed reply ({type(error).__name__}: {error})"
+
+
+def split_replies(replies: Iterable[Message], expected: ArraySpecs, max_examples: int | None = None) -> RoundReplies:
+    result = RoundReplies()
+    for message in replies:
+        checked = check_train_reply(message, expected, max_examples)
+        if isinstance(checked, CheckedReply):
+            result.accepted.append(checked)
+        else:
+            try:
+                node_id = message.metadata.src_node_id
+            except Exception:
+                node_id = -1
+            result.rejected.append((node_id, checked))
+    return result
+
+
+def weighted_average(replies: list[CheckedReply], template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``num-examples``-weighted mean of every floating array (weights, biases, BN running stats).
+
+    Integer arrays (BN ``num_batches_tracked``) are counters, not quantities: the server's value is kept.
+    Sums run in float64 in reply order, so the result depends only on the accepted replies.
+    """
+    if not replies:
+        raise ValueError("weighted_average needs at least one reply")
+    total = float(sum(r.num_examples for r in replies))
+    averaged = {}
+    for key, current in template.items():
+        if current.dtype.kind != "f":
+            averaged[key] = current.copy()
+            continue
+        acc = np.zeros(current.shape, dtype=np.float64)
+        for reply in replies:
+            acc += reply.arrays[key].astype(np.float64) * (reply.num_examples / total)
+        averaged[key] = acc.astype(current.dtype)
+    return averaged
+
+
+def weighted_metrics(replies: list[CheckedReply]) -> dict[str, float]:
+    total = float(sum(r.num_examples for r in replies))
+    keys = set.intersection(*(set(r.metrics) for r in replies)) - {NUM_EXAMPLES}
+    metrics = {k: sum(r.metrics[k] * r.num_examples for r in replies) / total for k in sorted(keys)}
+    metrics[NUM_EXAMPLES] = int(total)
+    return metrics
+
+
+class ValidatedFedAvg(FedAvg):
+    """FedAvg whose ``aggregate_train`` validates every reply and never lets one bad reply end the run.
+
+    Used as is for the FedAvg baseline. Keeps a per-round log of accepted and rejected replies.
+    """
+
+    def __init__(self, *, min_valid_replies: int = 1, **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.min_valid_replies = min_valid_replies
+        self.current_arrays: ArrayRecord | None = None
+        self.round_replies: dict[int, RoundReplies] = {}
+
+    def extra_train_config(self) -> dict:
+        return {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays  # the template replies are checked against, and the fallback model
+        config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self.current_arrays is not None, "configure_train must run before aggregate_train"
+        checked = split_replies(list(replies), array_specs(self.current_arrays))
+        self.round_replies[server_round] = checked
+        log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
+        for node_id, reason in checked.rejected:
+            log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
+        if len(checked.accepted) < self.min_valid_replies:
+            log(WARNING, "round %d: %d valid replies < minimum %d; keeping the previous global model",
+                server_round, len(checked.accepted), self.min_valid_replies)
+            return None, None
+        template = {k: a.numpy() for k, a in self.current_arrays.items()}
+        averaged = weighted_average(checked.accepted, template)
+        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
+        return arrays, MetricRecord(weighted_metrics(checked.accepted))
+
+
+class FedSQ(ValidatedFedAvg):
+    """FedSQ's server: averages only Q (the travelling arrays) and tells clients which S to gate with.
+
+    Every client must gate with the same structural copy, or averaging would mix models whose gates
+    disagree; the SHA-256 of S goes out with each round's config and clients compare it with their own.
+    """
+
+    def __init__(self, *, structural_sha256: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.structural_sha256 = structural_sha256
+
+    def extra_train_config(self) -> dict:
+        return {"structural-sha256": self.structural_sha256}

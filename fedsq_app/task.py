@@ -1,0 +1,105 @@
+"""From a run config to the starting model: pretrained backbone, seeded head, DualCopy or plain.
+
+The ServerApp, every ClientApp and the benchmarks call these same functions, so the pretrained start,
+the head initialisation and the input preprocessing are identical everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from fedsq_app.config import ConfigError, RunConfig, cache_dir
+from fedsq_app.data import DatasetInfo, InputSpec
+from fedsq_app.dualcopy import DualCopy, state_dict_sha256
+from fedsq_app.models import (IMAGENET_MEAN, IMAGENET_STD, build_model, imagenet_state_dict,
+                              load_backbone, load_checkpoint, reset_head)
+
+
+@dataclass
+class StartModel:
+    """The pretrained network with its new, seeded task head (plain ReLUs), and how to feed it."""
+
+    model: nn.Module
+    spec: InputSpec
+    pretrained_from: str
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the starting weights = hash of FedSQ's structural copy S."""
+        return state_dict_sha256(self.model.state_dict())
+
+
+def default_backbone_path(model: str, dataset: str) -> Path:
+    return cache_dir() / "backbones" / f"{model}-{dataset.replace('/', '_')}.safetensors"
+
+
+def _native_size_for(model: str, size: int, pretrained: str) -> int:
+    if model == "alexnet":
+        return max(size, 64)  # torchvision's AlexNet needs >= 63 px to survive its last max-pool
+    if model == "resnet18" and pretrained == "imagenet":
+        return max(size, 64)
+    return 0
+
+
+def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
+    """Architecture + pretrained backbone (per ``config.pretrained``) + head seeded by ``config.seed``."""
+    num_classes, channels, image_size = info.num_classes, info.channels, info.image_size
+    source = config.pretrained
+    if source == "auto":
+        source = str(default_backbone_path(config.model, config.dataset))
+        if not Path(source).is_file():
+            raise FileNotFoundError(
+                f"no pretrained backbone for model '{config.model}' on dataset '{config.dataset}' at {source}. "
+                "Run `fedsq-prepare` (default model and data) or `fedsq-pretrain`, or set "
+                "pretrained='imagenet' | 'none' | '/path/to/checkpoint.safetensors'"
+            )
+    torch.manual_seed(config.seed)  # random init (pretrained='none') is reproducible too
+    if source == "none":
+        in_channels = channels if config.model == "smallcnn" else 3
+        small_stem = config.model == "resnet18" and image_size <= 32
+        model = build_model(config.model, num_classes, in_channels=in_channels, small_stem=small_stem)
+        mean, std = (0.5,) * in_channels, (0.5,) * in_channels
+        spec = InputSpec(in_channels, _native_size_for(config.model, image_size, source), mean, std)
+    elif source == "imagenet":
+        if config.model == "smallcnn":
+            raise ConfigError("pretrained='imagenet' needs model='resnet18' or 'alexnet'")
+        model = build_model(config.model, num_classes)
+        load_backbone(model, config.model, imagenet_state_dict(config.model))
+        spec = InputSpec(3, _native_size_for(config.model, image_size, source), IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        state_dict, meta = load_checkpoint(source)
+        if meta.get("model", config.model) != config.model:
+            raise ConfigError(f"checkpoint {source} holds a '{meta['model']}', but model='{config.model}'")
+        inputs = meta.get("input", {})
+        in_channels = int(inputs.get("channels", channels if config.model == "smallcnn" else 3))
+        model = build_model(config.model, num_classes, in_channels=in_channels,
+                            small_stem=bool(meta.get("small_stem", False)))
+        load_backbone(model, config.model, state_dict)
+        spec = InputSpec(in_channels, int(inputs.get("size", _native_size_for(config.model, image_size, source))),
+                         tuple(inputs.get("mean", (0.5,) * in_channels)),
+                         tuple(inputs.get("std", (0.5,) * in_channels)))
+    reset_head(model, config.model, head_seed=config.seed)
+    return StartModel(model, spec, source)
+
+
+def trainable_model(config: RunConfig, start: StartModel) -> nn.Module:
+    """FedSQ trains a DualCopy (S gates Q); the baselines train the plain network."""
+    return DualCopy(start.model) if config.uses_dualcopy else start.model
+
+
+def travelling_module(model: nn.Module) -> nn.Module:
+    """What goes over the wire: Q for a DualCopy, the whole network otherwise. S never travels."""
+    return model.quantitative if isinstance(model, DualCopy) else model
+
+
+def global_arrays(model: nn.Module) -> ArrayRecord:
+    return ArrayRecord(travelling_module(model).state_dict())
+
+
+def load_global_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    travelling_module(model).load_state_dict(arrays.to_torch_state_dict(), strict=True)

@@ -1,0 +1,103 @@
+"""The one local training loop and the one evaluation loop.
+
+Used by the ClientApp (simulation and deployment), the ServerApp's central evaluation, the pretrain
+command and the benchmarks, so every number in this project comes from the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsq_app.data import InputSpec, TensorData
+
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    proximal_mu: float = 0.0  # FedProx: (mu/2)·||w - w_global||² on the trained parameters
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    train_loss: float  # mean cross-entropy over all samples seen in training
+    num_examples: int  # size of the local dataset (the aggregation weight)
+    steps: int
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _batches(num_samples: int, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(num_samples, generator=generator)
+    for start in range(0, num_samples, batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) > 1 or num_samples == 1:  # BatchNorm cannot train on a batch of one
+            yield batch
+
+
+def train_local(
+    model: nn.Module,
+    data: TensorData,
+    spec: InputSpec,
+    schedule: LocalSchedule,
+    *,
+    device: torch.device,
+    seed: int,
+) -> TrainResult:
+    """SGD on ``data`` for ``schedule.epochs``; only parameters with ``requires_grad`` are trained.
+
+    For a DualCopy those are Q's: S is frozen. The optimiser (and its momentum) is fresh each call,
+    the usual stateless-client choice.
+    """
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=schedule.lr, momentum=schedule.momentum,
+                                weight_decay=schedule.weight_decay)
+    anchor = [p.detach().clone() for p in trainable] if schedule.proximal_mu > 0 else None
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = data.images.to(device), data.labels.to(device)
+    loss_sum, seen, steps = 0.0, 0, 0
+    for _ in range(schedule.epochs):
+        for batch in _batches(len(data), schedule.batch_size, generator):
+            batch = batch.to(device)
+            logits = model(spec.prepare(images[batch]))
+            loss = F.cross_entropy(logits, labels[batch])
+            objective = loss
+            if anchor is not None:
+                drift = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor))
+                objective = loss + 0.5 * schedule.proximal_mu * drift
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(batch)
+            seen += len(batch)
+            steps += 1
+    if seen and not torch.isfinite(torch.tensor(loss_sum)):
+        raise FloatingPointError(f"local training diverged (loss is {loss_sum}); lower lr")
+    return TrainResult(train_loss=loss_sum / max(seen, 1), num_examples=len(data), steps=steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, spec: InputSpec, *, device: torch.device,
+             batch_size: int = 256) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) in eval mode."""
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size].to(device)
+        labels = data.labels[start : start + batch_size].to(device)
+        logits = model(spec.prepare(images))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+    return loss_sum / max(len(data), 1), correct / max(len(data), 1)
