@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated cache with the embedded data and a quickly pretrained backbone, and an
+in-process Flower simulation that can take run-config overrides (``run_simulation`` passes none)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Small and fast, but the real code path: 3 clients, 600 training samples, 2 rounds.
+TINY_RUN = {"num-server-rounds": 2, "max-train-samples": 600, "batch-size": 32, "lr": 0.05}
+
+
+@pytest.fixture(scope="session")
+def fedsq_cache(tmp_path_factory) -> Path:
+    """FEDSQ_CACHE_DIR with the embedded subset installed and a 1-epoch small-CNN backbone."""
+    cache = tmp_path_factory.mktemp("fedsq-cache")
+    previous = os.environ.get("FEDSQ_CACHE_DIR")
+    os.environ["FEDSQ_CACHE_DIR"] = str(cache)
+    from fedsq_app.data import install_embedded_data
+    from fedsq_app.pretrain import pretrain
+
+    install_embedded_data()
+    pretrain("smallcnn", "embedded", "pretrain", epochs=1)
+    yield cache
+    if previous is None:
+        os.environ.pop("FEDSQ_CACHE_DIR", None)
+    else:
+        os.environ["FEDSQ_CACHE_DIR"] = previous
+
+
+def simulate(run_config: dict, num_supernodes: int = 3) -> dict:
+    """The real apps in Flower's in-process simulation (see fedsq_app.simulation); returns results.json."""
+    from fedsq_app.simulation import simulate as run
+
+    return run(run_config, num_supernodes)
