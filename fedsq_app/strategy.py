@@ -44,7 +44,13 @@ class RoundReplies:
 
 
 def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int | None = None) -> CheckedReply | str:
-    """Return the reply's checked contents, or the reason it must be rejected. Never raises."""
+    """Return the reply's checked contents, or the reason it must be rejected. Never raises.
+
+    Accepted only if: no error; exactly one ArrayRecord (the expected keys, shapes and dtypes, every value
+    finite) and one MetricRecord (``num-examples`` a positive integer <= ``max_examples``, every metric a
+    finite number). ``max_examples`` is the sane bound on a node's dataset size (the server cannot see a
+    node's partition, so it uses the size of the whole federated pool: no honest node holds more).
+    """
     try:
         if message.has_error():
             return f"error reply: {message.error.reason}"
@@ -72,15 +78,18 @@ def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int 
             return f"'{NUM_EXAMPLES}'={num_examples} is outside [1, {max_examples or 'inf'}]"
         scalars = {}
         for key, value in metrics.items():
-            if isinstance(value, list) or not math.isfinite(float(value)):
+            if isinstance(value, (list, bool)) or not math.isfinite(float(value)):
                 return f"metric '{key}' is not a finite number: {value!r}"
             scalars[key] = float(value)
-        return CheckedReply(message.metadata.src_node_id, values, num_examples, scalars)
+        node_id = message.metadata.src_node_id
+        return CheckedReply(node_id if isinstance(node_id, int) else -1, values, num_examples, scalars)
     except Exception as error:  # a malformed message must never end the run
         return f"malformed reply ({type(error).__name__}: {error})"
 
 
 def split_replies(replies: Iterable[Message], expected: ArraySpecs, max_examples: int | None = None) -> RoundReplies:
+    """Check every reply; accepted ones come back sorted by node id, so the aggregate does not depend
+    on the order in which replies happened to arrive (a resumed run then matches an uninterrupted one)."""
     result = RoundReplies()
     for message in replies:
         checked = check_train_reply(message, expected, max_examples)
@@ -88,10 +97,49 @@ def split_replies(replies: Iterable[Message], expected: ArraySpecs, max_examples
             result.accepted.append(checked)
         else:
             try:
-                node_id = message.metadata.src_node_id
+                node_id = int(message.metadata.src_node_id)
             except Exception:
                 node_id = -1
             result.rejected.append((node_id, checked))
+    result.accepted.sort(key=lambda reply: reply.node_id)  # stable: equal ids keep arrival order
+    return result
+
+
+def update_distance(reply: CheckedReply, template: dict[str, np.ndarray]) -> float:
+    """L2 distance (float64, over every floating array) between a reply and the current global model."""
+    total = 0.0
+    for key, current in template.items():
+        if current.dtype.kind == "f":
+            total += float(np.sum((reply.arrays[key].astype(np.float64) - current.astype(np.float64)) ** 2))
+    return math.sqrt(total)
+
+
+def distance_outliers(replies: list[CheckedReply], template: dict[str, np.ndarray],
+                      max_ratio: float) -> list[tuple[CheckedReply, str]]:
+    """Replies whose distance from the global model exceeds ``max_ratio`` × the round's median distance.
+
+    Off when ``max_ratio`` is 0, with fewer than 3 replies (a median of two is their mean: it cannot tell
+    which one is the outlier) or when the median is 0 (nothing moved, no scale to compare with).
+    """
+    if max_ratio <= 0 or len(replies) < 3:
+        return []
+    distances = [update_distance(reply, template) for reply in replies]
+    median = float(np.median(distances))
+    if median <= 0:
+        return []
+    return [(reply, f"update L2 distance {d:.4g} > {max_ratio:g} x the round's median {median:.4g}")
+            for reply, d in zip(replies, distances) if d > max_ratio * median]
+
+
+def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], *,
+                   max_examples: int | None = None, max_update_norm_ratio: float = 0.0) -> RoundReplies:
+    """All server-side checks of one round's training replies (pure): validation, then the distance guard."""
+    expected = {key: (tuple(value.shape), str(value.dtype)) for key, value in template.items()}
+    result = split_replies(replies, expected, max_examples)
+    outliers = distance_outliers(result.accepted, template, max_update_norm_ratio)
+    for reply, reason in outliers:
+        result.accepted.remove(reply)
+        result.rejected.append((reply.node_id, reason))
     return result
 
 
@@ -130,11 +178,24 @@ class ValidatedFedAvg(FedAvg):
     Used as is for the FedAvg baseline. Keeps a per-round log of accepted and rejected replies.
     """
 
-    def __init__(self, *, min_valid_replies: int = 1, **fedavg_kwargs) -> None:
+    def __init__(self, *, min_valid_replies: int = 1, max_examples: int | None = None,
+                 max_update_norm_ratio: float = 0.0, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         self.min_valid_replies = min_valid_replies
+        self.max_examples = max_examples
+        self.max_update_norm_ratio = max_update_norm_ratio
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
+
+    # Server-side state for checkpoints (e.g. a server optimiser's moments). Stateless here; a strategy
+    # with state returns its arrays (saved as safetensors) and JSON-able scalars, and restores them.
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {}, {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        if arrays or info:
+            raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint holds some "
+                             f"({sorted(arrays)[:3]}, {sorted(info)[:3]}): was it written by another strategy?")
 
     def extra_train_config(self) -> dict:
         return {}
@@ -148,7 +209,9 @@ class ValidatedFedAvg(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current_arrays is not None, "configure_train must run before aggregate_train"
-        checked = split_replies(list(replies), array_specs(self.current_arrays))
+        template = {k: a.numpy() for k, a in self.current_arrays.items()}
+        checked = screen_replies(list(replies), template, max_examples=self.max_examples,
+                                 max_update_norm_ratio=self.max_update_norm_ratio)
         self.round_replies[server_round] = checked
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:
@@ -157,7 +220,6 @@ class ValidatedFedAvg(FedAvg):
             log(WARNING, "round %d: %d valid replies < minimum %d; keeping the previous global model",
                 server_round, len(checked.accepted), self.min_valid_replies)
             return None, None
-        template = {k: a.numpy() for k, a in self.current_arrays.items()}
         averaged = weighted_average(checked.accepted, template)
         arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
         return arrays, MetricRecord(weighted_metrics(checked.accepted))
