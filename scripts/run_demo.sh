@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the default FedSQ simulation with `flwr run .`, offline.
+#   bash scripts/run_demo.sh                       # FedSQ, small CNN, 10 Dirichlet(0.3) clients, 20 rounds
+#   bash scripts/run_demo.sh "strategy='fedavg'"   # any --run-config overrides
+# Starts its own simulation SuperLink on 127.0.0.1 and stops it (by PID) when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+bash scripts/setup.sh
+.venv/bin/fedsq-prepare
+
+PORT="${FEDSQ_SUPERLINK_PORT:-39191}"
+NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
+FLWR=.venv/bin/flwr
+LOG="$FLWR_HOME/superlink-$PORT.log"
+setsid .venv/bin/flower-superlink --insecure --simulation --host 127.0.0.1 --port "$PORT" \
+  --disable-runtime-dependency-installation >"$LOG" 2>&1 &
+LINK=$!
+trap 'kill -TERM -- -"$LINK" 2>/dev/null || true; wait "$LINK" 2>/dev/null || true' EXIT
+for _ in $(seq 60); do
+  curl -fs "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
+  kill -0 "$LINK" 2>/dev/null || { echo "SuperLink failed to start, see $LOG"; exit 1; }
+  sleep 0.5
+done
+cat >"$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "fedsq-sim"
+
+[superlink.fedsq-sim]
+address = "127.0.0.1:$PORT"
+insecure = true
+TOML
+
+args=(--format json --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1")
+[ $# -gt 0 ] && args+=(--run-config "$*")
+started=$(date +%s)
+RUN_ID=$("$FLWR" run . fedsq-sim "${args[@]}" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
+echo "== run $RUN_ID started; streaming its log"
+"$FLWR" log "$RUN_ID" fedsq-sim --stream || true
+# `flwr run --stream` and `flwr log` exit 0 even when the run failed: ask the SuperLink.
+STATUS=$("$FLWR" ls fedsq-sim --run-id "$RUN_ID" --format json |
+  .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+echo "== run $RUN_ID: $STATUS in $(( $(date +%s) - started )) s"
+[ "$STATUS" = "finished:completed" ]
