@@ -1,0 +1,477 @@
+"""Loopback deployment end to end: TLS + SuperNode authentication, two silos, `flwr run`, negative checks.
+
+Everything listens on 127.0.0.1 (free ports picked at start); every process is started in its own
+process group, tracked by PID and killed (the whole group) in the fixture teardown. All waits share one
+deadline (``DEADLINE_S``). Layout under pytest's tmp dir:
+
+    certs/           deploy/make-certs.sh output (demo CA + SuperLink certificate)
+    keys/            deploy/make-node-keys.sh output (silo-1, silo-2 registered; rogue never registered)
+    home-*/          one FLWR_HOME per role (coordinator, silo-1, silo-2, user, ...)
+    cache-*/         one FEDSQ_CACHE_DIR per role (prepared once, copied: each silo has its own backbone copy)
+    logs/            stdout+stderr of every process
+    outputs/         the run's out-dir (written by the ServerApp on the "coordinator")
+
+Environment knobs (all optional):
+    FEDSQ_SKIP_DEPLOYMENT_TEST=1   skip this module
+    FEDSQ_DEPLOY_ROUNDS=N          rounds for the end-to-end run (default 2)
+    FEDSQ_DEPLOY_REPORT=path.json  also write the measured timings there
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+BIN = Path(sys.executable).parent
+DEADLINE_S = 300.0  # everything in this module, including the FedSQ run
+CONNECTION = "fedsq-loopback"
+ROUNDS = int(os.environ.get("FEDSQ_DEPLOY_ROUNDS", "2"))
+RUN_NAME = "deploy-e2e"
+
+if os.environ.get("FEDSQ_SKIP_DEPLOYMENT_TEST") == "1":
+    pytest.skip("FEDSQ_SKIP_DEPLOYMENT_TEST=1", allow_module_level=True)
+
+
+def _tool(name: str) -> str | None:
+    """The CLI next to this interpreter (the project venv), else on PATH."""
+    local = BIN / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name)
+
+
+def _require_tools() -> dict[str, str]:
+    tools = {name: _tool(name) for name in ("flower-superlink", "flower-supernode", "flwr")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        pytest.skip(f"Flower CLI(s) {', '.join(missing)} not found next to {sys.executable} or on PATH; "
+                    "install flwr (>=1.41,<1.43) into this environment to run the deployment test")
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found: deploy/make-certs.sh needs it to make the test certificates")
+    if not (REPO / "fedsq_app" / "server_app.py").is_file():
+        pytest.skip("the FedSQ app (fedsq_app/server_app.py) is not in this checkout")
+    return tools  # type: ignore[return-value]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = _free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "<no log>"
+
+
+def _json_from(stdout: str) -> dict:
+    """The JSON object in a `flwr ... --format json` output (tolerates text before it)."""
+    start = stdout.find("{")
+    if start < 0:
+        raise ValueError(f"no JSON in output: {stdout[-2000:]!r}")
+    return json.loads(stdout[start:])
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Federation:
+    tmp: Path
+    tools: dict[str, str]
+    deadline: float
+    base_env: dict[str, str]
+    port: int = 0
+    certs: Path = Path()
+    keys: Path = Path()
+    procs: list[Proc] = field(default_factory=list)
+    user_env: dict[str, str] = field(default_factory=dict)
+    node_ids: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ time
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"deployment test ran past its {DEADLINE_S:.0f} s budget")
+        return left
+
+    # ------------------------------------------------------------------ processes
+    def env(self, role: str, **extra: str) -> dict[str, str]:
+        """Environment of one role: its own FLWR_HOME and FEDSQ_CACHE_DIR under tmp."""
+        home = self.tmp / f"home-{role}"
+        home.mkdir(exist_ok=True)
+        env = dict(self.base_env, FLWR_HOME=str(home), FEDSQ_CACHE_DIR=str(self.tmp / f"cache-{role}"))
+        env.update(extra)
+        return env
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        log = self.tmp / "logs" / f"{name}.log"
+        handle = open(log, "wb")
+        try:
+            popen = subprocess.Popen(argv, cwd=self.tmp, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            handle.close()  # the child holds its own copy
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left of it after 10 s."""
+        pgid = proc.popen.pid  # start_new_session=True: the group id is the leader's PID
+        for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            end = time.monotonic() + grace_s
+            while time.monotonic() < end and _group_alive(pgid):
+                proc.popen.poll()  # reap the leader so it does not linger as a zombie
+                time.sleep(0.1)
+            if not _group_alive(pgid):
+                break
+        try:
+            proc.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """A short-lived command (flwr CLI, scripts), bounded by the shared deadline."""
+        limit = min(timeout or 120.0, self.remaining())
+        return subprocess.run(argv, cwd=cwd or self.tmp, env=env, capture_output=True, text=True,
+                              timeout=limit, start_new_session=True)
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return self.run([self.tools["flwr"], *args], self.user_env, timeout=timeout, cwd=REPO)
+
+    # ------------------------------------------------------------------ SuperNodes
+    def supernode_argv(self, key: Path | None, runtime_port: int, partition_id: int, tls: str = "ca",
+                       max_retries: int | None = None) -> list[str]:
+        """tls: "ca" (--root-certificates demo CA), "system" (no CA given), "insecure" (plain HTTP)."""
+        argv = [self.tools["flower-supernode"], "--superlink", f"127.0.0.1:{self.port}",
+                "--host", "127.0.0.1", "--port", str(runtime_port),
+                "--node-config", f"partition-id={partition_id} num-partitions=2"]
+        if tls == "ca":
+            argv += ["--root-certificates", str(self.certs / "ca.crt")]
+        elif tls == "insecure":
+            argv += ["--insecure"]
+        if key is not None:
+            argv += ["--auth-supernode-private-key", str(key)]
+        if max_retries is not None:
+            argv += ["--max-retries", str(max_retries), "--max-wait-time", "30"]
+        return argv
+
+    def wait_exit(self, proc: Proc, limit_s: float) -> int | None:
+        end = time.monotonic() + min(limit_s, self.remaining())
+        while time.monotonic() < end:
+            code = proc.popen.poll()
+            if code is not None:
+                return code
+            time.sleep(0.2)
+        return None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies still count for killpg(0); they are harmless once their leader is reaped.
+    try:
+        out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True,
+                             timeout=5).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return any(not state.startswith("Z") for state in out)
+
+
+def _health_ok(port: int, ca: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _app_config_keys() -> set[str]:
+    with open(REPO / "pyproject.toml", "rb") as handle:
+        pyproject = tomllib.load(handle)
+    config = pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+
+    def flatten(table: dict, prefix: str = "") -> set[str]:
+        keys: set[str] = set()
+        for key, value in table.items():
+            if isinstance(value, dict):
+                keys |= flatten(value, f"{prefix}{key}.")
+            else:
+                keys.add(f"{prefix}{key}")
+        return keys
+
+    return flatten(config)
+
+
+def _toml_value(value: object) -> str:
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def run_config_overrides(out_dir: Path) -> str:
+    """num-server-rounds, out-dir, run-name, plus the shrink/CPU keys where the app has them."""
+    keys = _app_config_keys()
+    wanted: dict[str, object] = {"num-server-rounds": ROUNDS, "out-dir": str(out_dir), "run-name": RUN_NAME}
+    missing = [key for key in wanted if key not in keys]
+    assert not missing, f"pyproject [tool.flwr.app.config] lacks {missing}; the deployment test needs them"
+    optional = {"max-train-samples": 1000, "device": "cpu", "local-epochs": 1}
+    wanted.update({key: value for key, value in optional.items() if key in keys})
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in wanted.items())
+
+
+# ---------------------------------------------------------------------------------------------- fixture
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    tools = _require_tools()
+    try:  # the suite's shared, already prepared cache (tests/conftest.py), if there is one
+        prepared_cache = Path(request.getfixturevalue("fedsq_cache"))
+    except pytest.FixtureLookupError:
+        prepared_cache = None  # run `fedsq-prepare` ourselves
+    tmp = tmp_path_factory.mktemp("deploy")
+    (tmp / "logs").mkdir()
+    base_env = dict(os.environ)
+    for key in list(base_env):  # no inherited Flower/app state from the caller's shell
+        if key.startswith(("FLWR_", "FEDSQ_")):
+            del base_env[key]
+    base_env.update(
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp / "hf"), MPLCONFIGDIR=str(tmp / "mpl"), UV_CACHE_DIR=str(tmp / "uv"),
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1", COLUMNS="250",
+        NO_COLOR="1",
+    )
+    fed = Federation(tmp=tmp, tools=tools, deadline=time.monotonic() + DEADLINE_S, base_env=base_env)
+    try:
+        _bring_up(fed, prepared_cache)
+        yield fed
+    finally:
+        fed.stop_all()
+        leftovers = [p.name for p in fed.procs if _group_alive(p.popen.pid)]
+        assert not leftovers, f"processes survived teardown: {leftovers}"
+
+
+def _bring_up(fed: Federation, prepared_cache: Path | None) -> None:
+    t0 = time.monotonic()
+    tmp = fed.tmp
+    # Certificates and keys, made by the scripts the docs tell users to run.
+    fed.certs, fed.keys = tmp / "certs", tmp / "keys"
+    made = fed.run(["bash", str(DEPLOY / "make-certs.sh"), "--out", str(fed.certs), "--days", "2"], fed.base_env)
+    assert made.returncode == 0, made.stderr + made.stdout
+    made = fed.run(["bash", str(DEPLOY / "make-node-keys.sh"), "--out", str(fed.keys),
+                    "silo-1", "silo-2", "rogue"], dict(fed.base_env, PYTHON=sys.executable))
+    assert made.returncode == 0, made.stderr + made.stdout
+
+    # The app's cache (embedded data + pretrained backbone): made once, copied to the coordinator and to
+    # each silo, as the docs recommend (every party needs the same backbone: FedSQ checks S's hash).
+    if prepared_cache is None:
+        prepare = _tool("fedsq-prepare")
+        argv = [prepare] if prepare else [sys.executable, "-c",
+                                          "from fedsq_app.pretrain import prepare_main; prepare_main()"]
+        made = fed.run(argv, fed.env("prepare"), timeout=240)
+        assert made.returncode == 0, f"fedsq-prepare failed:\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}"
+        prepared_cache = tmp / "cache-prepare"
+    for role in ("coordinator", "silo-1", "silo-2"):
+        shutil.copytree(prepared_cache, tmp / f"cache-{role}")
+    fed.timings["prepare_s"] = time.monotonic() - t0
+
+    # SuperLink: TLS, node auth, persistent state, no runtime dependency installation.
+    fed.port = _free_port()
+    t1 = time.monotonic()
+    link = fed.start("superlink", [
+        fed.tools["flower-superlink"], "--host", "127.0.0.1", "--port", str(fed.port),
+        "--database", str(tmp / "state.db"),
+        "--ssl-ca-certfile", str(fed.certs / "ca.crt"), "--ssl-certfile", str(fed.certs / "server.pem"),
+        "--ssl-keyfile", str(fed.certs / "server.key"),
+        "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+    ], fed.env("coordinator"))
+    while not _health_ok(fed.port, fed.certs / "ca.crt"):
+        if link.popen.poll() is not None:
+            pytest.fail(f"SuperLink exited with {link.popen.returncode}:\n{_tail(link.log)}")
+        if time.monotonic() - t1 > 60:
+            pytest.fail(f"SuperLink not healthy on https://127.0.0.1:{fed.port} after 60 s:\n{_tail(link.log)}")
+        fed.remaining()
+        time.sleep(0.3)
+    fed.timings["superlink_start_s"] = time.monotonic() - t1
+
+    # The user's machine: a connection in $FLWR_HOME/config.toml (never in pyproject.toml).
+    fed.user_env = fed.env("user")
+    config = (
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{fed.port}"\n'
+        f'root-certificates = "{fed.certs / "ca.crt"}"\n'
+    )
+    (Path(fed.user_env["FLWR_HOME"]) / "config.toml").write_text(config)
+
+    # Register the two silos' public keys (the rogue key stays unregistered).
+    registered = fed.run(["bash", str(DEPLOY / "register-node-keys.sh"), CONNECTION,
+                          str(fed.keys / "silo-1.pub"), str(fed.keys / "silo-2.pub")],
+                         dict(fed.user_env, FLWR=fed.tools["flwr"]), cwd=REPO)
+    assert registered.returncode == 0, registered.stderr + registered.stdout
+    for silo in ("silo-1", "silo-2"):
+        found = re.search(rf"{silo} registered, node ID (\d+)", registered.stdout)
+        assert found, registered.stdout
+        fed.node_ids[silo] = found.group(1)
+
+    # Two authenticated SuperNodes, each with its own partition of the data.
+    runtime_ports = _free_ports(2)
+    for index, silo in enumerate(("silo-1", "silo-2")):
+        fed.start(silo, fed.supernode_argv(fed.keys / silo, runtime_ports[index], index), fed.env(silo))
+    t2 = time.monotonic()
+    while True:
+        listing = fed.flwr("supernode", "list", CONNECTION, "--format", "json")
+        if listing.returncode == 0:
+            nodes = {n["node-id"]: n["status"] for n in _json_from(listing.stdout)["nodes"]}
+            if all(nodes.get(node_id) == "online" for node_id in fed.node_ids.values()):
+                break
+        for proc in fed.procs[1:]:
+            if proc.popen.poll() is not None:
+                pytest.fail(f"{proc.name} exited with {proc.popen.returncode}:\n{_tail(proc.log)}")
+        if time.monotonic() - t2 > 60:
+            pytest.fail(f"SuperNodes not online after 60 s: {listing.stdout[-1500:]} {listing.stderr[-1500:]}")
+        time.sleep(1.0)
+    fed.timings["supernodes_online_s"] = time.monotonic() - t2
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_fedsq_run_completes_over_tls_with_node_auth(federation: Federation) -> None:
+    fed = federation
+    out_dir = fed.tmp / "outputs"
+    overrides = run_config_overrides(out_dir)
+    t0 = time.monotonic()
+    started = fed.flwr("run", ".", CONNECTION, "--run-config", overrides, "--format", "json", timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = _json_from(started.stdout)["run-id"]
+    assert run_id, started.stdout
+
+    # Follow the log until the run ends (one CLI process instead of a polling loop), then ask the
+    # SuperLink: `flwr run --stream` / `flwr log` exit 0 even for failed runs, the status is the truth.
+    try:
+        streamed = fed.flwr("log", str(run_id), CONNECTION, "--stream", timeout=max(fed.remaining() - 20, 5))
+        log = streamed.stdout
+    except subprocess.TimeoutExpired as expired:
+        log = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (
+            expired.stdout or "")
+    status = ""
+    for _ in range(10):
+        listed = fed.flwr("ls", "--run-id", str(run_id), CONNECTION, "--format", "json")
+        if listed.returncode == 0:
+            status = _json_from(listed.stdout)["runs"][0]["status"]
+            if status.startswith("finished") or fed.deadline - time.monotonic() < 10:
+                break
+        time.sleep(3.0)
+    wall_s = time.monotonic() - t0
+    (fed.tmp / "logs" / "run.log").write_text(log)
+    assert status == "finished:completed", (
+        f"run {run_id} status {status!r}\n--- run log ---\n{log[-4000:]}\n"
+        f"--- superlink ---\n{_tail(fed.procs[0].log)}")
+
+    results_path = out_dir / RUN_NAME / "results.json"
+    assert results_path.is_file(), f"no {results_path}; run log:\n{log[-3000:]}"
+    results = json.loads(results_path.read_text())
+    rounds = results.get("rounds", [])
+    assert len(rounds) == ROUNDS, rounds
+    for record in rounds:  # both silos trained and were aggregated in every round
+        if "accepted" in record:
+            assert record["accepted"] == 2, record
+
+    round_times = [r.get("wall_time_s") for r in rounds]
+    logged = [float(s) for s in re.findall(r"round \d+: .*\((\d+(?:\.\d+)?)s\)", log)]
+    report = dict(fed.timings, run_wall_s=wall_s, round_wall_s=round_times, round_wall_s_from_log=logged,
+                  rounds=ROUNDS, run_id=str(run_id), overrides=overrides)
+    print("\nloopback deployment timings:", json.dumps(report))
+    if os.environ.get("FEDSQ_DEPLOY_REPORT"):
+        Path(os.environ["FEDSQ_DEPLOY_REPORT"]).write_text(json.dumps(report, indent=2))
+
+
+def test_unregistered_supernode_is_refused(federation: Federation) -> None:
+    fed = federation
+    rogue = fed.start("rogue", fed.supernode_argv(fed.keys / "rogue", _free_port(), 0, max_retries=1),
+                      fed.env("rogue"))
+    code = fed.wait_exit(rogue, 60)
+    log = _tail(rogue.log)
+    assert code is not None and code != 0, f"unregistered SuperNode still running or exited 0:\n{log}"
+    assert "Failed to activate SuperNode" in log or "2004" in log, log
+    link_log = _tail(fed.procs[0].log, 500_000)
+    assert "No SuperNode found with the given public key" in link_log or "activate-node HTTP/1.1\" 412" in link_log
+    # ...and the federation still has exactly the two registered nodes online.
+    listing = _json_from(fed.flwr("supernode", "list", CONNECTION, "--format", "json").stdout)
+    online = sorted(n["node-id"] for n in listing["nodes"] if n["status"] == "online")
+    assert online == sorted(fed.node_ids.values())
+
+
+def test_supernode_without_ca_certificate_cannot_connect(federation: Federation) -> None:
+    fed = federation
+    # A registered key, but no --root-certificates: the system trust store does not know the demo CA.
+    stray = fed.start("no-ca", fed.supernode_argv(fed.keys / "silo-1", _free_port(), 0, tls="system",
+                                                  max_retries=1), fed.env("no-ca"))
+    code = fed.wait_exit(stray, 60)
+    log = _tail(stray.log)
+    assert code is not None and code != 0, f"SuperNode without the CA still running or exited 0:\n{log}"
+    assert "CERTIFICATE_VERIFY_FAILED" in log, log
+
+
+def test_plaintext_supernode_cannot_connect(federation: Federation) -> None:
+    fed = federation
+    plain = fed.start("insecure", fed.supernode_argv(None, _free_port(), 1, tls="insecure", max_retries=1),
+                      fed.env("insecure"))
+    code = fed.wait_exit(plain, 60)
+    assert code is not None and code != 0, f"--insecure SuperNode connected to the TLS SuperLink:\n{_tail(plain.log)}"
+
+
+def test_cli_without_ca_certificate_cannot_connect(federation: Federation) -> None:
+    fed = federation
+    home = fed.tmp / "home-user-no-ca"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "no-ca"\n\n[superlink.no-ca]\naddress = "127.0.0.1:{fed.port}"\n')
+    result = fed.run([fed.tools["flwr"], "ls", "no-ca", "--format", "json"], dict(fed.user_env, FLWR_HOME=str(home)),
+                     timeout=60, cwd=REPO)
+    assert result.returncode != 0 or '"success": false' in result.stdout, result.stdout + result.stderr
