@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedsq_app.config import NodeConfig, RunConfig
-from fedsq_app.data import DataKey, InputSpec, client_partition, dataset_info
+from fedsq_app.data import InputSpec, node_data, node_info
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
 
@@ -23,9 +23,9 @@ CLIENT_ERROR_CODE = 2  # same as Flower's CLIENT_APP_RAISED_EXCEPTION
 
 
 @functools.lru_cache(maxsize=2)
-def local_model(config: RunConfig) -> tuple[nn.Module, InputSpec, str]:
-    """(trainable model, input spec, S's SHA-256), built once per process and run config."""
-    start = build_start_model(config, dataset_info(DataKey.of(config)))
+def local_model(config: RunConfig, data_path: str = "") -> tuple[nn.Module, InputSpec, str]:
+    """(trainable model, input spec, S's SHA-256), built once per process and run config (and silo data)."""
+    start = build_start_model(config, node_info(config, NodeConfig(data_path=data_path)))
     return trainable_model(config, start), start.spec, start.sha256
 
 
@@ -38,13 +38,13 @@ def train(msg: Message, context: Context) -> Message:
     try:
         config = RunConfig.from_mapping(context.run_config)
         node = NodeConfig.from_mapping(context.node_config)
-        model, spec, structural_sha256 = local_model(config)
+        model, spec, structural_sha256 = local_model(config, node.data_path)
         server_config = msg.content.config_records.get("config", {})
         expected_sha = server_config.get("structural-sha256")
         if expected_sha is not None and expected_sha != structural_sha256:
             return _error_reply(msg, f"structural copy mismatch: server S sha256={expected_sha}, "
                                      f"this node's S sha256={structural_sha256}; use the same pretrained backbone")
-        data = client_partition(DataKey.of(config), node.partition_id, node.num_partitions)
+        data = node_data(config, node)
         load_global_arrays(model, msg.content["arrays"])
         server_round = int(server_config.get("server-round", 0))
         schedule = LocalSchedule(config.local_epochs, config.batch_size, config.lr, config.momentum,
@@ -63,8 +63,8 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     try:
         config = RunConfig.from_mapping(context.run_config)
         node = NodeConfig.from_mapping(context.node_config)
-        model, spec, _ = local_model(config)
-        data = client_partition(DataKey.of(config), node.partition_id, node.num_partitions)
+        model, spec, _ = local_model(config, node.data_path)
+        data = node_data(config, node)
         load_global_arrays(model, msg.content["arrays"])
         loss, accuracy = evaluate(model, data, spec, device=pick_device(config.device))
         metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data)})

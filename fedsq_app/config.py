@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 STRATEGIES = ("fedsq", "fedavg")
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
 MODELS = ("smallcnn", "resnet18", "alexnet")
 
 
@@ -45,6 +46,13 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     out_dir: str = "outputs"
     run_name: str = ""
+    # Data and backbones (docs/DATA.md).
+    num_classes: int = 0  # 0 = from the server's data (silos: from the backbone's metadata)
+    classes_per_client: int = 2  # the pathological partitioner's classes per partition
+    image_column: str = ""  # "" = detect (image, img, ...)
+    label_column: str = ""  # "" = detect (label, fine_label, ...); CIFAR-100: fine_label
+    train_split: str = "train"  # may carry a slice, e.g. train[6000:] when train[:6000] pretrained S
+    test_split: str = "test"
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
@@ -90,29 +98,41 @@ class RunConfig:
             raise ConfigError("dataset must not be empty")
         if not self.pretrained:
             raise ConfigError("pretrained must be 'auto', 'imagenet', 'none' or a checkpoint path")
+        _at_least("classes-per-client", self.classes_per_client, 1)
+        _at_least("num-classes", self.num_classes, 0)
+        if not self.train_split or not self.test_split:
+            raise ConfigError("train-split and test-split must not be empty")
 
     @property
     def uses_dualcopy(self) -> bool:
         return self.strategy == "fedsq"
 
     def resolved_run_name(self) -> str:
-        return self.run_name or f"{self.strategy}-{self.model}-{self.dataset.replace('/', '_')}-s{self.seed}"
+        dataset = re.sub(r"[^A-Za-z0-9.-]+", "_", self.dataset).strip("_")  # paths and Hub ids -> file name
+        return self.run_name or f"{self.strategy}-{self.model}-{dataset}-s{self.seed}"
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Which slice of the data this node trains on (simulation fills both keys automatically)."""
+    """Which data this node trains on: a slice of the run's dataset (``partition-id`` / ``num-partitions``,
+    which simulation fills automatically), or the silo's own data (``data-path``: the silo is the partition)."""
 
-    partition_id: int
-    num_partitions: int
+    partition_id: int = 0
+    num_partitions: int = 1
+    data_path: str = ""
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> NodeConfig:
+        if mapping.get("data-path"):
+            data_path = _coerce("data-path", mapping["data-path"], "str")
+            partition_id = _coerce("partition-id", mapping.get("partition-id", 0), "int")  # only seeds training
+            return cls(partition_id, 1, data_path)
         missing = [k for k in ("partition-id", "num-partitions") if k not in mapping]
         if missing:
             raise ConfigError(
                 f"node config lacks {missing}: start the SuperNode with "
-                "--node-config \"partition-id=0 num-partitions=2\""
+                "--node-config \"partition-id=0 num-partitions=2\" (a slice of the run's dataset) or "
+                "--node-config \"data-path='/data/silo'\" (this silo's own data)"
             )
         partition_id = _coerce("partition-id", mapping["partition-id"], "int")
         num_partitions = _coerce("num-partitions", mapping["num-partitions"], "int")

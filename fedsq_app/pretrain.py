@@ -1,40 +1,67 @@
-"""Centralised pretraining of a structural backbone, and ``fedsq-prepare`` for the offline default.
+"""Centralised pretraining of a structural backbone, its calibration, and ``fedsq-prepare``.
 
     fedsq-prepare                       # embedded Fashion-MNIST subset + small-CNN backbone into the cache
     fedsq-pretrain --model resnet18     # any model, on the embedded 'pretrain' split (clients never see it)
+    fedsq-pretrain --model resnet18 --dataset idx:/usr/share/datasets/fashion-mnist --split "train[:6000]" \\
+        --epochs 2 --calibrate --run-config-out calibrated.toml
+                                        # then federate on train[6000:]: flwr run . --run-config calibrated.toml
 
 The checkpoint is safetensors plus a JSON sidecar (architecture, classes, input normalisation, source
 data, SHA-256). ``pretrained='auto'`` in the run config finds it in the cache.
+
+``--calibrate`` is the paper's "centralised calibration step": starting from the backbone with a new seeded
+head, it fine-tunes the plain network centrally on a proxy split for each local learning rate (and up to
+``--calibrate-epochs`` epochs), picks the best proxy-validation accuracy, and writes that schedule as a
+run-config TOML that FedSQ and every baseline then share.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
+from datasets import ClassLabel
 from tqdm import tqdm
 
 from fedsq_app.config import RunConfig
-from fedsq_app.data import (FASHION_MNIST_CLASSES, InputSpec, channel_stats, decode, install_embedded_data,
-                            load_split)
+from fedsq_app.data import (DatasetInfo, InputSpec, TensorData, channel_stats, decode, install_embedded_data,
+                            load_dataset_split)
 from fedsq_app.dualcopy import state_dict_sha256
-from fedsq_app.models import build_model, save_checkpoint
-from fedsq_app.task import default_backbone_path
+from fedsq_app.models import MODEL_NAMES, build_model, save_checkpoint
+from fedsq_app.task import build_start_model, default_backbone_path
 from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
+
+
+def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[TensorData, TensorData]:
+    """A seeded random (train, holdout) split of decoded data."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(len(data) * (1 - fraction)))
+    return (TensorData(data.images[order[:cut]], data.labels[order[:cut]]),
+            TensorData(data.images[order[cut:]], data.labels[order[cut:]]))
+
+
+def _load(dataset: str, split: str, max_samples: int, seed: int, image_column: str, label_column: str):
+    source = load_dataset_split(dataset, split, image_column=image_column, label_column=label_column)
+    if max_samples and max_samples < len(source):
+        source = source.shuffle(seed=seed).select(range(max_samples))
+    label = source.features["label"]
+    classes = list(label.names) if isinstance(label, ClassLabel) else None
+    return source, classes
 
 
 def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain", *, epochs: int = 8,
              lr: float = 0.05, batch_size: int = 64, seed: int = 0, out: str | None = None,
-             holdout_fraction: float = 0.1) -> str:
+             holdout_fraction: float = 0.1, max_samples: int = 0, image_column: str = "",
+             label_column: str = "") -> str:
     """Train ``model_name`` on ``dataset``/``split`` and write the checkpoint; returns its path."""
-    config = RunConfig(model=model_name, dataset=dataset)
-    data = decode(load_split(config, split))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=generator)
-    cut = int(len(data) * (1 - holdout_fraction))
-    train_data = type(data)(data.images[order[:cut]], data.labels[order[:cut]])
-    holdout = type(data)(data.images[order[cut:]], data.labels[order[cut:]])
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model '{model_name}'; choose one of {', '.join(MODEL_NAMES)}")
+    source, classes = _load(dataset, split, max_samples, seed, image_column, label_column)
+    data = decode(source)
+    train_data, holdout = split_holdout(data, holdout_fraction, seed)
 
     channels, size = data.images.shape[1], data.images.shape[-1]
     in_channels = channels if model_name == "smallcnn" else 3
@@ -42,7 +69,7 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     if in_channels != channels:  # grey images fed to a 3-channel network: same statistics per channel
         mean, std = mean * in_channels, std * in_channels
     spec = InputSpec(in_channels, 64 if model_name == "alexnet" and size < 64 else 0, mean, std)
-    num_classes = int(data.labels.max()) + 1
+    num_classes = len(classes) if classes else int(data.labels.max()) + 1
     small_stem = model_name == "resnet18" and size <= 32
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes, in_channels=in_channels, small_stem=small_stem)
@@ -50,6 +77,7 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     schedule = LocalSchedule(epochs=1, batch_size=batch_size, lr=lr, momentum=0.9, weight_decay=5e-4)
     started = time.time()
     progress = tqdm(range(epochs), desc=f"pretraining {model_name} on {dataset}/{split}", unit="epoch")
+    loss, accuracy = float("nan"), 0.0
     for epoch in progress:
         result = train_local(model, train_data, spec, schedule, device=device, seed=seed * 1000 + epoch)
         loss, accuracy = evaluate(model, holdout, spec, device=device)
@@ -57,10 +85,10 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
     path = out or str(default_backbone_path(model_name, dataset))
     metadata = {
-        "model": model_name, "num_classes": num_classes, "small_stem": small_stem,
-        "classes": list(FASHION_MNIST_CLASSES) if dataset == "embedded" else None,
+        "model": model_name, "num_classes": num_classes, "small_stem": small_stem, "classes": classes,
         "input": {"channels": spec.channels, "size": spec.size, "mean": list(spec.mean), "std": list(spec.std)},
-        "source_data": {"dataset": dataset, "split": split, "samples": len(train_data)},
+        "source_data": {"dataset": dataset, "split": split, "samples": len(train_data),
+                        "holdout_samples": len(holdout), "max_samples": max_samples},
         "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "holdout_accuracy": accuracy, "holdout_loss": loss, "wall_time_s": time.time() - started},
         "sha256": state_dict_sha256(state_dict),
@@ -70,20 +98,94 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     return path
 
 
+def calibrate(model_name: str, pretrained: str, dataset: str, proxy_split: str, *,
+              lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1), max_epochs: int = 2, batch_size: int = 32,
+              momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, max_samples: int = 0,
+              val_fraction: float = 0.2, image_column: str = "", label_column: str = "",
+              out: str | Path = "calibrated.toml") -> dict:
+    """Sweep the local learning rate (and epochs) centrally on a proxy split; write the best as run config.
+
+    Every trial starts from the same pretrained backbone and the same seeded head and trains the plain
+    network (the same transfer-learning step for every strategy), evaluating after each epoch.
+    """
+    source, classes = _load(dataset, proxy_split, max_samples, seed, image_column, label_column)
+    data = decode(source)
+    proxy_train, proxy_val = split_holdout(data, val_fraction, seed)
+    info = DatasetInfo(0, data.images.shape[1], data.images.shape[-1])
+    num_classes = len(classes) if classes else int(data.labels.max()) + 1
+    config = RunConfig(model=model_name, pretrained=pretrained, strategy="fedavg", seed=seed,
+                       num_classes=num_classes)
+    device = pick_device()
+    trials = []
+    started = time.time()
+    for lr in lrs:
+        start = build_start_model(config, info)  # fresh: same backbone, same seeded head
+        schedule = LocalSchedule(1, batch_size, lr, momentum, weight_decay)
+        for epoch in range(1, max_epochs + 1):
+            train_local(start.model, proxy_train, start.spec, schedule, device=device, seed=seed * 1000 + epoch)
+            loss, accuracy = evaluate(start.model, proxy_val, start.spec, device=device)
+            trials.append({"lr": lr, "local-epochs": epoch, "val_accuracy": accuracy, "val_loss": loss})
+            print(f"calibrate: lr={lr:g} epochs={epoch}: proxy val accuracy {accuracy:.4f}, loss {loss:.4f}")
+    # Best accuracy; ties go to fewer epochs (cheaper rounds), then to the smaller learning rate.
+    best = max(trials, key=lambda t: (t["val_accuracy"], -t["local-epochs"], -t["lr"]))
+    schedule = {"model": model_name, "pretrained": str(Path(pretrained).resolve()) if Path(pretrained).is_file()
+                else pretrained, "lr": best["lr"], "local-epochs": best["local-epochs"], "batch-size": batch_size,
+                "momentum": momentum, "weight-decay": weight_decay}
+    lines = [f"# Written by fedsq-pretrain --calibrate: centralised calibration on {dataset} split {proxy_split}",
+             f"# ({len(proxy_train)} proxy-train / {len(proxy_val)} proxy-val samples, {time.time() - started:.0f} s).",
+             "# One schedule for FedSQ and every baseline:  flwr run . --run-config <this file>",
+             "# (flwr takes a TOML file alone: add the run's other keys, e.g. dataset, below.)",
+             "# Sweep (lr, local-epochs -> proxy val accuracy):"]
+    lines += [f"#   {t['lr']:g}, {t['local-epochs']} -> {t['val_accuracy']:.4f}" for t in trials]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in schedule.items()]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}: lr={best['lr']:g}, local-epochs={best['local-epochs']} "
+          f"(proxy val accuracy {best['val_accuracy']:.4f})")
+    return {"schedule": schedule, "trials": trials, "best": best, "path": str(out)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsq-pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smallcnn", choices=("smallcnn", "resnet18", "alexnet"))
-    parser.add_argument("--dataset", default="embedded")
-    parser.add_argument("--split", default="pretrain", help="source split (the clients must never see it)")
+    parser.add_argument("--model", default="smallcnn", choices=MODEL_NAMES)
+    parser.add_argument("--dataset", default="embedded",
+                        help="embedded | Hub id | imagefolder:<dir> | parquet:<dir> | idx:<dir> (as run config)")
+    parser.add_argument("--split", default="pretrain",
+                        help="source split, may be sliced: 'train[:6000]' (the clients must never see it)")
+    parser.add_argument("--max-samples", type=int, default=0, help="random subset of the split (0 = all)")
+    parser.add_argument("--image-column", default="")
+    parser.add_argument("--label-column", default="")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="checkpoint path (default: the cache, found by pretrained='auto')")
+    calib = parser.add_argument_group("calibration")
+    calib.add_argument("--calibrate", action="store_true", help="sweep the local lr/epochs and write a run config")
+    calib.add_argument("--backbone", default=None,
+                       help="calibrate this checkpoint (or 'imagenet') instead of pretraining one")
+    calib.add_argument("--proxy-split", default=None, help="calibration data (default: --split)")
+    calib.add_argument("--proxy-max-samples", type=int, default=2000)
+    calib.add_argument("--lrs", default="0.003,0.01,0.03,0.1", help="comma-separated local learning rates")
+    calib.add_argument("--calibrate-epochs", type=int, default=2, help="try 1..N local epochs")
+    calib.add_argument("--calibrate-batch-size", type=int, default=32, help="the run's batch-size")
+    calib.add_argument("--run-config-out", default="calibrated.toml")
     args = parser.parse_args(argv)
-    pretrain(args.model, args.dataset, args.split, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-             seed=args.seed, out=args.out)
+    columns = dict(image_column=args.image_column, label_column=args.label_column)
+    backbone = args.backbone
+    if backbone is None:
+        backbone = pretrain(args.model, args.dataset, args.split, epochs=args.epochs, lr=args.lr,
+                            batch_size=args.batch_size, seed=args.seed, out=args.out, max_samples=args.max_samples,
+                            **columns)
+    elif not args.calibrate:
+        parser.error("--backbone only makes sense with --calibrate")
+    if args.calibrate:
+        calibrate(args.model, backbone, args.dataset, args.proxy_split or args.split,
+                  lrs=tuple(float(x) for x in args.lrs.split(",")), max_epochs=args.calibrate_epochs,
+                  batch_size=args.calibrate_batch_size, seed=args.seed, max_samples=args.proxy_max_samples,
+                  out=args.run_config_out, **columns)
 
 
 def prepare_main(argv: list[str] | None = None) -> None:

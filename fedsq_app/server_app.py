@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsq_app.config import RunConfig
-from fedsq_app.data import DataKey, dataset_info, server_split
+from fedsq_app.data import DataKey, dataset_info, partition_report, server_split
 from fedsq_app.models import save_checkpoint
 from fedsq_app.strategy import FedSQ, ValidatedFedAvg
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
@@ -64,6 +64,8 @@ def main(grid: Grid, context: Context) -> None:
     results = {"config": {k.replace("_", "-"): v for k, v in vars(config).items()},
                "structural_sha256": structural_sha256, "pretrained_from": start.pretrained_from,
                "num_classes": info.num_classes, "validation_size": len(validation), "rounds": []}
+    # How the pool splits over the nodes connected now (demo mode; silos with data-path have their own).
+    results["label_distribution"] = partition_report(data_key, len(list(grid.get_node_ids())), out_dir)
     val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
     results["initial"] = {"val_accuracy": val_acc, "val_loss": val_loss}
     log(INFO, "round 0: val_accuracy=%.4f val_loss=%.4f", val_acc, val_loss)

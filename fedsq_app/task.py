@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsq_app.config import ConfigError, RunConfig, cache_dir
-from fedsq_app.data import DatasetInfo, InputSpec
+from fedsq_app.data import DatasetInfo, InputSpec, source_slug
 from fedsq_app.dualcopy import DualCopy, state_dict_sha256
 from fedsq_app.models import (IMAGENET_MEAN, IMAGENET_STD, build_model, imagenet_state_dict,
                               load_backbone, load_checkpoint, reset_head)
@@ -35,7 +35,7 @@ class StartModel:
 
 
 def default_backbone_path(model: str, dataset: str) -> Path:
-    return cache_dir() / "backbones" / f"{model}-{dataset.replace('/', '_')}.safetensors"
+    return cache_dir() / "backbones" / f"{model}-{source_slug(dataset)}.safetensors"
 
 
 def _native_size_for(model: str, size: int, pretrained: str) -> int:
@@ -46,18 +46,41 @@ def _native_size_for(model: str, size: int, pretrained: str) -> int:
     return 0
 
 
+def resolve_pretrained(config: RunConfig) -> str:
+    """'imagenet', 'none', or the checkpoint file to load ('auto' = this model's backbone in the cache)."""
+    if config.pretrained != "auto":
+        return config.pretrained
+    path = default_backbone_path(config.model, config.dataset)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no pretrained backbone for model '{config.model}' on dataset '{config.dataset}' at {path}. "
+            "Run `fedsq-prepare` (default model and data) or `fedsq-pretrain`, or set "
+            "pretrained='imagenet' | 'none' | '/path/to/checkpoint.safetensors'"
+        )
+    return str(path)
+
+
+def resolve_num_classes(config: RunConfig, info: DatasetInfo, metadata: dict) -> int:
+    """The head's size: run config ``num-classes``, else the data's labels, else the backbone's metadata.
+
+    A silo (node config ``data-path``) must not guess from its own, possibly incomplete, labels: its info
+    carries 0 and the run config or the backbone decides, so that every node builds the same head.
+    """
+    if config.num_classes and info.num_classes > config.num_classes:
+        raise ConfigError(f"num-classes={config.num_classes}, but the data has labels up to {info.num_classes - 1}")
+    num_classes = config.num_classes or info.num_classes or int(metadata.get("num_classes", 0))
+    if num_classes < 1:
+        raise ConfigError("the number of classes is unknown: this node trains on its own data (data-path) and "
+                          "the backbone's metadata names none; set run config num-classes=<C>")
+    return num_classes
+
+
 def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
     """Architecture + pretrained backbone (per ``config.pretrained``) + head seeded by ``config.seed``."""
-    num_classes, channels, image_size = info.num_classes, info.channels, info.image_size
-    source = config.pretrained
-    if source == "auto":
-        source = str(default_backbone_path(config.model, config.dataset))
-        if not Path(source).is_file():
-            raise FileNotFoundError(
-                f"no pretrained backbone for model '{config.model}' on dataset '{config.dataset}' at {source}. "
-                "Run `fedsq-prepare` (default model and data) or `fedsq-pretrain`, or set "
-                "pretrained='imagenet' | 'none' | '/path/to/checkpoint.safetensors'"
-            )
+    channels, image_size = info.channels, info.image_size
+    source = resolve_pretrained(config)
+    state_dict, meta = load_checkpoint(source) if source not in ("none", "imagenet") else (None, {})
+    num_classes = resolve_num_classes(config, info, meta)
     torch.manual_seed(config.seed)  # random init (pretrained='none') is reproducible too
     if source == "none":
         in_channels = channels if config.model == "smallcnn" else 3
@@ -72,17 +95,21 @@ def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
         load_backbone(model, config.model, imagenet_state_dict(config.model))
         spec = InputSpec(3, _native_size_for(config.model, image_size, source), IMAGENET_MEAN, IMAGENET_STD)
     else:
-        state_dict, meta = load_checkpoint(source)
         if meta.get("model", config.model) != config.model:
             raise ConfigError(f"checkpoint {source} holds a '{meta['model']}', but model='{config.model}'")
+        # No JSON sidecar: most likely a torchvision file (e.g. ImageNet weights saved by torch.save), so
+        # feed it as ImageNet weights expect; fedsq-pretrain checkpoints always carry their own input spec.
+        imagenet_style = not meta and config.model != "smallcnn"
         inputs = meta.get("input", {})
         in_channels = int(inputs.get("channels", channels if config.model == "smallcnn" else 3))
         model = build_model(config.model, num_classes, in_channels=in_channels,
                             small_stem=bool(meta.get("small_stem", False)))
         load_backbone(model, config.model, state_dict)
-        spec = InputSpec(in_channels, int(inputs.get("size", _native_size_for(config.model, image_size, source))),
-                         tuple(inputs.get("mean", (0.5,) * in_channels)),
-                         tuple(inputs.get("std", (0.5,) * in_channels)))
+        default_size = _native_size_for(config.model, image_size, "imagenet" if imagenet_style else source)
+        default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet_style else \
+            ((0.5,) * in_channels, (0.5,) * in_channels)
+        spec = InputSpec(in_channels, int(inputs.get("size", default_size)),
+                         tuple(inputs.get("mean", default_mean)), tuple(inputs.get("std", default_std)))
     reset_head(model, config.model, head_seed=config.seed)
     return StartModel(model, spec, source)
 
