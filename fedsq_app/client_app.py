@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import traceback
 
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -47,10 +48,12 @@ def train(msg: Message, context: Context) -> Message:
         data = node_data(config, node)
         load_global_arrays(model, msg.content["arrays"])
         server_round = int(server_config.get("server-round", 0))
+        # FedProx's mu comes from the server, as Flower's FedProx sends it (absent: plain local SGD).
         schedule = LocalSchedule(config.local_epochs, config.batch_size, config.lr, config.momentum,
-                                 config.weight_decay)
-        result = train_local(model, data, spec, schedule, device=pick_device(config.device),
-                             seed=config.seed * 100_003 + server_round * 1_009 + node.partition_id)
+                                 config.weight_decay, proximal_mu=float(server_config.get("proximal-mu", 0.0)))
+        seed = config.seed * 100_003 + server_round * 1_009 + node.partition_id
+        torch.manual_seed(seed)  # dropout etc.: a node's update depends only on (seed, round, partition)
+        result = train_local(model, data, spec, schedule, device=pick_device(config.device), seed=seed)
         metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
         return Message(RecordDict({"arrays": global_arrays(model.cpu()), "metrics": metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
