@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-STRATEGIES = ("fedsq", "fedavg")
+STRATEGIES = ("fedsq", "fedavg", "fedprox", "fedadam", "fedsq-adam")  # fedsq-adam: beyond the paper
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 MODELS = ("smallcnn", "resnet18", "alexnet")
 
@@ -53,6 +53,14 @@ class RunConfig:
     label_column: str = ""  # "" = detect (label, fine_label, ...); CIFAR-100: fine_label
     train_split: str = "train"  # may carry a slice, e.g. train[6000:] when train[:6000] pretrained S
     test_split: str = "test"
+    # Baselines and diagnostics (docs/RESULTS.md).
+    proximal_mu: float = 0.01  # fedprox: (mu/2)·||w - w_global||² on the trained parameters
+    server_lr: float = 0.003  # fedadam, fedsq-adam: server step (Flower: eta); Reddi et al. EMNIST-CNN: 10^-2.5
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001  # Adam's adaptivity (Flower's tau)
+    probe_size: int = 64  # validation images for the per-round gate-disagreement diagnostic; 0 = off
+
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
@@ -82,6 +90,14 @@ class RunConfig:
             _at_least(key, getattr(self, key.replace("-", "_")), 0)
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        _at_least("probe-size", self.probe_size, 0)
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.server_lr <= 0 or self.server_tau <= 0:
+            raise ConfigError(f"server-lr and server-tau must be > 0, got {self.server_lr} and {self.server_tau}")
+        for key in ("server-beta1", "server-beta2"):
+            if not 0 <= getattr(self, key.replace("-", "_")) < 1:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key.replace('-', '_'))}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
@@ -105,7 +121,7 @@ class RunConfig:
 
     @property
     def uses_dualcopy(self) -> bool:
-        return self.strategy == "fedsq"
+        return self.strategy in ("fedsq", "fedsq-adam")
 
     def resolved_run_name(self) -> str:
         dataset = re.sub(r"[^A-Za-z0-9.-]+", "_", self.dataset).strip("_")  # paths and Hub ids -> file name

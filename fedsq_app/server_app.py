@@ -13,8 +13,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsq_app.config import RunConfig
 from fedsq_app.data import DataKey, dataset_info, partition_report, server_split
+from fedsq_app.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.models import save_checkpoint
-from fedsq_app.strategy import FedSQ, ValidatedFedAvg
+from fedsq_app.strategy import FedSQ, FedSQAdam, ValidatedFedAdam, ValidatedFedAvg, ValidatedFedProx
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.train import evaluate, pick_device
 
@@ -24,8 +25,16 @@ app = ServerApp()
 def make_strategy(config: RunConfig, structural_sha256: str) -> ValidatedFedAvg:
     common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
                   min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_train_nodes)
+    adam = dict(server_lr=config.server_lr, beta_1=config.server_beta1, beta_2=config.server_beta2,
+                tau=config.server_tau)
     if config.strategy == "fedsq":
         return FedSQ(structural_sha256=structural_sha256, **common)
+    if config.strategy == "fedsq-adam":  # an extension beyond the paper: Adam's server step on Q
+        return FedSQAdam(structural_sha256=structural_sha256, **adam, **common)
+    if config.strategy == "fedprox":
+        return ValidatedFedProx(proximal_mu=config.proximal_mu, **common)
+    if config.strategy == "fedadam":
+        return ValidatedFedAdam(**adam, **common)
     return ValidatedFedAvg(**common)
 
 
@@ -56,6 +65,10 @@ def main(grid: Grid, context: Context) -> None:
     structural_sha256 = start.sha256
     model = trainable_model(config, start)  # what is evaluated: the DualCopy for FedSQ, never Q alone
     device = pick_device(config.device)
+    # The paper's premise, measured each round (fedsq_app/metrics.py): gates and weights vs the pretrained.
+    drift = DriftProbe(start.model, start.spec.prepare(validation.images[: config.probe_size])) \
+        if config.probe_size else None
+
 
     strategy = make_strategy(config, structural_sha256)
     arrays = global_arrays(model)
@@ -91,6 +104,8 @@ def main(grid: Grid, context: Context) -> None:
             "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
             "aggregated": new_arrays is not None, "wall_time_s": time.time() - round_start,
         }
+        record["bytes_per_client"] = arrays.count_bytes()  # each way: replies carry the same keys and shapes
+        record.update(drift.measure(arrays) if drift else {})
         if val_acc > best_acc:
             best_acc, best_round, best_arrays = val_acc, server_round, arrays
         record["best_val_accuracy_so_far"] = best_acc
@@ -103,6 +118,7 @@ def main(grid: Grid, context: Context) -> None:
     load_global_arrays(model, best_arrays)
     test_loss, test_acc = evaluate(model, server_split(data_key, "test"), start.spec, device=device)
     accuracies = [r["val_accuracy"] for r in results["rounds"]]
+    results.update(run_summary(results["rounds"]))
     results.update(best_val_accuracy=best_acc, best_round=best_round, rounds_to_best=rounds_to_best(accuracies),
                    test_accuracy=test_acc, test_loss=test_loss, total_wall_time_s=time.time() - run_start)
     save_checkpoint(out_dir / "best_model.safetensors", best_arrays.to_torch_state_dict(),
@@ -111,5 +127,6 @@ def main(grid: Grid, context: Context) -> None:
                      "note": "Q's weights (the travelling arrays). FedSQ evaluates them gated by S: "
                              "load them into DualCopy(start model).quantitative."})
     write_json_atomic(out_dir / "results.json", results)
+    write_rounds_csv(out_dir / "rounds.csv", results["rounds"])
     log(INFO, "best val_accuracy=%.4f at round %d; test_accuracy=%.4f; results in %s", best_acc, best_round,
         test_acc, out_dir / "results.json")

@@ -17,7 +17,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 ArraySpecs = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
 NUM_EXAMPLES = "num-examples"
@@ -238,3 +239,98 @@ class FedSQ(ValidatedFedAvg):
 
     def extra_train_config(self) -> dict:
         return {"structural-sha256": self.structural_sha256}
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+# FedProx and FedAdam reuse Flower's classes; only reply validation and "what the update touches" are ours.
+BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def parameter_keys(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The trainable parameters among a state dict's arrays: floating arrays that are not BN buffers.
+
+    A server optimiser must step only these: BN running statistics are data statistics (averaged, not
+    optimised) and ``num_batches_tracked`` is a counter.
+    """
+    return [k for k, v in arrays.items() if v.dtype.kind == "f" and not k.endswith(BN_BUFFER_SUFFIXES)]
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    # not np.ascontiguousarray: it turns 0-d arrays (BN's num_batches_tracked) into shape (1,)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+class ValidatedFedProx(ValidatedFedAvg, FedProx):
+    """Flower's FedProx (sends ``proximal-mu`` in the train config; the client adds (μ/2)·‖w − w_global‖²
+    on its trained parameters) with validated aggregation. With μ = 0 it is FedAvg."""
+
+
+class _GivenAverage(FedOpt):
+    """Stands in for FedAvg's aggregation inside Flower's FedAdam: hands over an average computed elsewhere."""
+
+    given: ArrayRecord | None = None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return self.given, None
+
+
+class AdamServerUpdate(FedAdam, _GivenAverage):
+    """Flower's own FedAdam update (m_t, v_t, bias-corrected η, τ), fed a validated average.
+
+    ``FedAdam.aggregate_train`` calls ``super().aggregate_train``, which the MRO resolves to
+    ``_GivenAverage``: so every line of Flower's Adam maths runs unchanged on arrays we choose.
+    """
+
+    def step(self, server_round: int, current: dict[str, np.ndarray],
+             averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """x_{t+1} from x_t = ``current`` and the clients' average ``averaged`` (same keys)."""
+        self.current_arrays = current  # FedOpt's x_t: the arrays sent out this round
+        self.given = ArrayRecord({k: Array(_contiguous(v)) for k, v in averaged.items()})
+        stepped, _ = self.aggregate_train(server_round, [])
+        # Flower's bias correction is a float64 scalar: cast back, or the next round's replies (float32)
+        # would no longer match the global model's dtypes.
+        return {k: a.numpy().astype(current[k].dtype) for k, a in stepped.items()}
+
+
+class ValidatedFedAdam(ValidatedFedAvg):
+    """FedAdam (Reddi et al. 2021) on the validated average, applied to trainable parameters only.
+
+    Flower's ``FedAdam`` steps *every* array, BN running statistics and integer counters included. Here
+    the validated, sample-weighted average is computed first; Adam's server step then replaces only the
+    parameter keys, while BN running statistics stay plainly averaged and ``num_batches_tracked`` is kept.
+    """
+
+    def __init__(self, *, server_lr: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99,
+                 tau: float = 1e-3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.adam = AdamServerUpdate(eta=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        averaged_record, metrics = super().aggregate_train(server_round, replies)
+        if averaged_record is None:  # too few valid replies: the previous global model stays, Adam does not step
+            return averaged_record, metrics
+        current = {k: a.numpy() for k, a in self.current_arrays.items()}
+        averaged = {k: a.numpy() for k, a in averaged_record.items()}
+        keys = parameter_keys(averaged)
+        stepped = self.adam.step(server_round, {k: current[k] for k in keys}, {k: averaged[k] for k in keys})
+        return ArrayRecord({k: Array(_contiguous(stepped.get(k, v))) for k, v in averaged.items()}), metrics
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Adam's moments m_t and v_t (per parameter key), for the server's checkpoint."""
+        arrays = {f"adam-m/{k}": v for k, v in (self.adam.m_t or {}).items()}
+        arrays.update({f"adam-v/{k}": v for k, v in (self.adam.v_t or {}).items()})
+        return arrays, {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        unknown = sorted(k for k in arrays if not k.startswith(("adam-m/", "adam-v/")))
+        if unknown or info:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's strategy state holds {unknown[:3]} "
+                             f"{sorted(info)[:3]}, not Adam moments: was it written by another strategy?")
+        m_t = {k.removeprefix("adam-m/"): v.copy() for k, v in arrays.items() if k.startswith("adam-m/")}
+        v_t = {k.removeprefix("adam-v/"): v.copy() for k, v in arrays.items() if k.startswith("adam-v/")}
+        self.adam.m_t, self.adam.v_t = m_t or None, v_t or None
+
+
+class FedSQAdam(ValidatedFedAdam, FedSQ):
+    """Extension beyond the paper: FedSQ (S gates, only Q travels) with FedAdam's server step on Q."""
