@@ -46,6 +46,12 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     out_dir: str = "outputs"
     run_name: str = ""
+    # Reliability (docs/RELIABILITY.md).
+    min_available_nodes: int = 2  # Flower waits (forever) until this many nodes are connected
+    min_valid_replies: int = 1  # fewer valid replies than this: the round keeps the previous global model
+    max_update_norm_ratio: float = 0.0  # > 0: reject updates farther from the global than k x the median
+    max_num_examples: int = 0  # bound on a reply's num-examples; 0 = the server's federated pool size
+    resume_from: str = ""  # a previous run's output dir: continue from its last checkpoint
     # Data and backbones (docs/DATA.md).
     num_classes: int = 0  # 0 = from the server's data (silos: from the backbone's metadata)
     classes_per_client: int = 2  # the pathological partitioner's classes per partition
@@ -60,7 +66,6 @@ class RunConfig:
     server_beta2: float = 0.99
     server_tau: float = 0.001  # Adam's adaptivity (Flower's tau)
     probe_size: int = 64  # validation images for the per-round gate-disagreement diagnostic; 0 = off
-
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
@@ -84,10 +89,14 @@ class RunConfig:
         _choice("model", self.model, MODELS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
-        for key in ("num-server-rounds", "local-epochs", "batch-size", "min-train-nodes"):
+        for key in ("num-server-rounds", "local-epochs", "batch-size", "min-train-nodes", "min-available-nodes",
+                    "min-valid-replies"):
             _at_least(key, getattr(self, key.replace("-", "_")), 1)
-        for key in ("min-partition-size", "max-train-samples", "seed"):
+        for key in ("min-partition-size", "max-train-samples", "seed", "max-num-examples"):
             _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        if self.max_update_norm_ratio != 0 and self.max_update_norm_ratio < 1:
+            raise ConfigError(f"max-update-norm-ratio must be 0 (off) or >= 1 (a multiple of the round's median "
+                              f"distance), got {self.max_update_norm_ratio}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         _at_least("probe-size", self.probe_size, 0)
@@ -114,10 +123,24 @@ class RunConfig:
             raise ConfigError("dataset must not be empty")
         if not self.pretrained:
             raise ConfigError("pretrained must be 'auto', 'imagenet', 'none' or a checkpoint path")
+        if not self.out_dir:
+            raise ConfigError("out-dir must not be empty")
         _at_least("classes-per-client", self.classes_per_client, 1)
         _at_least("num-classes", self.num_classes, 0)
         if not self.train_split or not self.test_split:
             raise ConfigError("train-split and test-split must not be empty")
+
+    def check_server_paths(self) -> None:
+        """Paths only the server reads (a client's run config carries them too, but they are not its own)."""
+        if self.pretrained not in ("auto", "imagenet", "none") and not Path(self.pretrained).expanduser().is_file():
+            raise ConfigError(f"pretrained='{self.pretrained}': no such checkpoint file")
+        if self.resume_from:
+            from fedsq_app.checkpoint import CHECKPOINT_FILE  # the one place that names the file
+
+            folder = Path(self.resume_from).expanduser()
+            if not (folder / CHECKPOINT_FILE).is_file():
+                raise ConfigError(f"resume-from='{self.resume_from}': no {CHECKPOINT_FILE} there "
+                                  "(give the output directory of the run to continue)")
 
     @property
     def uses_dualcopy(self) -> bool:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsq_app.config import RunConfig
-from fedsq_app.data import DataKey, dataset_info, partition_report, server_split
+from fedsq_app.checkpoint import RunState, capture_rng, load_run_state, restore_rng, save_run_state, seed_everything
+from fedsq_app.config import ConfigError, RunConfig
+from fedsq_app.data import DataKey, dataset_info, partition_report, pool_and_validation, server_split
 from fedsq_app.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.models import save_checkpoint
 from fedsq_app.strategy import FedSQ, FedSQAdam, ValidatedFedAdam, ValidatedFedAvg, ValidatedFedProx
@@ -22,9 +24,11 @@ from fedsq_app.train import evaluate, pick_device
 app = ServerApp()
 
 
-def make_strategy(config: RunConfig, structural_sha256: str) -> ValidatedFedAvg:
+def make_strategy(config: RunConfig, structural_sha256: str, max_examples: int | None = None) -> ValidatedFedAvg:
     common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
-                  min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_train_nodes)
+                  min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
+                  min_valid_replies=config.min_valid_replies, max_update_norm_ratio=config.max_update_norm_ratio,
+                  max_examples=config.max_num_examples or max_examples)
     adam = dict(server_lr=config.server_lr, beta_1=config.server_beta1, beta_2=config.server_beta2,
                 tau=config.server_tau)
     if config.strategy == "fedsq":
@@ -50,17 +54,57 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in arrays.items()}
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    # np.ascontiguousarray would turn 0-d arrays (BN's num_batches_tracked) into shape (1,)
+    return ArrayRecord({key: Array(value if value.flags.c_contiguous else value.copy(order="C"))
+                        for key, value in arrays.items()})
+
+
+def load_data(config: RunConfig):
+    """The server's data, with a missing dataset reported against the ``dataset`` key."""
+    data_key = DataKey.of(config)
+    try:
+        info = dataset_info(data_key)
+        pool, _ = pool_and_validation(data_key)
+        validation = server_split(data_key, "validation")
+    except FileNotFoundError as error:
+        raise ConfigError(f"dataset='{config.dataset}': {error}") from error
+    return data_key, info, len(pool), validation
+
+
+def resume_state(config: RunConfig, structural_sha256: str, arrays: ArrayRecord) -> RunState:
+    """Load ``resume-from``'s checkpoint and check that it belongs to this model."""
+    state = load_run_state(config.resume_from)
+    if state.structural_sha256 != structural_sha256:
+        raise ConfigError(f"resume-from='{config.resume_from}' was trained from another start model "
+                          f"(S sha256 {state.structural_sha256[:12]}..., this run's {structural_sha256[:12]}...)")
+    expected = {k: (v.shape, v.dtype) for k, v in _to_numpy(arrays).items()}
+    if {k: (v.shape, v.dtype) for k, v in state.arrays.items()} != expected:
+        raise ConfigError(f"resume-from='{config.resume_from}': the checkpoint's arrays do not fit model "
+                          f"'{config.model}'")
+    previous = state.results.get("config", {})
+    ignored = {"resume-from", "num-server-rounds", "round-timeout", "out-dir", "run-name"}
+    changed = sorted(k for k, v in previous.items() if k not in ignored and vars(config).get(k.replace("-", "_")) != v)
+    if changed:
+        log(WARNING, "resuming with a different run config for %s: the continuation is not the run it would "
+            "have been", changed)
+    return state
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)  # every key checked before any work
+    config.check_server_paths()
     out_dir = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name()
     out_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "FedSQ app: strategy=%s model=%s dataset=%s -> %s", config.strategy, config.model,
         config.dataset, out_dir)
 
-    data_key = DataKey.of(config)
-    info = dataset_info(data_key)
-    validation = server_split(data_key, "validation")
+    data_key, info, pool_size, validation = load_data(config)
     start = build_start_model(config, info)
     structural_sha256 = start.sha256
     model = trainable_model(config, start)  # what is evaluated: the DualCopy for FedSQ, never Q alone
@@ -69,36 +113,57 @@ def main(grid: Grid, context: Context) -> None:
     drift = DriftProbe(start.model, start.spec.prepare(validation.images[: config.probe_size])) \
         if config.probe_size else None
 
-
-    strategy = make_strategy(config, structural_sha256)
+    strategy = make_strategy(config, structural_sha256, max_examples=pool_size)
     arrays = global_arrays(model)
     train_config = ConfigRecord({"lr": config.lr, "local-epochs": config.local_epochs})
+    config_json = {k.replace("_", "-"): v for k, v in vars(config).items()}
 
-    results = {"config": {k.replace("_", "-"): v for k, v in vars(config).items()},
-               "structural_sha256": structural_sha256, "pretrained_from": start.pretrained_from,
-               "num_classes": info.num_classes, "validation_size": len(validation), "rounds": []}
-    # How the pool splits over the nodes connected now (demo mode; silos with data-path have their own).
-    results["label_distribution"] = partition_report(data_key, len(list(grid.get_node_ids())), out_dir)
-    val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
-    results["initial"] = {"val_accuracy": val_acc, "val_loss": val_loss}
-    log(INFO, "round 0: val_accuracy=%.4f val_loss=%.4f", val_acc, val_loss)
+    if config.resume_from:
+        state = resume_state(config, structural_sha256, arrays)
+        results = state.results
+        results["config"] = config_json
+        results.setdefault("resumed", []).append({"from": str(Path(config.resume_from).expanduser().resolve()),
+                                                  "after_round": state.round})
+        results["rounds"] = [r for r in results["rounds"] if r["round"] <= state.round]
+        arrays = _to_record(state.arrays)
+        best_acc, best_round, best_arrays = state.best_val_accuracy, state.best_round, _to_record(state.best_arrays)
+        strategy.load_state_dict(state.strategy_arrays, state.strategy_info)
+        restore_rng(state.rng["info"], state.rng["arrays"])  # last: the setup above must not move the RNGs
+        first_round = state.round + 1
+        log(INFO, "resuming from %s after round %d", config.resume_from, state.round)
+    else:
+        results = {"config": config_json, "structural_sha256": structural_sha256,
+                   "pretrained_from": start.pretrained_from, "num_classes": info.num_classes,
+                   "validation_size": len(validation), "max_num_examples": strategy.max_examples, "rounds": []}
+        # How the pool splits over the nodes connected now (demo mode; silos with data-path have their own).
+        results["label_distribution"] = partition_report(data_key, len(list(grid.get_node_ids())), out_dir)
+        val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
+        results["initial"] = {"val_accuracy": val_acc, "val_loss": val_loss}
+        log(INFO, "round 0: val_accuracy=%.4f val_loss=%.4f", val_acc, val_loss)
+        best_acc, best_round, best_arrays = -1.0, 0, arrays
+        seed_everything(config.seed)  # node sampling (random.sample) is reproducible, and resumable
+        first_round = 1
 
-    best_acc, best_round, best_arrays = -1.0, 0, arrays
     run_start = time.time()
-    for server_round in range(1, config.num_server_rounds + 1):
+    for server_round in range(first_round, config.num_server_rounds + 1):
         round_start = time.time()
         log(INFO, "[ROUND %d/%d]", server_round, config.num_server_rounds)
-        replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, train_config, grid),
-                                        timeout=config.round_timeout)
+        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         load_global_arrays(model, arrays)
         val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
         checked = strategy.round_replies.get(server_round)
+        train_loss = train_metrics.get("train_loss") if train_metrics else None
+        sent_to = sorted({m.metadata.dst_node_id for m in messages})
+        replied = {_src_node(m) for m in replies}
         record = {
             "round": server_round, "val_accuracy": val_acc, "val_loss": val_loss,
-            "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
+            "train_loss": float(train_loss) if train_loss is not None else None,
+            "expected": len(messages), "received": len(replies), "missing": max(len(messages) - len(replies), 0),
+            "missing_nodes": [n for n in sent_to if n not in replied],
             "accepted": len(checked.accepted) if checked else 0,
             "rejected": len(checked.rejected) if checked else 0,
             "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
@@ -110,16 +175,26 @@ def main(grid: Grid, context: Context) -> None:
             best_acc, best_round, best_arrays = val_acc, server_round, arrays
         record["best_val_accuracy_so_far"] = best_acc
         results["rounds"].append(record)
-        log(INFO, "round %d: val_accuracy=%.4f val_loss=%.4f train_loss=%s (%.1fs)", server_round, val_acc,
-            val_loss, record["train_loss"], record["wall_time_s"])
-        write_json_atomic(out_dir / "results.json", results)  # a finished round is never lost
+        log(INFO, "round %d: val_accuracy=%.4f val_loss=%.4f train_loss=%s, %d/%d replies, %d accepted (%.1fs)",
+            server_round, val_acc, val_loss, record["train_loss"], len(replies), len(messages),
+            record["accepted"], record["wall_time_s"])
+        # A finished round is never lost: the checkpoint first (what a resume needs), then results.json.
+        strategy_arrays, strategy_info = strategy.state_dict()
+        rng_info, rng_arrays = capture_rng()
+        save_run_state(out_dir, RunState(
+            round=server_round, arrays=_to_numpy(arrays), best_round=best_round, best_val_accuracy=best_acc,
+            best_arrays=_to_numpy(best_arrays), results=results, structural_sha256=structural_sha256,
+            strategy_arrays=strategy_arrays, strategy_info=strategy_info,
+            rng={"info": rng_info, "arrays": rng_arrays}))
+        write_json_atomic(out_dir / "results.json", results)
 
     # The test split is touched exactly once: with the best round's model.
     load_global_arrays(model, best_arrays)
     test_loss, test_acc = evaluate(model, server_split(data_key, "test"), start.spec, device=device)
     accuracies = [r["val_accuracy"] for r in results["rounds"]]
     results.update(run_summary(results["rounds"]))
-    results.update(best_val_accuracy=best_acc, best_round=best_round, rounds_to_best=rounds_to_best(accuracies),
+    results.update(best_val_accuracy=best_acc, best_round=best_round,
+                   rounds_to_best=rounds_to_best(accuracies) if accuracies else 0,
                    test_accuracy=test_acc, test_loss=test_loss, total_wall_time_s=time.time() - run_start)
     save_checkpoint(out_dir / "best_model.safetensors", best_arrays.to_torch_state_dict(),
                     {"model": config.model, "strategy": config.strategy, "round": best_round,
@@ -130,3 +205,10 @@ def main(grid: Grid, context: Context) -> None:
     write_rounds_csv(out_dir / "rounds.csv", results["rounds"])
     log(INFO, "best val_accuracy=%.4f at round %d; test_accuracy=%.4f; results in %s", best_acc, best_round,
         test_acc, out_dir / "results.json")
+
+
+def _src_node(message) -> int:
+    try:
+        return int(message.metadata.src_node_id)
+    except Exception:
+        return -1
