@@ -104,6 +104,7 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    tree: list[int] = field(default_factory=list)  # PIDs seen below it (filled when stopping)
 
 
 @dataclass
@@ -149,23 +150,34 @@ class Federation:
         return proc
 
     def stop(self, proc: Proc) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left of it after 10 s."""
-        pgid = proc.popen.pid  # start_new_session=True: the group id is the leader's PID
+        """SIGTERM the process tree, then SIGKILL whatever is left of it after 10 s.
+
+        Flower starts its SuperExec in a process group of its own (the ServerApp/ClientApp processes are
+        in that one), so killing the leader's group is not enough: the tree is collected first (before
+        anything is reparented) and every process group in it is signalled.
+        """
+        proc.tree = sorted(set(proc.tree) | {proc.popen.pid} | set(_descendants(proc.popen.pid)))
         for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
+            for pgid in {_pgid(pid) for pid in proc.tree} - {None, os.getpgid(0)}:
+                try:
+                    os.killpg(pgid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
             end = time.monotonic() + grace_s
-            while time.monotonic() < end and _group_alive(pgid):
+            while time.monotonic() < end and _any_alive(proc.tree):
                 proc.popen.poll()  # reap the leader so it does not linger as a zombie
                 time.sleep(0.1)
-            if not _group_alive(pgid):
+            if not _any_alive(proc.tree):
                 break
         try:
             proc.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+
+    def snapshot(self, proc: Proc) -> None:
+        """Remember the processes below ``proc`` now (they are reparented once it exits)."""
+        if proc.popen.poll() is None:
+            proc.tree = sorted(set(proc.tree) | set(_descendants(proc.popen.pid)))
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -201,6 +213,7 @@ class Federation:
     def wait_exit(self, proc: Proc, limit_s: float) -> int | None:
         end = time.monotonic() + min(limit_s, self.remaining())
         while time.monotonic() < end:
+            self.snapshot(proc)
             code = proc.popen.poll()
             if code is not None:
                 return code
@@ -208,20 +221,42 @@ class Federation:
         return None
 
 
-def _group_alive(pgid: int) -> bool:
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, state) for every process (`ps`, so it works on Linux and macOS)."""
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,stat="], capture_output=True, text=True,
+                         timeout=10).stdout
+    table = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].isdigit():
+            table[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[3])
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _pgid(pid: int) -> int | None:
     try:
-        os.killpg(pgid, 0)
+        return os.getpgid(pid)
     except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Zombies still count for killpg(0); they are harmless once their leader is reaped.
-    try:
-        out = subprocess.run(["ps", "-o", "stat=", "-g", str(pgid)], capture_output=True, text=True,
-                             timeout=5).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return True
-    return any(not state.startswith("Z") for state in out)
+        return None
+
+
+def _any_alive(pids: list[int]) -> bool:
+    """True while any of the PIDs is a live (non-zombie) process."""
+    table = _process_table()
+    return any(pid in table and not table[pid][2].startswith("Z") for pid in pids)
 
 
 def _health_ok(port: int, ca: Path) -> bool:
@@ -292,7 +327,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
         yield fed
     finally:
         fed.stop_all()
-        leftovers = [p.name for p in fed.procs if _group_alive(p.popen.pid)]
+        leftovers = [p.name for p in fed.procs if _any_alive(p.tree)]
         assert not leftovers, f"processes survived teardown: {leftovers}"
 
 

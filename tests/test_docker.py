@@ -296,3 +296,22 @@ def test_certs_service_reuses_the_deploy_scripts() -> None:
     text = (DOCKER / "certs.yml").read_text() + (DOCKER / "certs.Dockerfile").read_text()
     assert "make-certs.sh" in text and "make-node-keys.sh" in text
     assert "deploy/make-certs.sh" in (DOCKER / "certs.Dockerfile").read_text()
+
+
+def test_dockerfile_copies_what_pyproject_needs_to_build() -> None:
+    """`pip install .` in the image needs every file pyproject.toml points at (readme, license file)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = ["pyproject.toml"]
+    readme = project.get("readme")
+    needed.append(readme if isinstance(readme, str) else (readme or {}).get("file"))
+    license_ = project.get("license")
+    if isinstance(license_, dict):
+        needed.append(license_.get("file"))
+    needed += project.get("license-files", [])
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text()
+    for name in filter(None, needed):
+        assert re.search(rf"^COPY .*\b{re.escape(name)}\b", dockerfile, re.M), f"Dockerfile does not COPY {name}"
+        assert f"!{name}" in ignore, f"docker/Dockerfile.dockerignore keeps {name} out of the build context"
