@@ -33,9 +33,12 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from datasets import Array2D, Array3D, ClassLabel, Dataset, Features, Image, Value
+from datasets import DatasetInfo as DatasetInfoHF
+from datasets.features.features import Array2DExtensionType
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
 from fedsq_app.config import ConfigError, NodeConfig, RunConfig, cache_dir
@@ -84,9 +87,15 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------- datasets
 def images_to_dataset(images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> Dataset:
     """A ``datasets.Dataset`` with an ``image`` (H×W uint8) and a ClassLabel ``label`` column."""
-    height, width = images.shape[1:3]
+    _, height, width = images.shape
     features = Features({"image": Array2D((height, width), "uint8"), "label": ClassLabel(names=list(class_names))})
-    return Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
+    # Straight into Arrow (about 10x faster than Dataset.from_dict, which walks every row in Python).
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(images).reshape(-1)), width)
+    grid = pa.FixedSizeListArray.from_arrays(rows, height)
+    image_type = Array2DExtensionType((height, width), "uint8")
+    table = pa.table({"image": pa.ExtensionArray.from_storage(image_type, grid.cast(image_type.storage_dtype)),
+                      "label": pa.array(labels.astype(np.int64))})
+    return Dataset(table, info=DatasetInfoHF(features=features))
 
 
 def embedded_dir() -> Path:
