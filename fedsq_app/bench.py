@@ -412,6 +412,8 @@ def _plots(preset: Preset, rows: list[dict], out: Path) -> list[str]:
 
     for setup in preset.setups:
         for epochs in preset.epochs:
+            if not any(r["setup"] == setup.name and r["epochs"] == epochs for r in rows):
+                continue
             # Validation accuracy per round, one panel per partition.
             fig, axes = plt.subplots(1, len(preset.partitions), figsize=(4.2 * len(preset.partitions), 3.4),
                                      squeeze=False, sharey=True)
@@ -428,7 +430,7 @@ def _plots(preset: Preset, rows: list[dict], out: Path) -> list[str]:
                 ax.set_xlabel("round")
                 ax.grid(alpha=0.3)
             axes[0][0].set_ylabel("validation accuracy (%)")
-            axes[0][-1].legend(fontsize=8)
+            _legend(axes[0], fontsize=8)
             fig.tight_layout()
             name = f"curves_{setup.name}_e{epochs}.png"
             fig.savefig(out / name, dpi=110)
@@ -439,7 +441,7 @@ def _plots(preset: Preset, rows: list[dict], out: Path) -> list[str]:
                 continue
             # The premise: gate disagreement with the pretrained model, and L2 distance, per round.
             fig, axes = plt.subplots(2, len(preset.partitions), figsize=(4.2 * len(preset.partitions), 5.6),
-                                     squeeze=False, sharex=True)
+                                     squeeze=False, sharex=True, sharey="row")
             for col, partition in enumerate(preset.partitions):
                 for strategy in preset.strategies:
                     for row, key, label in ((0, "_gates", "gate disagreement (%)"), (1, "_l2", "L2 from pretrained")):
@@ -455,7 +457,7 @@ def _plots(preset: Preset, rows: list[dict], out: Path) -> list[str]:
                 axes[1][col].set_xlabel("round")
                 for row in (0, 1):
                     axes[row][col].grid(alpha=0.3)
-            axes[0][-1].legend(fontsize=7, title="dashed: Q with own ReLUs", title_fontsize=7)
+            _legend(axes[0], fontsize=7, title="dashed: FedSQ's Q with its own ReLUs", title_fontsize=7)
             fig.tight_layout()
             name = f"gates_{setup.name}_e{epochs}.png"
             fig.savefig(out / name, dpi=110)
@@ -486,6 +488,16 @@ def _plots(preset: Preset, rows: list[dict], out: Path) -> list[str]:
         plt.close(fig)
         names.append(name)
     return names
+
+
+def _legend(axes, **kwargs) -> None:
+    """One legend (on the first panel) with every strategy drawn in any panel of the row."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        axes[0].legend(list(handles.values()), list(handles), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
