@@ -162,6 +162,12 @@ class NodeConfig:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> NodeConfig:
+        known = ("partition-id", "num-partitions", "data-path")
+        for key in mapping:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"unknown node-config key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint
+                                                                        else f"; known keys: {', '.join(known)}"))
         if mapping.get("data-path"):
             data_path = _coerce("data-path", mapping["data-path"], "str")
             partition_id = _coerce("partition-id", mapping.get("partition-id", 0), "int")  # only seeds training
