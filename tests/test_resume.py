@@ -75,3 +75,58 @@ def test_resume_from_a_folder_without_checkpoint_is_a_config_error(fedsq_cache, 
         run_server(config, grid)
     assert grid.rounds_served == 0
     assert not (tmp_path / "nothing" / CHECKPOINT_FILE).exists()
+
+
+def test_server_optimiser_state_survives_a_checkpoint(tmp_path):
+    """FedAdam's moments go through checkpoint.safetensors: a strategy restored after round 2 continues
+    exactly like the one that never stopped (the server-side half of resume, without any training)."""
+    import time
+
+    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    from fedsq_app.checkpoint import RunState, save_run_state
+    from fedsq_app.strategy import ValidatedFedAdam
+
+    rng = np.random.default_rng(0)
+    template = {"w": rng.normal(size=(3, 4)).astype(np.float32), "bn.running_mean": np.zeros(4, np.float32),
+                "bn.num_batches_tracked": np.array(0, np.int64)}
+
+    def replies(server_round):
+        out = []
+        for node in (1, 2, 3):
+            arrays = {k: (v + rng.normal(scale=0.1, size=v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
+                      for k, v in template.items()}
+            meta = Metadata(run_id=1, message_id=f"{server_round}-{node}", src_node_id=node, dst_node_id=0,
+                            reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                            message_type="train")
+            out.append(Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                                   "metrics": MetricRecord({"num-examples": 10 * node})}),
+                               metadata=meta))
+        return out
+
+    def step(strategy, server_round, arrays, batch):
+        strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        new, _ = strategy.aggregate_train(server_round, batch)
+        return {k: a.numpy() for k, a in new.items()}
+
+    batches = [replies(r) for r in range(1, 5)]
+    full, arrays_full = ValidatedFedAdam(server_lr=0.1), dict(template)
+    for r in range(1, 5):
+        arrays_full = step(full, r, arrays_full, batches[r - 1])
+
+    first, arrays = ValidatedFedAdam(server_lr=0.1), dict(template)
+    for r in (1, 2):
+        arrays = step(first, r, arrays, batches[r - 1])
+    strategy_arrays, strategy_info = first.state_dict()
+    assert strategy_arrays, "FedAdam has moments to save"
+    save_run_state(tmp_path, RunState(round=2, arrays=arrays, best_round=2, best_val_accuracy=0.0, best_arrays=arrays,
+                                      results={}, structural_sha256="", strategy_arrays=strategy_arrays,
+                                      strategy_info=strategy_info))
+    state = load_run_state(tmp_path)
+    second = ValidatedFedAdam(server_lr=0.1)
+    second.load_state_dict(state.strategy_arrays, state.strategy_info)
+    arrays = state.arrays
+    for r in (3, 4):
+        arrays = step(second, r, arrays, batches[r - 1])
+    for key in template:
+        assert np.array_equal(arrays[key], arrays_full[key]) and arrays[key].shape == template[key].shape, key
