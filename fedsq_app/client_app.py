@@ -15,7 +15,8 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedsq_app.config import NodeConfig, RunConfig
-from fedsq_app.data import InputSpec, node_data, node_info
+from fedsq_app.data import DataKey, InputSpec, node_data, node_info
+from fedsq_app.maskcache import client_cache
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
 
@@ -53,7 +54,12 @@ def train(msg: Message, context: Context) -> Message:
                                  config.weight_decay, proximal_mu=float(server_config.get("proximal-mu", 0.0)))
         seed = config.seed * 100_003 + server_round * 1_009 + node.partition_id
         torch.manual_seed(seed)  # dropout etc.: a node's update depends only on (seed, round, partition)
-        result = train_local(model, data, spec, schedule, device=pick_device(config.device), seed=seed)
+        cache = None
+        if config.mask_cache == "on" and config.uses_dualcopy:  # per client: its S, its data, its inputs
+            key = (structural_sha256, spec, node, DataKey.of(config), config.device)
+            cache = client_cache(key, len(data), config.mask_cache_max_mb)
+        result = train_local(model, data, spec, schedule, device=pick_device(config.device), seed=seed,
+                             mask_cache=cache, amp=config.amp)
         metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
         return Message(RecordDict({"arrays": global_arrays(model.cpu()), "metrics": metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
@@ -69,7 +75,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         model, spec, _ = local_model(config, node.data_path)
         data = node_data(config, node)
         load_global_arrays(model, msg.content["arrays"])
-        loss, accuracy = evaluate(model, data, spec, device=pick_device(config.device))
+        loss, accuracy = evaluate(model, data, spec, device=pick_device(config.device), amp=config.amp)
         metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
     except Exception as error:

@@ -66,6 +66,10 @@ class RunConfig:
     server_beta2: float = 0.99
     server_tau: float = 0.001  # Adam's adaptivity (Flower's tau)
     probe_size: int = 64  # validation images for the per-round gate-disagreement diagnostic; 0 = off
+    # Performance (docs/PERFORMANCE.md).
+    mask_cache: str = "off"  # on: cache S's masks bit-packed per client (no augmentation: they never change)
+    mask_cache_max_mb: float = 1024.0  # cap on all mask caches of one process; over it: S runs every step
+    amp: str = "off"  # bf16: Q under bfloat16 autocast, S's masks still decided in fp32
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
@@ -129,6 +133,10 @@ class RunConfig:
         _at_least("num-classes", self.num_classes, 0)
         if not self.train_split or not self.test_split:
             raise ConfigError("train-split and test-split must not be empty")
+        _choice("mask-cache", self.mask_cache, ("off", "on"))
+        if self.mask_cache_max_mb < 0:
+            raise ConfigError(f"mask-cache-max-mb must be >= 0, got {self.mask_cache_max_mb}")
+        _choice("amp", self.amp, ("off", "bf16"))
 
     def check_server_paths(self) -> None:
         """Paths only the server reads (a client's run config carries them too, but they are not its own)."""

@@ -7,15 +7,25 @@ module, because torchvision's ``BasicBlock`` calls one ``self.relu`` twice.
 The gate is one fused kernel: ``aten.threshold_backward(z_Q, a_S, 0)`` returns ``z_Q`` where ``a_S > 0``
 and 0 elsewhere, which is exactly ``m ⊙ z_Q`` (``a_S > 0`` iff ``z_S > 0``). It is differentiable in
 ``z_Q``, and it needs no separate mask tensor: S's activation *is* the mask.
+
+Fast S (``fast=True``, the default; docs/PERFORMANCE.md): S runs as a torch.fx graph that stops right after
+its last ReLU (the layers behind it only feed S's unused logits). ``fold_bn=True`` additionally folds each
+eval-mode BatchNorm into the conv before it. Both are exact up to float reordering; folding can flip the
+mask of a unit whose pre-activation is within ~1e-7 of 0, so it is off by default. ``fast=False`` is the
+straightforward reference that the tests compare every fast path against.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+log = logging.getLogger(__name__)
 
 # Activations that are not a 0/1 gate on their input: DualCopy cannot freeze their "regime".
 UNSUPPORTED_ACTIVATIONS = (
@@ -52,8 +62,8 @@ class _GateTape:
         self.activations: list[torch.Tensor] = []
         self.position = 0
 
-    def start(self) -> None:
-        self.activations = []
+    def start(self, activations: list[torch.Tensor] | None = None) -> None:
+        self.activations = [] if activations is None else list(activations)
         self.position = 0
 
     def next_activation(self, like: torch.Tensor) -> torch.Tensor:
@@ -75,6 +85,8 @@ class _GateTape:
 class _RecordReLU(nn.Module):
     """S's ReLU: computes ReLU out of place (the output must survive later in-place ops) and records it."""
 
+    _is_impure = True  # torch.fx must never drop it as dead code: its effect is the recording
+
     def __init__(self, tape: _GateTape) -> None:
         super().__init__()
         self.tape = tape
@@ -93,8 +105,12 @@ class _GatedLinear(nn.Module):
         self.tape = tape
 
     def forward(self, z_q: torch.Tensor) -> torch.Tensor:
-        a_s = self.tape.next_activation(z_q)
-        return torch.ops.aten.threshold_backward(z_q, a_s, 0)
+        gate = self.tape.next_activation(z_q)  # S's activation, or a cached 0/1 mask: "> 0" means on
+        if gate.dtype != z_q.dtype and gate.dtype != torch.bool:
+            # Mixed precision: S ran in fp32, Q in bf16. Decide "on" in fp32 (a tiny positive fp32 value could
+            # round to 0 in bf16), then gate in Q's dtype.
+            gate = gate > 0
+        return torch.ops.aten.threshold_backward(z_q, gate, 0)
 
 
 def _replace_relus(model: nn.Module, relu_names: list[str], make: callable) -> None:
@@ -114,14 +130,56 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+class _LeafTracer(fx.Tracer):
+    """Keeps S's recording ReLUs as single calls in the graph (their Python side effect must survive)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, _RecordReLU) or super().is_leaf_module(module, qualified_name)
+
+
+def fast_structural(structural: nn.Module, *, fold_bn: bool) -> fx.GraphModule:
+    """S as an fx graph that ends at its last ReLU call, optionally with eval BatchNorm folded into convs.
+
+    The graph shares S's modules (no weight copy) except the folded convs, which are new. Raises when
+    ``structural`` cannot be traced symbolically (data-dependent control flow): callers fall back to S.
+    """
+    graph = _LeafTracer().trace(structural)
+    module = fx.GraphModule(structural, graph)  # new containers, S's own leaf modules
+    modules = dict(module.named_modules())
+    if fold_bn:
+        for node in list(graph.nodes):
+            conv = node.args[0] if node.op == "call_module" and node.args else None
+            if (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(conv, fx.Node)
+                    and conv.op == "call_module" and isinstance(modules.get(conv.target), nn.Conv2d)
+                    and len(conv.users) == 1 and modules[node.target].track_running_stats):
+                name = f"_folded_{conv.target.replace('.', '_')}"
+                folded = fuse_conv_bn_eval(modules[conv.target].eval(), modules[node.target].eval())
+                folded.requires_grad_(False)
+                module.add_submodule(name, folded)
+                conv.target = name
+                node.replace_all_uses_with(conv)
+                graph.erase_node(node)
+    relus = [n for n in graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), _RecordReLU)]
+    if not relus:
+        raise RuntimeError("the traced structural copy calls no ReLU")
+    # Everything after S's last ReLU only computes S's logits, which nobody reads: cut it off.
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (relus[-1],)
+    graph.eliminate_dead_code()
+    graph.lint()
+    module.recompile()
+    return module.eval()
+
+
 class DualCopy(nn.Module):
     """``DualCopy(model)``: S = frozen copy of ``model`` that gates; Q = trainable copy that computes values.
 
     ``model`` is the pretrained network with its new task head already attached. S keeps the head too
     (its output is never used: no ReLU follows the head, so the head is ungated).
+    ``fast``: run S as a graph cut after its last ReLU (see module docstring); ``fold_bn``: also fold BN.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, fast: bool = True, fold_bn: bool = False) -> None:
         super().__init__()
         relu_names = check_gateable(model)
         self._tape = _GateTape()
@@ -132,6 +190,11 @@ class DualCopy(nn.Module):
         for parameter in self.structural.parameters():
             parameter.requires_grad_(False)
         self.structural.eval()
+        self.fast, self.fold_bn = fast, fold_bn
+        # The fast S is derived state, kept out of the module tree (so out of state_dict() and .to()), and
+        # rebuilt whenever S's tensors move or change: _fast_key records which tensors it was built from.
+        object.__setattr__(self, "_fast_structural", None)
+        object.__setattr__(self, "_fast_key", None)
 
     def train(self, mode: bool = True) -> DualCopy:
         # S stays in eval mode forever: BN on running stats, dropout off, so the masks are a fixed
@@ -141,28 +204,59 @@ class DualCopy(nn.Module):
         self.structural.eval()
         return self
 
-    @torch.no_grad()
+    def _structural_tensors_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in
+                     (*self.structural.parameters(), *self.structural.buffers()))
+
+    def _structural_runner(self) -> nn.Module:
+        """The module that runs S's forward: the fast graph when enabled and traceable, else S itself."""
+        if not self.fast:
+            return self.structural
+        key = self._structural_tensors_key()
+        if self._fast_key != key:
+            try:
+                runner = fast_structural(self.structural, fold_bn=self.fold_bn)
+            except Exception as error:  # untraceable model: correct but slower
+                log.warning("DualCopy: cannot trace S for the fast path (%s: %s); running S as is",
+                            type(error).__name__, error)
+                runner = self.structural
+            object.__setattr__(self, "_fast_structural", runner)
+            object.__setattr__(self, "_fast_key", key)
+        return self._fast_structural
+
+    def _structural_pass(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # no_grad, not inference_mode: Q's backward saves S's activations, which inference tensors forbid.
+        # autocast off: S's masks are always decided in fp32, so training under bf16 autocast and
+        # evaluation in fp32 see the same masks.
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            self._tape.start()
+            self._structural_runner()(x)
+            activations = self._tape.activations
+        self._tape.start()
+        return activations
+
     def structural_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """S's ReLU outputs for ``x`` in call order (``> 0`` gives the masks)."""
-        self._tape.start()
-        self.structural(x)
-        return list(self._tape.activations)
+        return list(self._structural_pass(x))
 
     def masks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The binary gating masks ``1[z_S > 0]`` for ``x``, in ReLU call order."""
         return [a > 0 for a in self.structural_activations(x)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # no_grad, not inference_mode: Q's backward saves S's activations, which inference tensors forbid.
-        with torch.no_grad():
-            self._tape.start()
-            self.structural(x)
-        logits = self.quantitative(x)
-        if self._tape.position != len(self._tape.activations):
-            raise RuntimeError(
-                f"S recorded {len(self._tape.activations)} ReLU calls but Q used {self._tape.position}"
-            )
-        self._tape.start()  # drop references so S's activations are freed with the graph
+    def forward(self, x: torch.Tensor, gates: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Q's logits gated by S. ``gates``: S's activations or 0/1 masks for ``x`` computed earlier (a mask
+        cache); then S does not run."""
+        if gates is None:
+            gates = self._structural_pass(x)
+        self._tape.start(gates)
+        try:
+            logits = self.quantitative(x)
+            if self._tape.position != len(self._tape.activations):
+                raise RuntimeError(
+                    f"S recorded {len(self._tape.activations)} ReLU calls but Q used {self._tape.position}"
+                )
+        finally:
+            self._tape.start()  # drop references so S's activations are freed with the graph
         return logits
 
     def structural_sha256(self) -> str:

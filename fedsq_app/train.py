@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsq_app import maskcache
 from fedsq_app.data import InputSpec, TensorData
 
 
@@ -38,6 +39,13 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def autocast(device: torch.device, amp: str):
+    """``amp='bf16'``: Q's forward in bfloat16 autocast (a DualCopy keeps S in fp32); ``'off'``: fp32."""
+    if amp not in ("off", "bf16"):
+        raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
 def _batches(num_samples: int, batch_size: int, generator: torch.Generator):
     order = torch.randperm(num_samples, generator=generator)
     for start in range(0, num_samples, batch_size):
@@ -54,11 +62,14 @@ def train_local(
     *,
     device: torch.device,
     seed: int,
+    mask_cache: maskcache.MaskCache | None = None,
+    amp: str = "off",
 ) -> TrainResult:
     """SGD on ``data`` for ``schedule.epochs``; only parameters with ``requires_grad`` are trained.
 
     For a DualCopy those are Q's: S is frozen. The optimiser (and its momentum) is fresh each call,
-    the usual stateless-client choice.
+    the usual stateless-client choice. ``mask_cache``: S's masks by sample index (``fedsq_app.maskcache``);
+    ``amp``: see ``autocast``.
     """
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -70,9 +81,10 @@ def train_local(
     loss_sum, seen, steps = 0.0, 0, 0
     for _ in range(schedule.epochs):
         for batch in _batches(len(data), schedule.batch_size, generator):
-            batch = batch.to(device)
-            logits = model(spec.prepare(images[batch]))
-            loss = F.cross_entropy(logits, labels[batch])
+            rows = batch.to(device)
+            with autocast(device, amp):
+                logits = maskcache.forward(model, spec.prepare(images[rows]), batch, mask_cache)
+                loss = F.cross_entropy(logits, labels[rows])
             objective = loss
             if anchor is not None:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor))
@@ -90,14 +102,15 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TensorData, spec: InputSpec, *, device: torch.device,
-             batch_size: int = 256) -> tuple[float, float]:
+             batch_size: int = 256, amp: str = "off") -> tuple[float, float]:
     """(mean cross-entropy, top-1 accuracy) in eval mode."""
     model.to(device).eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size].to(device)
         labels = data.labels[start : start + batch_size].to(device)
-        logits = model(spec.prepare(images))
+        with autocast(device, amp):
+            logits = model(spec.prepare(images)).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=1) == labels).sum().item()
     return loss_sum / max(len(data), 1), correct / max(len(data), 1)
