@@ -388,9 +388,13 @@ def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], chec
         keys = [c for c in checks[0] if c not in ("setup", "partition", "epochs")]
         lines += ["", "Paper claims, FedSQ vs baselines (means over seeds; ✓ = held, ✗ = did not):", "",
                   "| setup | partition | E | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
-        for c in checks:
+        parts = {p: i for i, p in enumerate(preset.partitions)}
+        for c in sorted(checks, key=lambda c: (c["setup"], c["epochs"], parts.get(c["partition"], 99))):
             marks = " | ".join("–" if c[key] is None else "✓" if c[key] else "✗" for key in keys)
             lines.append(f"| {c['setup']} | {partition_title(c['partition'])} | {c['epochs']} | {marks} |")
+        held = [f"{key}: {sum(1 for c in checks if c[key])}/{sum(1 for c in checks if c[key] is not None)}"
+                for key in keys]
+        lines += ["", "Held in: " + "; ".join(held) + "."]
     if pngs:
         lines += ["", *[f"![{name}]({name})" for name in pngs]]
     return "\n".join(lines) + "\n"
