@@ -105,7 +105,10 @@ def main(grid: Grid, context: Context) -> None:
         config.dataset, out_dir)
 
     data_key, info, pool_size, validation = load_data(config)
-    start = build_start_model(config, info)
+    try:
+        start = build_start_model(config, info)
+    except FileNotFoundError as error:  # e.g. pretrained='auto' before `fedsq-prepare` ran
+        raise ConfigError(f"pretrained='{config.pretrained}': {error}") from error
     structural_sha256 = start.sha256
     model = trainable_model(config, start)  # what is evaluated: the DualCopy for FedSQ, never Q alone
     device = pick_device(config.device)

@@ -108,7 +108,8 @@ def test_missing_data_path(fedsq_cache, tmp_path):
                            "no-such-dir")
 
 
-def test_embedded_data_not_prepared(tmp_path, monkeypatch):
+def test_cache_not_prepared(tmp_path, monkeypatch):
+    # Data (unless an earlier test left it in this process's cache) or backbone missing: both say what to run.
     monkeypatch.setenv("FEDSQ_CACHE_DIR", str(tmp_path / "empty-cache"))
     _fails_before_training({"out-dir": str(tmp_path)}, "fedsq-prepare")
 
