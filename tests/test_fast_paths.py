@@ -18,6 +18,16 @@ from fedsq_app.dualcopy import DualCopy
 from fedsq_app.models import build_model, reset_head
 from fedsq_app.train import LocalSchedule, autocast, train_local
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads are much slower. Results do not
+    depend on it: every comparison here is between two runs in the same setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 CASES = [
     ("smallcnn", {"in_channels": 1}, (16, 1, 28, 28)),
     ("resnet18", {"small_stem": True}, (4, 3, 32, 32)),
@@ -130,28 +140,28 @@ def test_pack_unpack_roundtrip():
     assert torch.equal(maskcache.unpack(packed, masks.shape[1:]), masks)
 
 
-def _tiny_data(n=80, seed=0):
+def _tiny_data(n=80, seed=0):  # batches of 32, 32, 16
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
     return TensorData(images, torch.randint(0, 10, (n,), generator=generator))
 
 
 SPEC = InputSpec(1, 0, (0.5,), (0.5,))
-SCHEDULE = LocalSchedule(epochs=3, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4)
+SCHEDULE = LocalSchedule(epochs=2, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def _train(cache, data, amp="off"):
+def _train(cache, data, amp="off", schedule=SCHEDULE):
     dual = DualCopy(_pretrained_like("smallcnn", {"in_channels": 1}))
-    result = train_local(dual, data, SPEC, SCHEDULE, device=torch.device("cpu"), seed=5, mask_cache=cache, amp=amp)
+    result = train_local(dual, data, SPEC, schedule, device=torch.device("cpu"), seed=5, mask_cache=cache, amp=amp)
     return result, dual.quantitative.state_dict()
 
 
 def test_mask_cache_gives_identical_weights():
-    data = _tiny_data()  # 80 samples: batches of 32, 32, 16 (no tiny batch, whose GEMV path may round differently)
+    data = _tiny_data()  # no tiny last batch: a GEMV path for 1-7 rows may round S differently
     plain, weights_plain = _train(None, data)
     cache = maskcache.MaskCache(len(data), max_bytes=2**30)
     cached, weights_cached = _train(cache, data)
-    assert cache.hits == 6 and cache.misses == 3  # epoch 1 fills, epochs 2 and 3 only look up
+    assert cache.hits == 3 and cache.misses == 3  # epoch 1 fills, epoch 2 only looks up
     assert cached.train_loss == plain.train_loss
     assert all(torch.equal(weights_plain[k], weights_cached[k]) for k in weights_plain)
     assert cache.nbytes == len(data) * maskcache.bytes_per_sample(cache.shapes)
@@ -198,6 +208,7 @@ def test_amp_masks_equal_fp32_masks():
 
 def test_amp_training_runs_and_differs_only_by_precision():
     data = _tiny_data()
-    fp32, _ = _train(None, data)
-    bf16, _ = _train(maskcache.MaskCache(len(data), max_bytes=2**30), data, amp="bf16")
+    one_epoch = LocalSchedule(epochs=1, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    fp32, _ = _train(None, data, schedule=one_epoch)
+    bf16, _ = _train(maskcache.MaskCache(len(data), max_bytes=2**30), data, amp="bf16", schedule=one_epoch)
     assert abs(bf16.train_loss - fp32.train_loss) < 0.1 * fp32.train_loss
