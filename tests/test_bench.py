@@ -189,3 +189,18 @@ def test_fedprox_mu_is_tuned_then_used_on_every_seed(tmp_path):
     write_report(preset, tmp_path)
     markdown = (tmp_path / "summary.md").read_text()
     assert "fedprox (μ=0.01)" in markdown and "FedProx μ tuning" in markdown
+
+
+def test_fedsq_adam_sends_the_structural_hash_and_steps_q():
+    from fedsq_app.strategy import FedSQAdam
+
+    current = {"w": np.ones((2, 2), np.float32), "bn.running_var": np.ones(2, np.float32)}
+    strategy = FedSQAdam(structural_sha256="ab" * 32, server_lr=0.1, min_train_nodes=2, min_available_nodes=2)
+    messages = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in current.items()}),
+                                             ConfigRecord(), _Grid()))
+    assert all(m.content["config"]["structural-sha256"] == "ab" * 32 for m in messages)
+    replies = [_reply({"w": np.full((2, 2), 2.0, np.float32), "bn.running_var": np.full(2, 3.0, np.float32)}, 5, i)
+               for i in range(2)]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert 1.0 < float(new["w"].numpy()[0, 0]) < 2.0  # an Adam step towards the average, not the average
+    np.testing.assert_array_equal(new["bn.running_var"].numpy(), np.full(2, 3.0, np.float32))
