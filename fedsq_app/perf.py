@@ -113,12 +113,13 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None
     return step
 
 
-def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: int = 0) -> list[Case]:
-    base = pretrained_like(model_name, seed)
+def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: int = 0,
+                device: str = "cpu") -> list[Case]:
+    base = pretrained_like(model_name, seed).to(device)
     shape = MODELS[model_name][2]
     generator = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, *shape, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
+    x = torch.randn(batch, *shape, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch,), generator=generator).to(device)
     cases = []
     for variant in variants:
         model = copy.deepcopy(base)
@@ -138,7 +139,7 @@ def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: in
         elif variant == "cache":
             dual = DualCopy(model, fast=True)
             cache = maskcache.MaskCache(batch, max_bytes=2**40)
-            indices = torch.arange(batch)
+            indices = torch.arange(batch)  # CPU: the cache's bookkeeping lives there
             cache.gates(dual, x, indices)  # fill once, as the first epoch does
             cases.append(Case(variant, _train_step(dual, x, y, lambda x: maskcache.forward(dual, x, indices, cache))))
         else:
@@ -146,8 +147,9 @@ def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: in
     return cases
 
 
-def time_cases(cases: list[Case], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+def time_cases(cases: list[Case], rounds: int, warmup: int = 2, device: str = "cpu") -> dict[str, list[float]]:
     """Interleaved timing: each round runs one step of every case, in a rotated order."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for case in cases:
         for _ in range(warmup):
             case.step()
@@ -155,20 +157,23 @@ def time_cases(cases: list[Case], rounds: int, warmup: int = 2) -> dict[str, lis
     for r in range(rounds):
         order = cases[r % len(cases):] + cases[: r % len(cases)]
         for case in order:
+            sync()
             start = time.perf_counter()
             case.step()
+            sync()
             times[case.name].append(time.perf_counter() - start)
     return times
 
 
-def step_table(model_names, variants, rounds: int, batch: int) -> list[dict]:
+def step_table(model_names, variants, rounds: int, batch: int, device: str = "cpu") -> list[dict]:
     rows = []
     for name in model_names:
-        times = time_cases(build_cases(name, variants, batch), rounds)
+        times = time_cases(build_cases(name, variants, batch, device=device), rounds, device=device)
         med = {k: statistics.median(v) for k, v in times.items()}
         plain = med.get("plain")
         row = {"model": name, "batch": batch, "rounds": rounds, "ms": {k: round(v * 1e3, 2) for k, v in med.items()}}
         if plain:
+            row["images_per_s"] = {k: round(batch / v, 1) for k, v in med.items() if k != "s-forward"}
             row["ratio"] = {k: round(v / plain, 3) for k, v in med.items() if k != "plain"}
             if "s-forward" in med:
                 row["floor"] = round(1 + med["s-forward"] / plain, 3)
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     steps.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     steps.add_argument("--rounds", type=int, default=15)
     steps.add_argument("--batch", type=int, default=32)
+    steps.add_argument("--device", default="cpu", help="cpu | cuda (a GPU: images/s under 'images_per_s')")
     steps.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     for name in ("overhead", "scale"):
         p = sub.add_parser(name)
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "steps":
         if "plain" not in args.variants:
             args.variants.insert(0, "plain")
-        rows = step_table(args.models, tuple(args.variants), args.rounds, args.batch)
+        rows = step_table(args.models, tuple(args.variants), args.rounds, args.batch, args.device)
         print_step_markdown(rows)
         for name in args.models:
             print(f"mask cache bytes/sample {name}: {mask_bytes_per_sample(name)} "
