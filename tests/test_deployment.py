@@ -1,8 +1,10 @@
 """Loopback deployment end to end: TLS + SuperNode authentication, two silos, `flwr run`, negative checks.
 
 Everything listens on 127.0.0.1 (free ports picked at start); every process is started in its own
-process group, tracked by PID and killed (the whole group) in the fixture teardown. All waits share one
-deadline (``DEADLINE_S``). Layout under pytest's tmp dir:
+process group and tracked by PID; the fixture teardown kills its whole process tree (Flower's SuperExec
+runs in a group of its own) and fails if anything survived. All waits share one deadline
+(``DEADLINE_S``). The app's cache comes from the suite's ``fedsq_cache`` fixture (tests/conftest.py) when
+there is one, else from running ``fedsq-prepare``. Layout under pytest's tmp dir:
 
     certs/           deploy/make-certs.sh output (demo CA + SuperLink certificate)
     keys/            deploy/make-node-keys.sh output (silo-1, silo-2 registered; rogue never registered)
