@@ -212,3 +212,40 @@ def test_amp_training_runs_and_differs_only_by_precision():
     fp32, _ = _train(None, data, schedule=one_epoch)
     bf16, _ = _train(maskcache.MaskCache(len(data), max_bytes=2**30), data, amp="bf16", schedule=one_epoch)
     assert abs(bf16.train_loss - fp32.train_loss) < 0.1 * fp32.train_loss
+
+
+def test_client_app_with_mask_cache_replies_identical_weights(fedsq_cache):
+    """The ClientApp path: two rounds with mask-cache=on reply exactly what mask-cache=off replies."""
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from fedsq_app import client_app
+    from fedsq_app.config import RunConfig
+    from fedsq_app.task import global_arrays
+
+    def message(arrays, server_round, sha):
+        metadata = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=3,
+                            reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                            message_type="train")
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round,
+                                                                         "structural-sha256": sha})})
+        return Message(content=content, metadata=metadata)
+
+    def run(run_config):
+        model, _, sha = client_app.local_model(RunConfig.from_mapping(run_config))
+        arrays = global_arrays(model)
+        context = Context(run_id=1, node_id=3, node_config={"partition-id": 1, "num-partitions": 3},
+                          state=RecordDict(), run_config=run_config)
+        for server_round in (1, 2):
+            reply = client_app.train(message(arrays, server_round, sha), context)
+            assert not reply.has_error(), reply.error.reason
+            arrays = reply.content["arrays"]
+        return {k: v.numpy() for k, v in arrays.items()}
+
+    base = {"max-train-samples": 300, "batch-size": 16}
+    off = run(base)
+    on = run({**base, "mask-cache": "on"})
+    caches = [c for k, c in maskcache.REGISTRY.caches.items() if k[2].partition_id == 1]
+    assert caches and caches[-1].hits > 0  # round 2 used the cached masks
+    assert off.keys() == on.keys() and all((off[k] == on[k]).all() for k in off)
