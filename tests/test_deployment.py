@@ -17,6 +17,7 @@ Environment knobs (all optional):
     FEDSQ_SKIP_DEPLOYMENT_TEST=1   skip this module
     FEDSQ_DEPLOY_ROUNDS=N          rounds for the end-to-end run (default 2)
     FEDSQ_DEPLOY_REPORT=path.json  also write the measured timings there
+    FEDSQ_DEPLOY_DEADLINE_S=S      the shared deadline (default 300 s; raise it on a heavily loaded machine)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
-DEADLINE_S = 300.0  # everything in this module, including the FedSQ run
+DEADLINE_S = float(os.environ.get("FEDSQ_DEPLOY_DEADLINE_S", "300"))  # the whole module, FedSQ run included
 CONNECTION = "fedsq-loopback"
 ROUNDS = int(os.environ.get("FEDSQ_DEPLOY_ROUNDS", "2"))
 RUN_NAME = "deploy-e2e"
