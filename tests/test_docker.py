@@ -57,7 +57,10 @@ def _compose_binary() -> list[str] | None:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_VERSION", "FEDSQ_IMAGE", "TORCH_"))}
+    # PYTHONPATH too: Flower's Ray backend sets it to the venv's sys.path inside this process, and Debian's
+    # docker-compose (system python) then imports the venv's cryptography and crashes.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FLWR_VERSION", "FEDSQ_IMAGE", "TORCH_")) and k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     return env
 
