@@ -40,30 +40,35 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss_bytes(root: int) -> int:
-    """RSS of ``root`` and all its descendants (shared pages counted once per process: an upper bound)."""
-    tree, total, stack = _children(), 0, [root]
+def tree_memory_bytes(root: int) -> tuple[int, int]:
+    """(RSS, PSS) summed over ``root`` and all its descendants. The RSS sum counts pages shared between
+    processes (libtorch, Ray's object store) once per process: an upper bound. PSS splits each shared page
+    between its users, so its sum is the memory the whole process tree really holds."""
+    tree, rss, pss, stack = _children(), 0, 0, [root]
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return rss, pss
 
 
 class PeakRss:
     """Samples the process tree's RSS in a thread while the ``with`` block runs."""
 
     def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(os.getpid()))
+            rss, pss = tree_memory_bytes(os.getpid())
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRss:
@@ -211,10 +216,13 @@ def main(args) -> None:
                                 args.mask_cache, out_dir, f"scale-{clients}")
             with PeakRss() as rss:
                 run = flower_run(config, clients, Path(out_dir) / f"stats-{clients}.jsonl")
-            row = {"clients": clients, "sampled": args.sampled, **_summary(run), "peak_rss_gb": round(rss.peak / 1e9, 2)}
+            row = {"clients": clients, "sampled": args.sampled, **_summary(run), "peak_rss_gb": round(rss.peak / 1e9, 2),
+                   "peak_pss_gb": round(rss.peak_pss / 1e9, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        print("\n| clients | sampled/round | peak RSS (GB, all processes) | steady round s (median) | start-up s |")
-        print("|---|---|---|---|---|")
+        print("\n| clients | sampled/round | peak PSS (GB, all processes) | peak RSS sum (GB) | steady round s (median) "
+              "| start-up s |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['clients']} | {r['sampled']} | {r['peak_rss_gb']} | {r['steady_round_median_s']} | {r['startup_s']} |")
+            print(f"| {r['clients']} | {r['sampled']} | {r['peak_pss_gb']} | {r['peak_rss_gb']} | "
+                  f"{r['steady_round_median_s']} | {r['startup_s']} |")
