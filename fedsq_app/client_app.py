@@ -61,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
         result = train_local(model, data, spec, schedule, device=pick_device(config.device), seed=seed,
                              mask_cache=cache, amp=config.amp)
         metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
-        return Message(RecordDict({"arrays": global_arrays(model.cpu()), "metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
         return _error_reply(msg, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
 
