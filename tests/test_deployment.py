@@ -27,17 +27,19 @@ import os
 import re
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
 import tomllib
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+# Process, port and health helpers shared with the dropped-silo test (tests/loopback.py).
+from loopback import any_alive as _any_alive, descendants as _descendants, free_port as _free_port  # noqa: E402
+from loopback import free_ports as _free_ports, health_ok as _health_ok, _pgid  # noqa: E402
+from loopback import tail as _tail, tool as _tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -49,14 +51,6 @@ RUN_NAME = "deploy-e2e"
 
 if os.environ.get("FEDSQ_SKIP_DEPLOYMENT_TEST") == "1":
     pytest.skip("FEDSQ_SKIP_DEPLOYMENT_TEST=1", allow_module_level=True)
-
-
-def _tool(name: str) -> str | None:
-    """The CLI next to this interpreter (the project venv), else on PATH."""
-    local = BIN / name
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which(name)
 
 
 def _require_tools() -> dict[str, str]:
@@ -72,26 +66,10 @@ def _require_tools() -> dict[str, str]:
     return tools  # type: ignore[return-value]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def _free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = _free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "<no log>"
 
 
 def _json_from(stdout: str) -> dict:
@@ -224,51 +202,14 @@ class Federation:
         return None
 
 
-def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) for every process (`ps`, so it works on Linux and macOS)."""
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,stat="], capture_output=True, text=True,
-                         timeout=10).stdout
-    table = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0].isdigit():
-            table[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[3])
-    return table
 
 
-def _descendants(pid: int) -> list[int]:
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for child, (parent, _, _) in table.items():
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
 
 
-def _any_alive(pids: list[int]) -> bool:
-    """True while any of the PIDs is a live (non-zombie) process."""
-    table = _process_table()
-    return any(pid in table and not table[pid][2].startswith("Z") for pid in pids)
 
 
-def _health_ok(port: int, ca: Path) -> bool:
-    context = ssl.create_default_context(cafile=str(ca))
-    try:
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def _app_config_keys() -> set[str]:
