@@ -41,3 +41,17 @@ def simulate(run_config: dict, num_supernodes: int = 3) -> dict:
     from fedsq_app.simulation import simulate as run
 
     return run(run_config, num_supernodes)
+
+
+def randomise_bn(model, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine terms, as a pretrained model has, so eval BN is not a no-op."""
+    import torch
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.2, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.normal_(0, 0.2, generator=generator)

@@ -5,19 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import randomise_bn
 from fedsq_app.dualcopy import DualCopy, UnsupportedActivationError, state_dict_sha256
 from fedsq_app.models import build_model, reset_head
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics, as a pretrained model has, so identity is not tested on a no-op."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.2, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
-            module.bias.data.normal_(0, 0.2, generator=generator)
 
 
 @pytest.mark.parametrize("name,kwargs,shape", [
@@ -29,7 +19,7 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
 def test_identity_at_init(name, kwargs, shape):
     torch.manual_seed(0)
     model = build_model(name, 10, **kwargs)
-    _randomise_bn(model)
+    randomise_bn(model)
     reset_head(model, name, head_seed=3)
     model.eval()
     dual = DualCopy(model).eval()

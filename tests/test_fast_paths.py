@@ -4,7 +4,6 @@ Also: mask cache on vs off gives identical weights, a cache over its cap falls b
 autocast sees the same masks as fp32. No timing here: ``fedsq-perf`` measures.
 """
 
-import copy
 import logging
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import randomise_bn
 from fedsq_app import maskcache
 from fedsq_app.data import InputSpec, TensorData
 from fedsq_app.dualcopy import DualCopy
@@ -38,13 +38,7 @@ CASES = [
 def _pretrained_like(name, kwargs, seed=0):
     torch.manual_seed(seed)
     model = build_model(name, 10, **kwargs)
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.2, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-            module.weight.data.uniform_(0.5, 1.5, generator=generator)
-            module.bias.data.normal_(0, 0.2, generator=generator)
+    randomise_bn(model, seed)
     reset_head(model, name, head_seed=1)
     return model
 
