@@ -144,14 +144,24 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
     return result
 
 
+def canonical_order(replies: list[CheckedReply]) -> list[CheckedReply]:
+    """Replies in an order fixed by their content, not by arrival or by (randomly drawn) node ids.
+
+    Float sums depend on their order; sorting by what a reply says makes a seeded run repeat bit for bit.
+    Two replies that tie on both keys carry the same figures, so their relative order cannot matter.
+    """
+    return sorted(replies, key=lambda r: (r.num_examples, r.metrics.get("train_loss", 0.0)))
+
+
 def weighted_average(replies: list[CheckedReply], template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``num-examples``-weighted mean of every floating array (weights, biases, BN running stats).
 
     Integer arrays (BN ``num_batches_tracked``) are counters, not quantities: the server's value is kept.
-    Sums run in float64 in reply order, so the result depends only on the accepted replies.
+    Sums run in float64 in ``canonical_order``, so the result depends only on the accepted replies.
     """
     if not replies:
         raise ValueError("weighted_average needs at least one reply")
+    replies = canonical_order(replies)
     total = float(sum(r.num_examples for r in replies))
     averaged = {}
     for key, current in template.items():
@@ -168,7 +178,8 @@ def weighted_average(replies: list[CheckedReply], template: dict[str, np.ndarray
 def weighted_metrics(replies: list[CheckedReply]) -> dict[str, float]:
     total = float(sum(r.num_examples for r in replies))
     keys = set.intersection(*(set(r.metrics) for r in replies)) - {NUM_EXAMPLES}
-    metrics = {k: sum(r.metrics[k] * r.num_examples for r in replies) / total for k in sorted(keys)}
+    # fsum is exactly rounded, so the mean does not depend on the order replies arrived in.
+    metrics = {k: math.fsum(r.metrics[k] * r.num_examples for r in replies) / total for k in sorted(keys)}
     metrics[NUM_EXAMPLES] = int(total)
     return metrics
 
