@@ -8,6 +8,16 @@ The gate is one fused kernel: ``aten.threshold_backward(z_Q, a_S, 0)`` returns `
 and 0 elsewhere, which is exactly ``m ⊙ z_Q`` (``a_S > 0`` iff ``z_S > 0``). It is differentiable in
 ``z_Q``, and it needs no separate mask tensor: S's activation *is* the mask.
 
+ReLU6 (MobileNetV2) is gated exactly too, with two masks from S: ``on = 1[z_S > 0]`` and ``linear =
+1[z_S < 6]``. Q outputs ``z_Q`` where S is on and linear, 0 where S is off, and the constant 6 where S is
+saturated: the same piecewise-linear regime as S, with Q's values (docs/LIBRARY.md says why).
+
+What DualCopy refuses, always with ``UnsupportedActivationError`` naming the layer or module: any other
+activation module (GELU, SiLU, Hardswish, LeakyReLU, ...), a Transformer layer (its activation is applied
+inside its own forward), and activation *functions* called in a forward (``F.relu``, ``torch.relu``,
+``x.relu()``, ``F.gelu``, ...), found by tracing the model with torch.fx (or, for a model fx cannot trace,
+by watching the first forward pass): such a call would stay an ungated nonlinearity in Q.
+
 Fast S (``fast=True``, the default; docs/PERFORMANCE.md): S runs as a torch.fx graph that stops right after
 its last ReLU (the layers behind it only feed S's unused logits). ``fold_bn=True`` additionally folds each
 eval-mode BatchNorm into the conv before it. Both are exact up to float reordering; folding can flip the
@@ -20,39 +30,166 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
 # Activations that are not a 0/1 gate on their input: DualCopy cannot freeze their "regime".
+# (nn.ReLU6 is gated exactly; it subclasses nn.Hardtanh, so it is matched before this list.)
 UNSUPPORTED_ACTIVATIONS = (
-    nn.GELU, nn.SiLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+    nn.GELU, nn.SiLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.RReLU,
     nn.Tanhshrink, nn.Softsign, nn.LogSigmoid, nn.Threshold, nn.GLU,
 )
+# torch.nn layers that apply an activation inside their own forward (fx keeps them as one opaque call).
+OPAQUE_ACTIVATION_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+RELU6_MAX = 6.0
+
+# Activation functions a forward may call directly: F.<name>, torch.<name>, and the Tensor method.
+_ACTIVATION_FUNCTION_NAMES = (
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
+    "leaky_relu", "leaky_relu_", "prelu", "elu", "elu_", "selu", "selu_", "celu", "celu_", "softplus",
+    "sigmoid", "sigmoid_", "tanh", "tanh_", "rrelu", "rrelu_", "logsigmoid", "softsign", "tanhshrink",
+    "threshold", "threshold_", "glu",
+)
+_ACTIVATION_FUNCTIONS = {
+    getattr(namespace, name): f"{prefix}.{name}"
+    for namespace, prefix in ((F, "torch.nn.functional"), (torch, "torch"), (torch.Tensor, "Tensor"))
+    for name in _ACTIVATION_FUNCTION_NAMES if hasattr(namespace, name)
+}
 
 
 class UnsupportedActivationError(ValueError):
-    """The model contains an activation DualCopy cannot gate."""
+    """The model cannot be gated: an activation other than ``nn.ReLU``/``nn.ReLU6``, an activation
+    function called in a forward (``F.relu``, ``x.relu()``, ...), or no ReLU at all. The message names the
+    layer or module and the reason."""
+
+
+class StructuralMismatchError(ValueError):
+    """The server's structural copy S (its SHA-256, sent by ``FedSQ`` each round) is not this node's S."""
+
+
+def _module_refusal(name: str, module: nn.Module) -> str | None:
+    if isinstance(module, (nn.ReLU, nn.ReLU6)):
+        return None
+    if isinstance(module, UNSUPPORTED_ACTIVATIONS):
+        return (f"layer '{name}' is {type(module).__name__}: FedSQ gates only nn.ReLU (a binary on/off regime) "
+                "and nn.ReLU6; replace it or use another model")
+    if isinstance(module, OPAQUE_ACTIVATION_LAYERS):
+        return (f"layer '{name}' is {type(module).__name__}: it applies its activation inside its own forward "
+                "(and a fused kernel in eval mode), where S cannot gate Q")
+    return None
+
+
+def _function_name(target) -> str | None:
+    try:
+        return _ACTIVATION_FUNCTIONS.get(target)
+    except TypeError:  # unhashable target
+        return None
+
+
+def functional_activation_calls(model: nn.Module) -> list[tuple[str, str]] | None:
+    """``(module path, function)`` for every activation function the model's forwards call, found by
+    torch.fx symbolic tracing (``''`` = the model's own forward). ``None`` if fx cannot trace the model."""
+    try:
+        graph = fx.Tracer().trace(model)
+    except Exception as error:  # data-dependent control flow etc.: checked at the first forward instead
+        log.info("DualCopy: fx cannot trace %s (%s: %s)", type(model).__name__, type(error).__name__, error)
+        return None
+    calls = []
+    for node in graph.nodes:
+        if node.op == "call_function":
+            function = _function_name(node.target)
+        elif node.op == "call_method" and node.target in _ACTIVATION_FUNCTION_NAMES:
+            function = f"Tensor.{node.target}"
+        else:
+            continue
+        if function:
+            stack = node.meta.get("nn_module_stack") or {}
+            calls.append((next(reversed(stack)) if stack else "", function))
+    return calls
+
+
+def _functional_refusal(model: nn.Module, calls: list[tuple[str, str]]) -> str:
+    modules = dict(model.named_modules())
+    counts: dict[tuple[str, str], int] = {}
+    for call in calls:
+        counts[call] = counts.get(call, 0) + 1
+    where = []
+    for (path, function), count in counts.items():
+        owner = f"module '{path}' ({type(modules[path]).__name__})" if path else \
+            f"the model's own forward ({type(model).__name__})"
+        where.append(f"{owner} calls {function}" + (f" {count} times" if count > 1 else ""))
+    return ("; ".join(where[:4]) + (f"; and {len(where) - 4} more" if len(where) > 4 else "")
+            + " in its forward: DualCopy gates only nn.ReLU/nn.ReLU6 *modules*, so such a call would stay an "
+              "ungated nonlinearity in Q. Use a module instead (self.relu = nn.ReLU() in __init__, "
+              "self.relu(x) in forward)")
+
+
+def _gate_names(model: nn.Module) -> tuple[list[str], bool]:
+    """(names of the ReLU/ReLU6 modules, whether fx traced the model); raises on anything refused."""
+    names = []
+    for name, module in model.named_modules():
+        reason = _module_refusal(name, module)
+        if reason:
+            raise UnsupportedActivationError(reason)
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):
+            names.append(name)
+    calls = functional_activation_calls(model)
+    if calls:
+        raise UnsupportedActivationError(_functional_refusal(model, calls))
+    if not names:
+        raise UnsupportedActivationError("the model has no nn.ReLU modules: there is nothing to gate")
+    return names, calls is not None
 
 
 def check_gateable(model: nn.Module) -> list[str]:
-    """Return the names of the model's ``nn.ReLU`` modules; raise on any activation that is not ReLU."""
-    relu_names = []
-    for name, module in model.named_modules():
-        if isinstance(module, UNSUPPORTED_ACTIVATIONS):
-            raise UnsupportedActivationError(
-                f"layer '{name}' is {type(module).__name__}: FedSQ gates only nn.ReLU "
-                "(a binary on/off regime); replace it or use another model"
-            )
-        if isinstance(module, nn.ReLU):
-            relu_names.append(name)
-    if not relu_names:
-        raise UnsupportedActivationError("the model has no nn.ReLU modules: there is nothing to gate")
-    return relu_names
+    """Whether ``DualCopy(model)`` accepts ``model``: the names of its ``nn.ReLU``/``nn.ReLU6`` modules (the
+    gates), or ``UnsupportedActivationError`` naming the first layer or module it refuses and why.
+
+    Refused: any other activation module, Transformer layers, activation functions called in a forward
+    (found by torch.fx tracing; a model fx cannot trace is checked at DualCopy's first forward instead).
+    """
+    return _gate_names(model)[0]
+
+
+class _FunctionalActivationWatch(TorchFunctionMode):
+    """Records activation functions called during a forward pass, and the innermost module calling them:
+    the check for models that fx cannot trace."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.stack: list[nn.Module] = []
+        self.calls: list[tuple[str, str]] = []
+        self.names = {module: name for name, module in model.named_modules()}
+        self.hooks = []
+        for module in self.names:
+            self.hooks.append(module.register_forward_pre_hook(self._enter))
+            self.hooks.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, module: nn.Module, args) -> None:
+        self.stack.append(module)
+
+    def _leave(self, module: nn.Module, args, output) -> None:  # returns None: the output stays as is
+        self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        function = _function_name(func)
+        inner = self.stack[-1] if self.stack else None
+        if function and not isinstance(inner, _RecordReLU):  # S's own gates are the ReLUs we put there
+            self.calls.append((self.names.get(inner, ""), function))
+        return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
 
 
 class _GateTape:
@@ -83,29 +220,42 @@ class _GateTape:
 
 
 class _RecordReLU(nn.Module):
-    """S's ReLU: computes ReLU out of place (the output must survive later in-place ops) and records it."""
+    """S's ReLU (or ReLU6, ``upper=6``): computes it out of place (the output must survive later in-place
+    ops) and records it."""
 
     _is_impure = True  # torch.fx must never drop it as dead code: its effect is the recording
 
-    def __init__(self, tape: _GateTape) -> None:
+    def __init__(self, tape: _GateTape, upper: float | None = None) -> None:
         super().__init__()
-        self.tape = tape
+        self.tape, self.upper = tape, upper
 
     def forward(self, z_s: torch.Tensor) -> torch.Tensor:
-        a_s = torch.relu(z_s)
+        a_s = torch.relu(z_s) if self.upper is None else torch.clamp(z_s, 0.0, self.upper)
         self.tape.activations.append(a_s)
         return a_s
 
 
 class _GatedLinear(nn.Module):
-    """Q's replacement for ReLU: passes z_Q where S was on, 0 where S was off. Never Q's own ReLU."""
+    """Q's replacement for ReLU: passes z_Q where S was on, 0 where S was off. Never Q's own ReLU.
 
-    def __init__(self, tape: _GateTape) -> None:
+    For ReLU6 (``upper=6``) S's activation carries two masks, on = ``a_S > 0`` and linear = ``a_S < 6``:
+    Q passes z_Q where both hold, 0 where S was off, and 6 where S was saturated.
+    """
+
+    def __init__(self, tape: _GateTape, upper: float | None = None) -> None:
         super().__init__()
-        self.tape = tape
+        self.tape, self.upper = tape, upper
 
     def forward(self, z_q: torch.Tensor) -> torch.Tensor:
         gate = self.tape.next_activation(z_q)  # S's activation, or a cached 0/1 mask: "> 0" means on
+        if self.upper is not None:
+            if gate.dtype == torch.bool:
+                raise RuntimeError("a ReLU6 gate needs S's activation (two masks: on, and not saturated); "
+                                   "a one-bit mask cannot gate it: turn the mask cache off for this model")
+            # Both masks decided on S's activation in its own (fp32) dtype, then applied in Q's dtype.
+            linear = gate < self.upper
+            saturated = (~linear).to(z_q.dtype) * self.upper
+            return torch.where(linear & (gate > 0), z_q, saturated)
         if gate.dtype != z_q.dtype and gate.dtype != torch.bool:
             # Mixed precision: S ran in fp32, Q in bf16. Decide "on" in fp32 (a tiny positive fp32 value could
             # round to 0 in bf16), then gate in Q's dtype.
@@ -113,11 +263,15 @@ class _GatedLinear(nn.Module):
         return torch.ops.aten.threshold_backward(z_q, gate, 0)
 
 
+def _upper(module: nn.Module) -> float | None:
+    return RELU6_MAX if isinstance(module, nn.ReLU6) else None
+
+
 def _replace_relus(model: nn.Module, relu_names: list[str], make: callable) -> None:
     for name in relu_names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make())
+        setattr(parent, child, make(_upper(getattr(parent, child))))
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -171,8 +325,23 @@ def fast_structural(structural: nn.Module, *, fold_bn: bool) -> fx.GraphModule:
     return module.eval()
 
 
+
 class DualCopy(nn.Module):
     """``DualCopy(model)``: S = frozen copy of ``model`` that gates; Q = trainable copy that computes values.
+
+    Guarantees:
+    - **S is frozen and never travels.** S's parameters have ``requires_grad=False`` and never receive a
+      gradient; S stays in eval mode (BN on running statistics, dropout off) whatever ``.train()`` says, so
+      its masks are a fixed function of the input. Only Q (``self.quantitative``, see ``travelling_module``)
+      is sent and averaged; S is rebuilt on every node from the same start weights, which
+      ``structural_sha256()`` lets the server and the nodes compare (``check_structural``).
+    - **Masks are matched by ReLU call order**, not by module: the k-th ReLU call in Q's forward is gated by
+      the k-th ReLU call in S's (torchvision's ``BasicBlock`` calls one ``self.relu`` twice). At init, with
+      both copies in eval mode, ``DualCopy(model)(x)`` equals ``model(x)`` up to float rounding.
+    - **What is refused**, in the constructor, with ``UnsupportedActivationError`` naming the layer or module:
+      any activation module but ``nn.ReLU``/``nn.ReLU6``, Transformer layers, activation functions called in
+      a forward (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.gelu``...; a model torch.fx cannot trace is
+      checked at its first forward pass instead), and a model without any ReLU. See ``check_gateable``.
 
     ``model`` is the pretrained network with its new task head already attached. S keeps the head too
     (its output is never used: no ReLU follows the head, so the head is ungated).
@@ -181,20 +350,23 @@ class DualCopy(nn.Module):
 
     def __init__(self, model: nn.Module, *, fast: bool = True, fold_bn: bool = False) -> None:
         super().__init__()
-        relu_names = check_gateable(model)
+        relu_names, traced = _gate_names(model)
         self._tape = _GateTape()
         self.structural = copy.deepcopy(model)
         self.quantitative = copy.deepcopy(model)
-        _replace_relus(self.structural, relu_names, lambda: _RecordReLU(self._tape))
-        _replace_relus(self.quantitative, relu_names, lambda: _GatedLinear(self._tape))
+        _replace_relus(self.structural, relu_names, lambda upper: _RecordReLU(self._tape, upper))
+        _replace_relus(self.quantitative, relu_names, lambda upper: _GatedLinear(self._tape, upper))
         for parameter in self.structural.parameters():
             parameter.requires_grad_(False)
         self.structural.eval()
         self.fast, self.fold_bn = fast, fold_bn
+        # Untraceable model: its forward is watched for activation functions once, at the first S pass.
+        self._watch_first_pass = not traced
         # The fast S is derived state, kept out of the module tree (so out of state_dict() and .to()), and
         # rebuilt whenever S's tensors move or change: _fast_key records which tensors it was built from.
         object.__setattr__(self, "_fast_structural", None)
         object.__setattr__(self, "_fast_key", None)
+        object.__setattr__(self, "_sha256", (None, ""))
 
     def train(self, mode: bool = True) -> DualCopy:
         # S stays in eval mode forever: BN on running stats, dropout off, so the masks are a fixed
@@ -210,7 +382,7 @@ class DualCopy(nn.Module):
 
     def _structural_runner(self) -> nn.Module:
         """The module that runs S's forward: the fast graph when enabled and traceable, else S itself."""
-        if not self.fast:
+        if not self.fast or self._watch_first_pass:
             return self.structural
         key = self._structural_tensors_key()
         if self._fast_key != key:
@@ -230,7 +402,15 @@ class DualCopy(nn.Module):
         # evaluation in fp32 see the same masks.
         with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             self._tape.start()
-            self._structural_runner()(x)
+            if self._watch_first_pass:
+                with _FunctionalActivationWatch(self.structural) as watch:
+                    self.structural(x)
+                if watch.calls:
+                    self._tape.start()
+                    raise UnsupportedActivationError(_functional_refusal(self.structural, watch.calls))
+                self._watch_first_pass = False
+            else:
+                self._structural_runner()(x)
             activations = self._tape.activations
         self._tape.start()
         return activations
@@ -240,8 +420,24 @@ class DualCopy(nn.Module):
         return list(self._structural_pass(x))
 
     def masks(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The binary gating masks ``1[z_S > 0]`` for ``x``, in ReLU call order."""
+        """The binary gating masks ``1[z_S > 0]`` for ``x``, in ReLU call order (for ReLU6 gates, the "on"
+        mask; its second mask is ``structural_activations(x)[k] < 6``)."""
         return [a > 0 for a in self.structural_activations(x)]
+
+    def mask_bits_per_sample(self, x: torch.Tensor) -> int:
+        """Bits that fix one sample's gates at ``x``'s input size: 1 per ReLU unit call, 2 per ReLU6 unit call."""
+        bits = []
+
+        def count(recorder: _RecordReLU, args, out: torch.Tensor) -> None:
+            bits.append(out[0].numel() * (1 if recorder.upper is None else 2))
+
+        hooks = [m.register_forward_hook(count) for m in self.structural.modules() if isinstance(m, _RecordReLU)]
+        try:
+            self.structural_activations(x[:1])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return sum(bits)
 
     def forward(self, x: torch.Tensor, gates: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Q's logits gated by S. ``gates``: S's activations or 0/1 masks for ``x`` computed earlier (a mask
@@ -260,4 +456,33 @@ class DualCopy(nn.Module):
         return logits
 
     def structural_sha256(self) -> str:
-        return state_dict_sha256(self.structural.state_dict())
+        """SHA-256 of S's weights and buffers (``state_dict_sha256``); recomputed only when S's tensors change."""
+        key = self._structural_tensors_key()
+        if self._sha256[0] != key:
+            object.__setattr__(self, "_sha256", (key, state_dict_sha256(self.structural.state_dict())))
+        return self._sha256[1]
+
+
+STRUCTURAL_SHA256_KEY = "structural-sha256"  # the train-config key FedSQ sends S's hash under
+
+
+def travelling_module(model: nn.Module) -> nn.Module:
+    """What goes over the wire: Q (``model.quantitative``) for a DualCopy, the whole network otherwise.
+
+    S never travels: send ``ArrayRecord(travelling_module(model).state_dict())`` and load replies with
+    ``travelling_module(model).load_state_dict(...)``; its keys are the plain model's keys, so the traffic
+    is exactly FedAvg's.
+    """
+    return model.quantitative if isinstance(model, DualCopy) else model
+
+
+def check_structural(model: DualCopy, config: Mapping) -> None:
+    """On a node: raise ``StructuralMismatchError`` unless ``config`` (the train config a ``FedSQ`` server
+    sends, key ``structural-sha256``) names this DualCopy's S. Averaging Q trained under different gates
+    would mix different functions; every node must build S from the same start weights. A config without
+    the key (not a FedSQ server) passes."""
+    expected = config.get(STRUCTURAL_SHA256_KEY)
+    if expected is not None and expected != model.structural_sha256():
+        raise StructuralMismatchError(
+            f"structural copy mismatch: server S sha256={expected}, this node's S sha256="
+            f"{model.structural_sha256()}; build S from the same pretrained weights as the server")

@@ -15,7 +15,7 @@ from torch import nn
 
 from fedsq_app.config import ConfigError, RunConfig, cache_dir
 from fedsq_app.data import DatasetInfo, InputSpec, source_slug
-from fedsq_app.dualcopy import DualCopy, state_dict_sha256
+from fedsq_app.dualcopy import DualCopy, state_dict_sha256, travelling_module
 from fedsq_app.models import (IMAGENET_MEAN, IMAGENET_STD, build_model, imagenet_state_dict,
                               load_backbone, load_checkpoint, reset_head)
 
@@ -117,11 +117,6 @@ def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
 def trainable_model(config: RunConfig, start: StartModel) -> nn.Module:
     """FedSQ trains a DualCopy (S gates Q); the baselines train the plain network."""
     return DualCopy(start.model) if config.uses_dualcopy else start.model
-
-
-def travelling_module(model: nn.Module) -> nn.Module:
-    """What goes over the wire: Q for a DualCopy, the whole network otherwise. S never travels."""
-    return model.quantitative if isinstance(model, DualCopy) else model
 
 
 def global_arrays(model: nn.Module) -> ArrayRecord:
