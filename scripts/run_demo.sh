@@ -34,6 +34,7 @@ TOML
 args=(--format json --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1")
 [ $# -gt 0 ] && args+=(--run-config "$*")
 started=$(date +%s)
+MARK="$FLWR_HOME/run-started"; touch "$MARK"
 RUN_ID=$("$FLWR" run . fedsq-sim "${args[@]}" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
 echo "== run $RUN_ID started; streaming its log"
 "$FLWR" log "$RUN_ID" fedsq-sim --stream || true
@@ -42,3 +43,15 @@ STATUS=$("$FLWR" ls fedsq-sim --run-id "$RUN_ID" --format json |
   .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')
 echo "== run $RUN_ID: $STATUS in $(( $(date +%s) - started )) s"
 [ "$STATUS" = "finished:completed" ]
+# The summary of the results.json this run wrote (out-dir is relative to where the SuperLink started: here).
+RESULTS=$(find . -name results.json -newer "$MARK" -not -path './.venv/*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
+[ -n "$RESULTS" ] || { echo "the run completed but wrote no results.json"; exit 1; }
+.venv/bin/python - "$RESULTS" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+c, rounds = r["config"], r["rounds"]
+print(f"== {c['strategy']}, {c['model']} on {c['dataset']}, {max(x['expected'] for x in rounds)} nodes: val. accuracy "
+      f"round 0 {r['initial']['val_accuracy']:.3f} -> best {r['best_val_accuracy']:.3f} at round "
+      f"{r['best_round']} of {len(rounds)}; test {r['test_accuracy']:.3f}")
+print(f"== results: {sys.argv[1].removeprefix('./')}")
+PY
