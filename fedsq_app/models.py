@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision import models as tv_models
 
 MODEL_NAMES = ("smallcnn", "resnet18", "alexnet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,8 +40,16 @@ class SmallCNN(nn.Module):
         return self.head(self.hidden(self.features(x)))
 
 
+def _torchvision_models():
+    """torchvision, imported on first use: its import pulls in torch._dynamo (~2 s), which the small CNN
+    (the default) never needs."""
+    from torchvision import models
+
+    return models
+
+
 def _resnet18(num_classes: int, small_stem: bool) -> nn.Module:
-    model = tv_models.resnet18(num_classes=num_classes)
+    model = _torchvision_models().resnet18(num_classes=num_classes)
     if small_stem:
         # CIFAR-style stem for <=32 px inputs: a 7x7/2 conv plus max-pool would leave 1x1 maps by layer4.
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -57,7 +64,7 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3, small_stem
     if name == "resnet18":
         return _resnet18(num_classes, small_stem)
     if name == "alexnet":
-        return tv_models.alexnet(num_classes=num_classes)
+        return _torchvision_models().alexnet(num_classes=num_classes)
     raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODEL_NAMES)}")
 
 
@@ -89,6 +96,7 @@ def reset_head(model: nn.Module, name: str, head_seed: int) -> None:
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights (downloads once into TORCH_HOME; needs the internet the first time)."""
+    tv_models = _torchvision_models()
     weights = {"resnet18": tv_models.ResNet18_Weights.IMAGENET1K_V1,
                "alexnet": tv_models.AlexNet_Weights.IMAGENET1K_V1}.get(name)
     if weights is None:

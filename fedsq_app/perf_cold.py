@@ -1,0 +1,334 @@
+"""``fedsq-perf coldstart`` and ``fedsq-perf deploy``: where a ClientApp/ServerApp process spends its start,
+and deployment rounds against simulation rounds on the same config.
+
+coldstart: in deployment Flower starts a fresh ``flwr-clientapp`` process for every message, so its start
+is paid every round. This replays that process's steps in a fresh interpreter, stage by stage, with the real
+FAB (built from ``--app``, installed with Flower's own ``install_from_fab`` into a per-node ``FLWR_HOME``,
+loaded with Flower's own loader), then data, model and one training step; and the same for the ServerApp
+(data, model, up to round 1). The first process on a node fills its on-disk caches; the ones after it are
+what every round pays, so both are shown. Compared against a bare ``import torch`` in a fresh interpreter.
+
+deploy: the same run config as a simulation (``flower-superlink --simulation``, ``num-supernodes=3``) and as
+a loopback deployment (SuperLink + 3 SuperNodes, TLS off), each started by this command on 127.0.0.1, one
+after the other, and stopped by PID (``fedsq_app.loopback``). Round times are the ServerApp's
+``rounds[].wall_time_s``; steady = median of rounds 2..R.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAB_ID, FAB_VERSION = "fedsq/fedsq", "0.1.0"
+
+# Runs in a fresh interpreter: everything it does is timed, so it imports nothing it does not time.
+_CLIENT_CHILD = r"""
+import json, sys, time
+T = {"start": time.time()}
+args = json.loads(sys.argv[1])
+import flwr.supernode.runtime.run_clientapp  # what flwr-clientapp imports before it pulls a message
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.utils import get_load_client_app_fn
+T["flwr"] = time.time()
+fab = open(args["fab"], "rb").read()
+install_from_fab(fab, skip_prompt=True)
+T["fab"] = time.time()
+get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(args["fab_id"], args["fab_version"],
+                                                                         args["fab_hash"])
+T["imports"] = time.time()
+mods = {name: sys.modules[name] for name in ("fedsq_app.client_app", "fedsq_app.config", "fedsq_app.data",
+                                             "fedsq_app.train")}
+config = mods["fedsq_app.config"].RunConfig.from_mapping(args["run_config"])
+node = mods["fedsq_app.config"].NodeConfig.from_mapping(args["node_config"])
+data = mods["fedsq_app.data"]
+data.node_info(config, node)
+part = data.node_data(config, node)
+T["data"] = time.time()
+model, spec, _ = mods["fedsq_app.client_app"].local_model(config, node.data_path)
+T["model"] = time.time()
+train = mods["fedsq_app.train"]
+first = data.TensorData(part.images[: config.batch_size], part.labels[: config.batch_size])
+train.train_local(model, first, spec, train.LocalSchedule(1, config.batch_size, config.lr, config.momentum,
+                  config.weight_decay), device=train.pick_device(config.device), seed=0)
+T["step"] = time.time()
+heavy = sorted(m for m in ("datasets", "flwr_datasets", "matplotlib", "pandas", "ray", "torchvision") if m in sys.modules)
+print("@@" + json.dumps({"t": T, "heavy": heavy, "samples": len(part)}), flush=True)
+"""
+
+_SERVER_CHILD = r"""
+import json, sys, time
+T = {"start": time.time()}
+args = json.loads(sys.argv[1])
+import flwr.superlink.runtime.run_serverapp  # what flwr-serverapp imports before it pulls its run
+from flwr.cli.install import install_from_fab
+from flwr.common.config import get_project_dir
+from flwr.supercore.object_ref import load_app
+T["flwr"] = time.time()
+fab = open(args["fab"], "rb").read()
+install_from_fab(fab, skip_prompt=True)
+T["fab"] = time.time()
+load_app("fedsq_app.server_app:app", ImportError, str(get_project_dir(args["fab_id"], args["fab_version"],
+                                                                      args["fab_hash"])))
+T["imports"] = time.time()
+server_app = sys.modules["fedsq_app.server_app"]
+config = sys.modules["fedsq_app.config"].RunConfig.from_mapping(args["run_config"])
+data_key, info, _, validation = server_app.load_data(config)
+T["data"] = time.time()
+task = sys.modules["fedsq_app.task"]
+start = task.build_start_model(config, info)
+model = task.trainable_model(config, start)
+start.sha256
+T["model"] = time.time()
+sys.modules["fedsq_app.data"].partition_report(data_key, args["num_nodes"], args["out_dir"])
+sys.modules["fedsq_app.train"].evaluate(model, validation, start.spec, device=server_app.pick_device(config.device))
+T["step"] = time.time()
+heavy = sorted(m for m in ("datasets", "flwr_datasets", "matplotlib", "pandas", "ray", "torchvision") if m in sys.modules)
+print("@@" + json.dumps({"t": T, "heavy": heavy}), flush=True)
+"""
+
+STAGES = (("interpreter + flwr", "flwr"), ("FAB install", "fab"), ("app imports", "imports"),
+          ("data", "data"), ("model", "model"))
+
+
+def app_run_config(app: Path, overrides: dict) -> dict:
+    """The FAB's ``[tool.flwr.app.config]`` with ``overrides``, as the SuperNode hands it to the app."""
+    config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return {**config, **overrides}
+
+
+def build_fab(app: Path, out: Path) -> tuple[Path, str]:
+    from flwr.cli.build import build_fab_from_disk
+
+    content = build_fab_from_disk(app)
+    digest = hashlib.sha256(content).hexdigest()
+    path = out / f"{digest[:8]}.fab"
+    path.write_bytes(content)
+    return path, digest
+
+
+def _child_env(flwr_home: Path, cache: Path, threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_HOME")}
+    env.update(FLWR_HOME=str(flwr_home), FEDSQ_CACHE_DIR=str(cache), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               FLWR_TELEMETRY_ENABLED="0", PYTHONDONTWRITEBYTECODE="0")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _run_child(script: str, args: dict, env: dict) -> dict:
+    spawn = time.time()
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tempfile.gettempdir())
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("@@")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"cold-start child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(line[2:])
+    result["t"]["spawn"] = spawn
+    return result
+
+
+def stage_times(t: dict) -> dict[str, float]:
+    """Seconds per stage, from the child's wall-clock stamps (the first stage starts at the parent's spawn)."""
+    times, previous = {}, t["spawn"]
+    for name, key in (*STAGES, ("first training step", "step")):
+        times[name] = t[key] - previous
+        previous = t[key]
+    times["total"] = t["step"] - t["spawn"]
+    return times
+
+
+def torch_import_s(env: dict) -> float:
+    start = time.time()
+    subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True, cwd=tempfile.gettempdir())
+    return time.time() - start
+
+
+def coldstart(apps: list[Path], runs: int, cache: Path, overrides: dict, node_config: dict, threads: int) -> dict:
+    """Per app: ``runs`` client processes (the first on an empty per-node cache) and ``runs`` server ones,
+    interleaved across apps and with ``import torch`` so that machine load hits all alike."""
+    work = Path(tempfile.mkdtemp(prefix="fedsq-coldstart-"))
+    setups = []
+    for i, app in enumerate(apps):
+        fab, digest = build_fab(app, work)
+        node_cache = work / f"cache-{i}"
+        shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions"))
+        base = {"fab": str(fab), "fab_id": FAB_ID, "fab_version": FAB_VERSION, "fab_hash": digest,
+                "run_config": app_run_config(app, overrides)}
+        setups.append((app, base, _child_env(work / f"home-{i}", node_cache, threads)))
+    results = {str(app): {"client": [], "server": [], "torch": []} for app in apps}
+    for run in range(runs):
+        for app, base, env in setups:
+            print(f"  run {run + 1}/{runs} {app}", file=sys.stderr, flush=True)
+            out = results[str(app)]
+            out["torch"].append(torch_import_s(env))
+            client = _run_child(_CLIENT_CHILD, {**base, "node_config": node_config}, env)
+            out["client"].append({**stage_times(client["t"]), "heavy": client["heavy"]})
+            server = _run_child(_SERVER_CHILD, {**base, "num_nodes": node_config["num-partitions"],
+                                                "out_dir": str(work / "server-out")}, env)
+            out["server"].append({**stage_times(server["t"]), "heavy": server["heavy"]})
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def print_coldstart(results: dict) -> None:
+    names = [name for name, _ in STAGES] + ["first training step", "total"]
+    for role in ("client", "server"):
+        print(f"\n{role.capitalize()}App process, seconds (first = empty per-node cache; later = median of the "
+              "runs after it, what every deployment round pays)")
+        header = "| stage | " + " | ".join(f"{Path(app).name or app} first | {Path(app).name or app} later"
+                                           for app in results) + " |"
+        print(header + "\n|---|" + "---|---|" * len(results))
+        for name in names:
+            cells = []
+            for out in results.values():
+                rows = out[role]
+                later = rows[1:] or rows
+                cells.append(f"{rows[0][name]:.2f} | {_median(later, name):.2f}")
+            label = name if role == "client" or name != "first training step" else "up to round 1"
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        torch_cells = " | ".join(f"{statistics.median(o['torch']):.2f} | " for o in results.values())
+        print(f"| `import torch` alone (median) | {torch_cells}|")
+        for app, out in results.items():
+            later = out[role][1:] or out[role]
+            budget = statistics.median(out["torch"]) + 1.5
+            print(f"{role} {app}: later total {_median(later, 'total'):.2f} s vs goal import torch + 1.5 = "
+                  f"{budget:.2f} s; heavy modules loaded: {', '.join(out[role][-1]['heavy']) or 'none'}")
+
+
+# ------------------------------------------------------------------------------------------- deploy
+def _flwr_json(argv: list[str], env: dict, cwd: Path) -> dict:
+    from fedsq_app.loopback import tool
+
+    proc = subprocess.run([tool("flwr"), *argv, "--format", "json"], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"flwr {' '.join(argv)} failed ({proc.returncode}): {proc.stdout[-2000:]} "
+                           f"{proc.stderr[-2000:]}") from None
+
+
+def _run_and_wait(app: Path, connection: str, run_config: str, env: dict, work: Path, limit_s: float,
+                  extra: list[str] = ()) -> tuple[str, float]:
+    start = time.time()
+    run_id = _flwr_json(["run", str(app), connection, "--run-config", run_config, *extra], env, work)["run-id"]
+    status = ""
+    while time.time() - start < limit_s:
+        runs = _flwr_json(["ls", "--run-id", str(run_id), connection], env, work).get("runs", [{}])
+        status = runs[0].get("status", "") if runs else ""
+        if status.startswith("finished"):
+            break
+        time.sleep(1.0)
+    return status, time.time() - start
+
+
+def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int, superexec_poll: float,
+                limit_s: float) -> dict:
+    """One simulation and one loopback deployment of ``app``, each with ``nodes`` SuperNodes."""
+    from fedsq_app import loopback
+
+    work = Path(tempfile.mkdtemp(prefix="fedsq-deploy-"))
+    env = loopback.clean_env(work, FEDSQ_CACHE_DIR=str(cache), RAY_TMPDIR=str(work / "ray"),
+                             FLWR_HOME=str(work / "home-user"))
+    procs = loopback.Processes(work / "logs")
+    results = {}
+    base = (f"num-server-rounds={rounds} min-available-nodes={nodes} min-train-nodes={nodes} "
+            f"out-dir='{work / 'outputs'}' {overrides}").strip()
+    try:
+        # Simulation: a --simulation SuperLink, `nodes` simulated SuperNodes of 1 CPU each.
+        sim_link, sim_port = loopback.start_superlink(procs, {**env, "FLWR_HOME": str(work / "home-sim")},
+                                                      work / "sim.db", name="sim-superlink",
+                                                      tls_args=["--insecure", "--simulation"])
+        # Deployment: a SuperLink and `nodes` SuperNodes, each with its own FLWR_HOME and cache copy.
+        link, port = loopback.start_superlink(procs, {**env, "FLWR_HOME": str(work / "home-link")},
+                                              work / "state.db")
+        for i in range(nodes):
+            node_cache = work / f"cache-{i}"
+            shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions"))
+            node_env = {**env, "FLWR_HOME": str(work / f"home-node-{i}"), "FEDSQ_CACHE_DIR": str(node_cache),
+                        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(superexec_poll)}
+            loopback.start_supernode(procs, node_env, port, f"partition-id={i} num-partitions={nodes}",
+                                     name=f"supernode-{i}")
+        home = work / "home-user"
+        loopback.write_connection(home, "deploy", f"127.0.0.1:{port}")
+        with open(home / "config.toml", "a") as handle:
+            handle.write(f'\n[superlink.sim]\naddress = "127.0.0.1:{sim_port}"\ninsecure = true\n')
+        loopback.wait_until(lambda: sum(n.get("status") == "online" for n in _flwr_json(
+            ["supernode", "list", "deploy"], env, work).get("nodes", [])) >= nodes, 120,
+            f"{nodes} SuperNodes online", procs=procs.procs, poll_s=1.0)
+        for mode in ("sim", "deploy"):
+            extra = ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"] \
+                if mode == "sim" else []
+            load = os.getloadavg()[0]
+            status, wall = _run_and_wait(app, mode, f"{base} run-name='{mode}'", env, work, limit_s, extra)
+            path = work / "outputs" / mode / "results.json"
+            rounds_s = [r["wall_time_s"] for r in json.loads(path.read_text())["rounds"]] if path.is_file() else []
+            results[mode] = {"status": status, "wall_s": round(wall, 1), "rounds_s": [round(r, 2) for r in rounds_s],
+                             "steady_s": round(statistics.median(rounds_s[1:] or rounds_s), 2) if rounds_s else None,
+                             "load_before": round(load, 1)}
+            print(json.dumps({"app": str(app), mode: results[mode]}), file=sys.stderr, flush=True)
+    finally:
+        survivors = procs.stop_all()
+        if survivors:
+            print(f"warning: still alive after stop: {survivors}", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def print_deploy(rows: dict) -> None:
+    print("\n| app | sim rounds s | deploy rounds s | sim steady s | deploy steady s | ratio | deploy − sim s |")
+    print("|---|---|---|---|---|---|---|")
+    for app, r in rows.items():
+        sim, dep = r["sim"], r["deploy"]
+        if not (sim["steady_s"] and dep["steady_s"]):
+            print(f"| {app} | {sim['status']} | {dep['status']} | | | | |")
+            continue
+        print(f"| {app} | {', '.join(map(str, sim['rounds_s']))} | {', '.join(map(str, dep['rounds_s']))} | "
+              f"{sim['steady_s']} | {dep['steady_s']} | {dep['steady_s'] / sim['steady_s']:.2f} | "
+              f"{dep['steady_s'] - sim['steady_s']:.2f} |")
+
+
+def default_cache() -> Path:
+    from fedsq_app.config import cache_dir
+
+    return cache_dir()
+
+
+def parse_overrides(text: str) -> dict:
+    """``"key=value key2='text'"`` (as ``--run-config``) -> dict, with Flower's own parser."""
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args([text]) if text.strip() else {}
+
+
+def main(args) -> None:
+    apps = [Path(a).resolve() for a in args.app] or [REPO]
+    cache = Path(args.cache).resolve() if args.cache else default_cache()
+    if not (cache / "backbones").is_dir():
+        raise SystemExit(f"no prepared cache at {cache}: run `fedsq-prepare` (or pass --cache)")
+    if args.command == "coldstart":
+        node_config = {"partition-id": 0, "num-partitions": args.nodes}
+        results = coldstart(apps, args.runs, cache, parse_overrides(args.run_config), node_config, args.threads)
+        print(json.dumps(results), flush=True)
+        print_coldstart(results)
+    else:
+        rows = {}
+        for app in apps:
+            rows[str(app)] = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, args.superexec_poll,
+                                         args.limit)
+        print(json.dumps(rows), flush=True)
+        print_deploy(rows)
