@@ -124,12 +124,11 @@ def _functional_refusal(model: nn.Module, calls: list[tuple[str, str]]) -> str:
     where = []
     for (path, function), count in counts.items():
         owner = f"module '{path}' ({type(modules[path]).__name__})" if path else \
-            f"the model's own forward ({type(model).__name__})"
-        where.append(f"{owner} calls {function}" + (f" {count} times" if count > 1 else ""))
-    return ("; ".join(where[:4]) + (f"; and {len(where) - 4} more" if len(where) > 4 else "")
-            + " in its forward: DualCopy gates only nn.ReLU/nn.ReLU6 *modules*, so such a call would stay an "
-              "ungated nonlinearity in Q. Use a module instead (self.relu = nn.ReLU() in __init__, "
-              "self.relu(x) in forward)")
+            f"the model ({type(model).__name__})"
+        where.append(f"{owner} calls {function}" + (f" {count} times" if count > 1 else "") + " in its forward")
+    return ("; ".join(where[:4]) + (f"; and {len(where) - 4} more modules" if len(where) > 4 else "")
+            + ": DualCopy gates only nn.ReLU/nn.ReLU6 *modules*, so such a call would stay an ungated "
+              "nonlinearity in Q. Use a module instead (self.relu = nn.ReLU() in __init__, self.relu(x) in forward)")
 
 
 def _gate_names(model: nn.Module) -> tuple[list[str], bool]:

@@ -3,6 +3,7 @@
     fedsq-perf steps    [--models ...] [--rounds 15] [--threads N] [--variants ...]
     fedsq-perf overhead [--clients 4] [--rounds 3] [--samples 2000]
     fedsq-perf scale    [--clients 20 100] [--rounds 3]
+    fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (fedsq_app/compat.py; docs/LIBRARY.md)
 
 ``steps`` times one full training step (forward, loss, backward, SGD step; batch 32, fp32) of each
 configuration, interleaved (one step of each configuration per round, rotating the order) and reports
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--per-client", type=int, default=60, help="scale: training samples per client")
         p.add_argument("--strategy", default="fedsq")
         p.add_argument("--mask-cache", default="off", choices=("off", "on"))
+    from fedsq_app import compat
+
+    compat.add_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -246,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             print(f"mask cache bytes/sample {name}: {mask_bytes_per_sample(name)} "
                   f"({mask_bytes_per_sample(name) / 1024:.1f} KiB)")
+    elif args.command == "compat":
+        compat.main(args)
     else:
         from fedsq_app import perf_sim
 

@@ -240,8 +240,15 @@ class ValidatedFedAvg(FedAvg):
 class FedSQ(ValidatedFedAvg):
     """FedSQ's server: averages only Q (the travelling arrays) and tells clients which S to gate with.
 
-    Every client must gate with the same structural copy, or averaging would mix models whose gates
-    disagree; the SHA-256 of S goes out with each round's config and clients compare it with their own.
+    Guarantees: S never travels: the arrays this strategy sends, validates and averages are Q's only
+    (``ArrayRecord(travelling_module(dual).state_dict())``), with exactly the plain model's keys. Every
+    reply is validated against them (keys, shapes, dtypes, finite values, a positive integer
+    ``num-examples``); a bad reply is dropped and logged (``round_replies``) and the round goes on, where
+    Flower's FedAvg would end the run. Every client must gate with the same structural copy, or averaging
+    would mix models whose gates disagree: S's SHA-256 (``DualCopy.structural_sha256()``) goes out with each
+    round's train config under ``structural-sha256``, and ``check_structural`` on a node raises
+    ``StructuralMismatchError`` for another S (its error reply is then rejected here).
+    ``structural_sha256`` is required; other keyword arguments are Flower's ``FedAvg``'s.
     """
 
     def __init__(self, *, structural_sha256: str, **kwargs) -> None:
