@@ -1,11 +1,13 @@
-"""Opt-in cache of S's masks, bit-packed, per client and per process (run config ``mask-cache``).
+"""Cache of S's masks, bit-packed, per client and per process (run config ``mask-cache``, default auto).
 
-S and the inputs are fixed (no random augmentation in ``train_local``), so a sample's masks are the same in
-every epoch and round. The first time a sample is seen, S runs as usual and its masks are packed to one
-bit per unit; afterwards the masks are unpacked instead of running S. Unpacked masks are bool tensors,
-which the fused gate ``threshold_backward(z_Q, mask, 0)`` treats exactly like S's activations (``> 0`` is
-"on"), so losses and weights are bit-identical to running S (given that S's output for a sample does not
-depend on the rest of its batch, which the tests check).
+Without random augmentation S and each sample's input are fixed, so a sample's masks are the same in every
+epoch and round (``choose_mask_cache`` decides when that holds). The first time a sample is seen, S runs as
+usual and its masks are packed to one bit per unit (one integer multiply per 8 masks); afterwards the masks
+are unpacked instead of running S: one row gather per layer, one conversion and one 256-entry table lookup
+for the whole batch, into preallocated buffers. Unpacked masks are bool tensors, which the fused gate
+``threshold_backward(z_Q, mask, 0)`` treats exactly like S's activations (``> 0`` is "on"), so losses and
+weights are bit-identical to running S (given that S's output for a sample does not depend on the rest of
+its batch, which the tests check).
 
 Memory: one bit per gated unit per sample, e.g. 68 KiB per sample for ResNet-18 at 32 px. All caches of a
 process share one cap (``mask-cache-max-mb``): older clients' caches are dropped to make room, and a client
@@ -24,30 +26,64 @@ from fedsq_app.dualcopy import DualCopy
 
 log = logging.getLogger(__name__)
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+# Packing 8 masks (bytes of 0/1, little-endian in one int64) into one byte in one multiply: the product puts
+# byte j's bit at position 63 - j (no two partial products share a bit, so nothing carries), and the top byte
+# is then the 8 masks, first one in the most significant bit. 0x8040201008040201 as a signed int64.
+_GATHER = 0x8040201008040201 - 2**64
+# Unpacking: byte value v -> its 8 masks as 8 bytes of 0/1 (MSB first), stored as one int64 per value, so
+# one index_select (a table lookup) unpacks a whole batch.
+_UNPACK_TABLE = ((torch.arange(256).unsqueeze(1) >> _SHIFTS.long()) & 1).to(torch.uint8).view(torch.int64).view(256)
+
+
+def _pack_rows(masks: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool → (B, ceil(n/8)) uint8, MSB first."""
+    pad = (-masks.shape[1]) % 8
+    flat = masks.view(torch.uint8)
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    words = flat.contiguous().view(len(flat), -1, 8).view(torch.int64).view(len(flat), -1)
+    return words.mul(_GATHER).bitwise_right_shift_(56).bitwise_and_(255).to(torch.uint8)
 
 
 def pack(masks: torch.Tensor) -> torch.Tensor:
     """(B, ...) bool/0-1 → (B, ceil(n/8)) uint8, most significant bit first (like numpy.packbits)."""
-    flat = masks.reshape(len(masks), -1).to(torch.uint8)
-    pad = (-flat.shape[1]) % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    bits = flat.view(len(flat), -1, 8) << _SHIFTS.to(flat.device)
-    return bits.sum(dim=-1, dtype=torch.uint8)  # disjoint bits: the sum is the bitwise or
+    flat = masks.reshape(len(masks), -1)
+    return _pack_rows(flat if flat.dtype == torch.bool else flat != 0)
 
 
 def unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of ``pack``: (B, nbytes) uint8 → (B, *shape) bool."""
-    bits = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1
-    numel = shape.numel()
-    flat = bits.view(len(packed), -1)
-    if flat.shape[1] != numel:
-        flat = flat[:, :numel]
-    return flat.reshape(len(packed), *shape).view(torch.bool)
+    table = _UNPACK_TABLE.to(packed.device)
+    bits = table.index_select(0, packed.reshape(-1).int()).view(torch.bool).view(len(packed), -1)
+    return bits[:, : shape.numel()].reshape(len(packed), *shape)
 
 
 def bytes_per_sample(shapes: list[torch.Size]) -> int:
     return sum((shape.numel() + 7) // 8 for shape in shapes)
+
+
+class _Lookup:
+    """Preallocated buffers for one batch size: rows of packed bytes → int32 table indices → unpacked masks.
+
+    The masks handed to Q live in ``out`` and are overwritten by the next lookup of this batch size. That
+    is safe for training, where each step's backward runs before the next forward: Q's gate saves its mask
+    for backward, and autograd refuses (an in-place modification error) to use a mask overwritten before then.
+    """
+
+    def __init__(self, batch: int, widths: list[int], shapes: list[torch.Size], device: torch.device) -> None:
+        total = batch * sum(widths)
+        self.table = _UNPACK_TABLE.to(device)
+        self.rows = torch.empty(total, dtype=torch.uint8, device=device)
+        self.index = torch.empty(total, dtype=torch.int32, device=device)
+        self.out = torch.empty(total, dtype=torch.int64, device=device)
+        self.row_views, self.masks, offset = [], [], 0
+        for width, shape in zip(widths, shapes):
+            size = batch * width
+            self.row_views.append(self.rows[offset: offset + size].view(batch, width))
+            bits = self.out[offset: offset + size].view(torch.bool).view(batch, width * 8)
+            self.masks.append(bits.view(batch, *shape) if width * 8 == shape.numel()
+                              else bits[:, : shape.numel()].view(batch, *shape))
+            offset += size
 
 
 class MaskCache:
@@ -56,19 +92,23 @@ class MaskCache:
     def __init__(self, num_samples: int, max_bytes: int, name: str = "") -> None:
         self.num_samples, self.max_bytes, self.name = num_samples, max_bytes, name
         self.shapes: list[torch.Size] | None = None
-        self.packed: list[torch.Tensor] = []
+        self.packed: list[torch.Tensor] = []  # per gated layer: (num_samples, ceil(units/8)) uint8
         self.filled = torch.zeros(num_samples, dtype=torch.bool)
         self.disabled_reason = ""
         self.hits = self.misses = 0
         self.make_room = lambda needed: None  # set by the registry: drop other clients' caches first
+        self._lookups: dict[int, _Lookup] = {}
 
     @property
     def nbytes(self) -> int:
         return sum(p.numel() for p in self.packed)
 
+    def needed_bytes(self, shapes: list[torch.Size]) -> int:
+        return self.num_samples * bytes_per_sample(shapes)
+
     def _allocate(self, activations: list[torch.Tensor]) -> None:
         self.shapes = [a.shape[1:] for a in activations]
-        needed = self.num_samples * bytes_per_sample(self.shapes)
+        needed = self.needed_bytes(self.shapes)
         if needed > self.max_bytes:
             self.disabled_reason = (
                 f"mask cache{' ' + self.name if self.name else ''} needs {needed / 2**20:.1f} MiB "
@@ -82,12 +122,23 @@ class MaskCache:
         self.packed = [torch.zeros(self.num_samples, (s.numel() + 7) // 8, dtype=torch.uint8, device=device)
                        for s in self.shapes]
 
+    def _lookup(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        rows = indices.to(self.packed[0].device)
+        lookup = self._lookups.get(len(rows))
+        if lookup is None:
+            lookup = self._lookups[len(rows)] = _Lookup(len(rows), [p.shape[1] for p in self.packed],
+                                                         self.shapes, self.packed[0].device)
+        for store, row_view in zip(self.packed, lookup.row_views):
+            torch.index_select(store, 0, rows, out=row_view)
+        lookup.index.copy_(lookup.rows)
+        torch.index_select(lookup.table, 0, lookup.index, out=lookup.out)
+        return lookup.masks
+
     def gates(self, model: DualCopy, x: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
         """Masks (cached) or S's activations (computed now and cached) for the samples ``indices`` of ``x``."""
         if not self.disabled_reason and bool(self.filled[indices].all()):
             self.hits += 1
-            rows = indices.to(self.packed[0].device)
-            return [unpack(p.index_select(0, rows), s) for p, s in zip(self.packed, self.shapes)]
+            return self._lookup(indices)
         activations = model.structural_activations(x)
         self.misses += 1
         if self.shapes is None:
@@ -95,9 +146,29 @@ class MaskCache:
         if not self.disabled_reason:
             rows = indices.to(self.packed[0].device)
             for store, activation in zip(self.packed, activations):
-                store.index_copy_(0, rows, pack(activation > 0))
+                store.index_copy_(0, rows, _pack_rows(activation.reshape(len(activation), -1) > 0))
             self.filled[indices] = True
         return activations
+
+
+def choose_mask_cache(mode: str, augment: bool, gated: bool) -> tuple[bool, str]:
+    """Whether a client caches S's masks (run config ``mask-cache``: auto | on | off), and why.
+
+    auto is on exactly when the cache is exact: the same sample must give the same masks in every epoch and
+    round. That holds when S is fixed (a changed S is a new cache key) and the input pipeline is
+    deterministic: ``InputSpec.prepare`` is (scaling, resizing, normalising: no randomness), random
+    augmentation is not. Whether the masks fit ``mask-cache-max-mb`` is decided by the cache itself once it
+    knows their size (over the cap: S runs every step, and the reason is logged).
+    """
+    if not gated:
+        return False, "this strategy has no structural copy S"
+    if mode == "off":
+        return False, "mask-cache='off'"
+    if augment:  # config validation refuses mode 'on' with augmentation; auto turns itself off
+        return False, "auto: augment=true changes every image each epoch, so its masks too"
+    if mode == "on":
+        return True, "mask-cache='on'"
+    return True, "auto: no augmentation and deterministic preprocessing, so each sample's masks never change"
 
 
 def forward(model, x: torch.Tensor, indices: torch.Tensor, cache: MaskCache | None) -> torch.Tensor:
