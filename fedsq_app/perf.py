@@ -4,6 +4,8 @@
     fedsq-perf overhead [--clients 4] [--rounds 3] [--samples 2000]
     fedsq-perf scale    [--clients 20 100] [--rounds 3]
     fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (fedsq_app/compat.py; docs/LIBRARY.md)
+    fedsq-perf coldstart [--app DIR ...] [--runs 4]      (fedsq_app/perf_cold.py)
+    fedsq-perf deploy    [--app DIR ...] [--rounds 5]    (fedsq_app/perf_cold.py)
 
 ``steps`` times one full training step (forward, loss, backward, SGD step; batch 32, fp32) of each
 configuration, interleaved (one step of each configuration per round, rotating the order) and reports
@@ -234,11 +236,33 @@ def main(argv: list[str] | None = None) -> None:
                        help="Ray CPUs = clients training at once (1 thread each)")
         p.add_argument("--per-client", type=int, default=60, help="scale: training samples per client")
         p.add_argument("--strategy", default="fedsq")
-        p.add_argument("--mask-cache", default="off", choices=("off", "on"))
+        p.add_argument("--mask-cache", default="auto", choices=("auto", "off", "on"))
+    for name in ("coldstart", "deploy"):  # fedsq_app/perf_cold.py
+        p = sub.add_parser(name, help="ClientApp/ServerApp start per stage" if name == "coldstart" else
+                           "deployment vs simulation steady rounds, same config")
+        p.add_argument("--app", action="append", default=[],
+                       help="app directory (repeat to compare, e.g. a checkout of an older commit); default: this repo")
+        p.add_argument("--cache", default="", help="a prepared FEDSQ_CACHE_DIR (default: this one); copied per node")
+        p.add_argument("--nodes", type=int, default=3)
+        p.add_argument("--run-config", default="max-train-samples=3000 device='cpu'" if name == "deploy" else "",
+                       help="run-config overrides, as for flwr run")
+        if name == "coldstart":
+            p.add_argument("--runs", type=int, default=4, help="processes per app (the first fills the caches)")
+            p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the processes (0: unset)")
+        else:
+            p.add_argument("--rounds", type=int, default=5)
+            p.add_argument("--superexec-poll", type=float, default=0.1,
+                           help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL on the SuperNodes (Flower's default: 1.0)")
+            p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
     from fedsq_app import compat
 
     compat.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in ("coldstart", "deploy"):
+        from fedsq_app import perf_cold
+
+        perf_cold.main(args)
+        return
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     print(f"# machine: {machine()}", flush=True)
