@@ -31,6 +31,14 @@ def local_model(config: RunConfig, data_path: str = "") -> tuple[nn.Module, Inpu
     return trainable_model(config, start), start.spec, start.sha256
 
 
+def node_salt(node: NodeConfig, context: Context) -> int:
+    """What makes this node's training seed its own: its partition id, or for a silo started without one
+    its node id (silos would otherwise all share partition-id 0, hence one seed)."""
+    if node.data_path and "partition-id" not in context.node_config:
+        return int(context.node_id) % 1_000_003
+    return node.partition_id
+
+
 def _error_reply(msg: Message, reason: str) -> Message:
     return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
 
@@ -52,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
         # FedProx's mu comes from the server, as Flower's FedProx sends it (absent: plain local SGD).
         schedule = LocalSchedule(config.local_epochs, config.batch_size, config.lr, config.momentum,
                                  config.weight_decay, proximal_mu=float(server_config.get("proximal-mu", 0.0)))
-        seed = config.seed * 100_003 + server_round * 1_009 + node.partition_id
+        seed = config.seed * 100_003 + server_round * 1_009 + node_salt(node, context)
         torch.manual_seed(seed)  # dropout etc.: a node's update depends only on (seed, round, partition)
         cache = None
         if config.mask_cache == "on" and config.uses_dualcopy:  # per client: its S, its data, its inputs
@@ -60,7 +68,10 @@ def train(msg: Message, context: Context) -> Message:
             cache = client_cache(key, len(data), config.mask_cache_max_mb)
         result = train_local(model, data, spec, schedule, device=pick_device(config.device), seed=seed,
                              mask_cache=cache, amp=config.amp)
-        metrics = MetricRecord({"train_loss": result.train_loss, "num-examples": result.num_examples})
+        metrics = {"train_loss": result.train_loss, "num-examples": result.num_examples}
+        if node.data_path:
+            metrics["silo"] = 1  # the server then writes no label distribution of its own pool for this run
+        metrics = MetricRecord(metrics)
         return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
         return _error_reply(msg, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")

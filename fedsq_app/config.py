@@ -49,8 +49,12 @@ class RunConfig:
     # Reliability (docs/RELIABILITY.md).
     min_available_nodes: int = 2  # Flower waits (forever) until this many nodes are connected
     min_valid_replies: int = 1  # fewer valid replies than this: the round keeps the previous global model
-    max_update_norm_ratio: float = 0.0  # > 0: reject updates farther from the global than k x the median
-    max_num_examples: int = 0  # bound on a reply's num-examples; 0 = the server's federated pool size
+    max_update_norm_ratio: float = 5.0  # distance guard: reject updates beyond k x median and median + 6 MADs; 0 = off
+    max_num_examples_ratio: float = 5.0  # clip each num-examples claim to k x the round's median claim; 0 = off
+    max_num_examples: int = 0  # fixed bound on a reply's num-examples (rejected above it); 0 = none
+    aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
+    trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped
+    allow_pretrain_overlap: bool = False  # true: run even if train/test split overlaps the backbone's pretraining
     resume_from: str = ""  # a previous run's output dir: continue from its last checkpoint
     # Data and backbones (docs/DATA.md).
     num_classes: int = 0  # 0 = from the server's data (silos: from the backbone's metadata)
@@ -101,6 +105,16 @@ class RunConfig:
         if self.max_update_norm_ratio != 0 and self.max_update_norm_ratio < 1:
             raise ConfigError(f"max-update-norm-ratio must be 0 (off) or >= 1 (a multiple of the round's median "
                               f"distance), got {self.max_update_norm_ratio}")
+        if self.max_num_examples_ratio != 0 and self.max_num_examples_ratio < 1:
+            raise ConfigError(f"max-num-examples-ratio must be 0 (off) or >= 1 (a multiple of the round's median "
+                              f"num-examples claim), got {self.max_num_examples_ratio}")
+        _choice("aggregation", self.aggregation, ("mean", "median", "trimmed-mean"))
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.batch_size < 2 and self.model != "alexnet":
+            raise ConfigError(f"batch-size={self.batch_size}: model '{self.model}' has BatchNorm, which cannot "
+                              "train on one-sample batches (every step would be skipped and nothing trained); "
+                              "use batch-size >= 2")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         _at_least("probe-size", self.probe_size, 0)
@@ -205,6 +219,10 @@ def cache_dir() -> Path:
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
     type_name = getattr(type_name, "__name__", type_name)
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
     if isinstance(value, bool):
         raise ConfigError(f"{key} must be a {type_name}, got the boolean {value}")
     if type_name == "int":

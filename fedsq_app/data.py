@@ -354,14 +354,18 @@ def parse_split(split: str) -> tuple[str, str, str]:
     return match["name"], match["start"] or "", match["stop"] or ""
 
 
-def _slice(dataset: Dataset, start: str, stop: str) -> Dataset:
+def slice_range(length: int, start: str, stop: str) -> range:
+    """The rows a split slice such as ``[10%:]`` or ``[:-500]`` selects from a split of ``length`` rows."""
     def index(text: str, default: int) -> int:
         if not text:
             return default
-        return int(len(dataset) * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+        return int(length * int(text[:-1]) / 100) if text.endswith("%") else int(text)
 
-    begin, end = index(start, 0), index(stop, len(dataset))
-    return dataset.select(range(*slice(begin, end).indices(len(dataset))))
+    return range(*slice(index(start, 0), index(stop, length)).indices(length))
+
+
+def _slice(dataset: Dataset, start: str, stop: str) -> Dataset:
+    return dataset.select(slice_range(len(dataset), start, stop))
 
 
 def load_dataset_split(spec: str, split: str, *, image_column: str = "", label_column: str = "") -> Dataset:

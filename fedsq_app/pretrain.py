@@ -3,8 +3,8 @@
     fedsq-prepare                       # embedded Fashion-MNIST subset + small-CNN backbone into the cache
     fedsq-pretrain --model resnet18     # any model, on the embedded 'pretrain' split (clients never see it)
     fedsq-pretrain --model resnet18 --dataset idx:/usr/share/datasets/fashion-mnist --split "train[:6000]" \\
-        --epochs 2 --calibrate --run-config-out calibrated.toml
-                                        # then federate on train[6000:]: flwr run . --run-config calibrated.toml
+        --epochs 2 --calibrate --proxy-split "train[6000:9000]" --run-config-out calibrated.toml
+                                        # then federate on train[9000:]: flwr run . --run-config calibrated.toml
 
 The checkpoint is safetensors plus a JSON sidecar (architecture, classes, input normalisation, source
 data, SHA-256). ``pretrained='auto'`` in the run config finds it in the cache.
@@ -30,6 +30,7 @@ from fedsq_app.config import RunConfig
 from fedsq_app.data import (DatasetInfo, InputSpec, TensorData, channel_stats, decode, install_embedded_data,
                             load_dataset_split)
 from fedsq_app.dualcopy import state_dict_sha256
+from fedsq_app.leakage import overlaps
 from fedsq_app.models import MODEL_NAMES, build_model, save_checkpoint
 from fedsq_app.task import build_start_model, default_backbone_path
 from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
@@ -108,6 +109,11 @@ def calibrate(model_name: str, pretrained: str, dataset: str, proxy_split: str, 
     Every trial starts from the same pretrained backbone and the same seeded head and trains the plain
     network (the same transfer-learning step for every strategy), evaluating after each epoch.
     """
+    leaks = overlaps(pretrained, dataset, {"proxy split": proxy_split}, image_column=image_column,
+                     label_column=label_column)
+    if leaks:  # calibrating on data the backbone was trained on would pick the schedule on seen samples
+        raise ValueError(f"calibration on {dataset}: {'; '.join(leaks)} of {pretrained}: choose a proxy split "
+                         "disjoint from the pretraining split")
     source, classes = _load(dataset, proxy_split, max_samples, seed, image_column, label_column)
     data = decode(source)
     proxy_train, proxy_val = split_holdout(data, val_fraction, seed)
@@ -166,13 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     calib.add_argument("--calibrate", action="store_true", help="sweep the local lr/epochs and write a run config")
     calib.add_argument("--backbone", default=None,
                        help="calibrate this checkpoint (or 'imagenet') instead of pretraining one")
-    calib.add_argument("--proxy-split", default=None, help="calibration data (default: --split)")
+    calib.add_argument("--proxy-split", default=None,
+                       help="calibration data, disjoint from the pretraining split (required with --calibrate)")
     calib.add_argument("--proxy-max-samples", type=int, default=2000)
     calib.add_argument("--lrs", default="0.003,0.01,0.03,0.1", help="comma-separated local learning rates")
     calib.add_argument("--calibrate-epochs", type=int, default=2, help="try 1..N local epochs")
     calib.add_argument("--calibrate-batch-size", type=int, default=32, help="the run's batch-size")
     calib.add_argument("--run-config-out", default="calibrated.toml")
     args = parser.parse_args(argv)
+    if args.calibrate and not args.proxy_split:
+        parser.error("--calibrate needs --proxy-split: calibration data disjoint from the pretraining split "
+                     f"(--split '{args.split}'), e.g. --split 'train[:3000]' --proxy-split 'train[3000:6000]'")
     columns = dict(image_column=args.image_column, label_column=args.label_column)
     backbone = args.backbone
     if backbone is None:
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     elif not args.calibrate:
         parser.error("--backbone only makes sense with --calibrate")
     if args.calibrate:
-        calibrate(args.model, backbone, args.dataset, args.proxy_split or args.split,
+        calibrate(args.model, backbone, args.dataset, args.proxy_split,
                   lrs=tuple(float(x) for x in args.lrs.split(",")), max_epochs=args.calibrate_epochs,
                   batch_size=args.calibrate_batch_size, seed=args.seed, max_samples=args.proxy_max_samples,
                   out=args.run_config_out, **columns)

@@ -14,10 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsq_app.checkpoint import RunState, capture_rng, load_run_state, restore_rng, save_run_state, seed_everything
 from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.data import DataKey, dataset_info, partition_report, pool_and_validation, server_split
+from fedsq_app.data import (DataKey, dataset_info, partition_report, partitioned_pool, pool_and_validation,
+                            server_split)
+from fedsq_app.leakage import check_pretrain_overlap
 from fedsq_app.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.models import save_checkpoint
-from fedsq_app.strategy import FedSQ, FedSQAdam, ValidatedFedAdam, ValidatedFedAvg, ValidatedFedProx
+from fedsq_app.strategy import FedSQ, FedSQAdam, ReplyOutcome, ValidatedFedAdam, ValidatedFedAvg, ValidatedFedProx
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.train import evaluate, pick_device
 
@@ -25,10 +27,13 @@ app = ServerApp()
 
 
 def make_strategy(config: RunConfig, structural_sha256: str, max_examples: int | None = None) -> ValidatedFedAvg:
+    """``max_examples``: a fixed bound on num-examples when the run config sets none (None: no bound; a
+    silo's data is its own, so the server's pool says nothing about it; claims are clipped instead)."""
     common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
                   min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
                   min_valid_replies=config.min_valid_replies, max_update_norm_ratio=config.max_update_norm_ratio,
-                  max_examples=config.max_num_examples or max_examples)
+                  max_num_examples_ratio=config.max_num_examples_ratio, aggregation=config.aggregation,
+                  trim_fraction=config.trim_fraction, max_examples=config.max_num_examples or max_examples)
     adam = dict(server_lr=config.server_lr, beta_1=config.server_beta1, beta_2=config.server_beta2,
                 tau=config.server_tau)
     if config.strategy == "fedsq":
@@ -42,10 +47,23 @@ def make_strategy(config: RunConfig, structural_sha256: str, max_examples: int |
     return ValidatedFedAvg(**common)
 
 
-def rounds_to_best(val_accuracies: list[float]) -> int:
-    """First round (1-based) whose validation accuracy equals the best one."""
-    best = max(val_accuracies)
-    return val_accuracies.index(best) + 1
+def reply_record(outcome: ReplyOutcome, round_start: float) -> dict:
+    """One reply in results.json: who sent it, what it claimed, what the server did with it, and when it
+    was created relative to the round's start (by the node's clock: skew between machines shows here)."""
+    created = outcome.created_at
+    return {"node_id": outcome.node_id, "num_examples": outcome.num_examples, "weight": outcome.weight,
+            "train_loss": outcome.train_loss, "accepted": outcome.accepted, "reason": outcome.reason or None,
+            "reply_time_s": round(created - round_start, 3) if created else None}
+
+
+def label_report(data_key: DataKey, accepted: list, num_nodes: int, out_dir: Path) -> dict:
+    """How the server's pool splits over the nodes, unless the nodes are silos: a silo (``data-path``)
+    trains on its own data, which the server's pool says nothing about, so nothing is written for it."""
+    silos = sum(1 for reply in accepted if reply.metrics.get("silo"))
+    if silos:
+        return {"skipped": f"{silos} of {len(accepted)} accepted replies came from silos training on their own "
+                           "data (data-path): the server's pool split does not describe them"}
+    return partition_report(data_key, num_nodes, out_dir)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -104,11 +122,12 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "FedSQ app: strategy=%s model=%s dataset=%s -> %s", config.strategy, config.model,
         config.dataset, out_dir)
 
-    data_key, info, pool_size, validation = load_data(config)
+    data_key, info, _, validation = load_data(config)
     try:
         start = build_start_model(config, info)
     except FileNotFoundError as error:  # e.g. pretrained='auto' before `fedsq-prepare` ran
         raise ConfigError(f"pretrained='{config.pretrained}': {error}") from error
+    check_pretrain_overlap(config, start.pretrained_from)  # leakage: stops here, before any training
     structural_sha256 = start.sha256
     model = trainable_model(config, start)  # what is evaluated: the DualCopy for FedSQ, never Q alone
     device = pick_device(config.device)
@@ -116,7 +135,7 @@ def main(grid: Grid, context: Context) -> None:
     drift = DriftProbe(start.model, start.spec.prepare(validation.images[: config.probe_size])) \
         if config.probe_size else None
 
-    strategy = make_strategy(config, structural_sha256, max_examples=pool_size)
+    strategy = make_strategy(config, structural_sha256)
     arrays = global_arrays(model)
     train_config = ConfigRecord({"lr": config.lr, "local-epochs": config.local_epochs})
     config_json = {k.replace("_", "-"): v for k, v in vars(config).items()}
@@ -138,12 +157,15 @@ def main(grid: Grid, context: Context) -> None:
         results = {"config": config_json, "structural_sha256": structural_sha256,
                    "pretrained_from": start.pretrained_from, "num_classes": info.num_classes,
                    "validation_size": len(validation), "max_num_examples": strategy.max_examples, "rounds": []}
-        # How the pool splits over the nodes connected now (demo mode; silos with data-path have their own).
-        results["label_distribution"] = partition_report(data_key, len(list(grid.get_node_ids())), out_dir)
+        num_nodes = len(list(grid.get_node_ids()))
+        if num_nodes:
+            partitioned_pool(data_key, num_nodes)  # an impossible split stops the run before any training
+        # Written once the first accepted replies tell partitions (demo mode) from silos (data-path).
+        results["label_distribution"] = {"pending": "written after the first round with accepted replies"}
         val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
         results["initial"] = {"val_accuracy": val_acc, "val_loss": val_loss}
         log(INFO, "round 0: val_accuracy=%.4f val_loss=%.4f", val_acc, val_loss)
-        best_acc, best_round, best_arrays = -1.0, 0, arrays
+        best_acc, best_round, best_arrays = val_acc, 0, arrays  # round 0 competes: training may only hurt
         seed_everything(config.seed)  # node sampling (random.sample) is reproducible, and resumable
         first_round = 1
 
@@ -170,8 +192,12 @@ def main(grid: Grid, context: Context) -> None:
             "accepted": len(checked.accepted) if checked else 0,
             "rejected": len(checked.rejected) if checked else 0,
             "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
+            "replies": [reply_record(outcome, round_start) for outcome in checked.outcomes] if checked else [],
             "aggregated": new_arrays is not None, "wall_time_s": time.time() - round_start,
         }
+        if "pending" in results.get("label_distribution", {}) and checked and checked.accepted:
+            results["label_distribution"] = label_report(data_key, checked.accepted, len(list(grid.get_node_ids())),
+                                                         out_dir)
         record["bytes_per_client"] = arrays.count_bytes()  # each way: replies carry the same keys and shapes
         record.update(drift.measure(arrays) if drift else {})
         if val_acc > best_acc:
@@ -194,10 +220,9 @@ def main(grid: Grid, context: Context) -> None:
     # The test split is touched exactly once: with the best round's model.
     load_global_arrays(model, best_arrays)
     test_loss, test_acc = evaluate(model, server_split(data_key, "test"), start.spec, device=device)
-    accuracies = [r["val_accuracy"] for r in results["rounds"]]
     results.update(run_summary(results["rounds"]))
     results.update(best_val_accuracy=best_acc, best_round=best_round,
-                   rounds_to_best=rounds_to_best(accuracies) if accuracies else 0,
+                   rounds_to_best=best_round,
                    test_accuracy=test_acc, test_loss=test_loss, total_wall_time_s=time.time() - run_start)
     save_checkpoint(out_dir / "best_model.safetensors", best_arrays.to_torch_state_dict(),
                     {"model": config.model, "strategy": config.strategy, "round": best_round,

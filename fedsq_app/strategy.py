@@ -1,15 +1,18 @@
-"""Server-side aggregation: reply validation and sample-weighted averaging (pure functions), and thin
-Flower strategy classes that use them.
+"""Server-side aggregation: reply validation, the default defenses and robust averaging (pure functions),
+and thin Flower strategy classes that use them.
 
 Flower's own ``FedAvg`` ends the whole run when one reply has a different key set or lacks
 ``num-examples``, and it averages ``num_batches_tracked`` into a float. Here every reply is checked
-against the global model's keys, shapes and dtypes; a bad reply is dropped and logged, the round goes on.
+against the global model's keys, shapes, dtypes and magnitudes; a bad reply is dropped and logged, the
+round goes on. On by default, and tuned so that an honest federation never trips them (docs/RELIABILITY.md):
+a robust distance guard (median + MAD of the round's update distances) and a clip of each node's
+aggregation weight to a multiple of the round's median ``num-examples``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Iterable
 
@@ -19,9 +22,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
 
 ArraySpecs = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
 NUM_EXAMPLES = "num-examples"
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
+# An honest reply's arrays stay within this factor of the global model's largest |value| (floored at 1):
+# local SGD moves weights by far less, and BN running statistics are moving averages of batch statistics.
+# It stops finite poison (a weight at 1e30, everything x 1e6) even in rounds too small for the distance guard.
+MAGNITUDE_RATIO = 1e3
+# The distance guard's robust z: median + MAD_Z x 1.4826 x MAD is ~6 standard deviations for normal data.
+MAD_Z = 6.0
+MAD_TO_SIGMA = 1.4826
 
 
 def array_specs(arrays: ArrayRecord) -> ArraySpecs:
@@ -38,19 +51,54 @@ class CheckedReply:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """What the server made of one reply (results.json's ``replies``): claims are recorded only once the
+    reply parsed (a malformed reply's figures mean nothing)."""
+
+    node_id: int
+    accepted: bool
+    reason: str = ""  # why it was rejected; "" if accepted
+    num_examples: int | None = None  # as claimed
+    weight: int | None = None  # as used in the average (the claim, clipped); None if rejected
+    train_loss: float | None = None
+    created_at: float | None = None  # when the node created the reply (its clock), seconds since the epoch
+
+
 @dataclass
 class RoundReplies:
-    accepted: list[CheckedReply] = field(default_factory=list)
+    accepted: list[CheckedReply] = field(default_factory=list)  # weights already clipped
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node id, reason)
+    outcomes: list[ReplyOutcome] = field(default_factory=list)  # one per reply, in arrival order
 
 
-def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int | None = None) -> CheckedReply | str:
+def magnitude_bounds(template: dict[str, np.ndarray]) -> dict[str, float]:
+    """The largest |value| a reply may hold in each floating array: ``MAGNITUDE_RATIO`` x the global
+    model's largest |value| there, floored at 1 (a freshly zeroed bias still gets room to move)."""
+    return {key: MAGNITUDE_RATIO * max(float(np.max(np.abs(value), initial=0.0)), 1.0)
+            for key, value in template.items() if value.dtype.kind == "f"}
+
+
+def check_array_sanity(key: str, value: np.ndarray, bound: float | None) -> str:
+    """Why a finite floating array cannot be an honest update ("" if it can): a negative BN running
+    variance (evaluation would take its square root: NaN), or a value far beyond the global model's scale."""
+    if key.endswith("running_var") and value.size and float(value.min()) < 0:
+        return f"'{key}' holds a negative BN running variance ({float(value.min()):.4g})"
+    if bound is not None and value.size:
+        largest = float(np.max(np.abs(value)))
+        if largest > bound:
+            return f"'{key}' holds |value| {largest:.4g} > {bound:.4g} ({MAGNITUDE_RATIO:g} x the global model's scale)"
+    return ""
+
+
+def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int | None = None,
+                      bounds: dict[str, float] | None = None) -> CheckedReply | str:
     """Return the reply's checked contents, or the reason it must be rejected. Never raises.
 
     Accepted only if: no error; exactly one ArrayRecord (the expected keys, shapes and dtypes, every value
-    finite) and one MetricRecord (``num-examples`` a positive integer <= ``max_examples``, every metric a
-    finite number). ``max_examples`` is the sane bound on a node's dataset size (the server cannot see a
-    node's partition, so it uses the size of the whole federated pool: no honest node holds more).
+    finite, BN running variances >= 0, every floating array within ``bounds``, see ``magnitude_bounds``)
+    and one MetricRecord (``num-examples`` a positive integer <= ``max_examples`` if given, every metric a
+    finite number).
     """
     try:
         if message.has_error():
@@ -69,8 +117,12 @@ def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int 
             if tuple(array.shape) != shape or str(array.dtype) != dtype:
                 return f"'{key}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
             value = array.numpy()
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                return f"'{key}' holds NaN or Inf"
+            if value.dtype.kind == "f":
+                if not np.isfinite(value).all():
+                    return f"'{key}' holds NaN or Inf"
+                insane = check_array_sanity(key, value, (bounds or {}).get(key))
+                if insane:
+                    return insane
             values[key] = value
         num_examples = metrics.get(NUM_EXAMPLES)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int):
@@ -88,24 +140,6 @@ def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int 
         return f"malformed reply ({type(error).__name__}: {error})"
 
 
-def split_replies(replies: Iterable[Message], expected: ArraySpecs, max_examples: int | None = None) -> RoundReplies:
-    """Check every reply; accepted ones come back sorted by node id, so the aggregate does not depend
-    on the order in which replies happened to arrive (a resumed run then matches an uninterrupted one)."""
-    result = RoundReplies()
-    for message in replies:
-        checked = check_train_reply(message, expected, max_examples)
-        if isinstance(checked, CheckedReply):
-            result.accepted.append(checked)
-        else:
-            try:
-                node_id = int(message.metadata.src_node_id)
-            except Exception:
-                node_id = -1
-            result.rejected.append((node_id, checked))
-    result.accepted.sort(key=lambda reply: reply.node_id)  # stable: equal ids keep arrival order
-    return result
-
-
 def update_distance(reply: CheckedReply, template: dict[str, np.ndarray]) -> float:
     """L2 distance (float64, over every floating array) between a reply and the current global model."""
     total = 0.0
@@ -116,32 +150,151 @@ def update_distance(reply: CheckedReply, template: dict[str, np.ndarray]) -> flo
 
 
 def distance_outliers(replies: list[CheckedReply], template: dict[str, np.ndarray],
-                      max_ratio: float) -> list[tuple[CheckedReply, str]]:
-    """Replies whose distance from the global model exceeds ``max_ratio`` × the round's median distance.
+                      max_ratio: float, weights: list[int] | None = None) -> list[tuple[int, str]]:
+    """(index in ``replies``, reason) of each update too far from the global model to be honest.
 
+    Far means beyond both ``max_ratio`` x the round's median distance and median + ``MAD_Z`` robust
+    standard deviations (1.4826 x the median absolute deviation). The second term widens the bound when
+    honest updates are spread out, so honest rounds do not trip it; the first keeps a floor when they are
+    all alike (MAD near 0). A node with more data takes more local steps and moves further: with
+    ``weights`` (the clipped num-examples claims) a node's bound grows by sqrt(its weight / the median
+    weight) when above 1, so a large silo is not mistaken for an attacker (the clip caps that allowance).
     Off when ``max_ratio`` is 0, with fewer than 3 replies (a median of two is their mean: it cannot tell
     which one is the outlier) or when the median is 0 (nothing moved, no scale to compare with).
     """
     if max_ratio <= 0 or len(replies) < 3:
         return []
-    distances = [update_distance(reply, template) for reply in replies]
+    distances = np.array([update_distance(reply, template) for reply in replies])
     median = float(np.median(distances))
     if median <= 0:
         return []
-    return [(reply, f"update L2 distance {d:.4g} > {max_ratio:g} x the round's median {median:.4g}")
-            for reply, d in zip(replies, distances) if d > max_ratio * median]
+    mad = float(np.median(np.abs(distances - median)))
+    bound = max(max_ratio * median, median + MAD_Z * MAD_TO_SIGMA * mad)
+    weights = weights or [1] * len(replies)
+    median_weight = float(np.median(weights))
+    outliers = []
+    for i, (d, weight) in enumerate(zip(distances, weights)):
+        allowance = math.sqrt(max(1.0, weight / median_weight))
+        if d > bound * allowance:
+            outliers.append((i, f"update L2 distance {d:.4g} > {bound * allowance:.4g} (the round's median "
+                                f"{median:.4g}; bound = max({max_ratio:g} x median, median + {MAD_Z:g} x 1.4826 x "
+                                f"MAD {mad:.4g}) x sqrt(weight share) {allowance:.3g})"))
+    return outliers
+
+
+def clipped_weights(claims: list[int], max_ratio: float) -> list[int]:
+    """Each claimed ``num-examples`` clipped to ``max_ratio`` x the round's median claim (from 3 replies on).
+
+    Why a clip and not a weight fixed at a node's first claim: a first claim can already be a lie, and a
+    silo that reconnects gets a new node id; the clip bounds every node's share in every round. A large
+    honest node is never rejected, only weighted as ``max_ratio`` median nodes at most.
+    """
+    if max_ratio <= 0 or len(claims) < 3:
+        return list(claims)
+    cap = max(1, math.floor(max_ratio * float(np.median(claims))))
+    return [min(claim, cap) for claim in claims]
+
+
+def _node_id(message: Message) -> int:
+    try:
+        return int(message.metadata.src_node_id)
+    except Exception:
+        return -1
+
+
+def _created_at(message: Message) -> float | None:
+    try:
+        return float(message.metadata.created_at)
+    except Exception:
+        return None
 
 
 def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], *,
-                   max_examples: int | None = None, max_update_norm_ratio: float = 0.0) -> RoundReplies:
-    """All server-side checks of one round's training replies (pure): validation, then the distance guard."""
+                   max_examples: int | None = None, max_update_norm_ratio: float = 0.0,
+                   max_num_examples_ratio: float = 0.0, check_magnitudes: bool = True) -> RoundReplies:
+    """All server-side checks of one round's training replies (pure, never raises): validation (with
+    magnitude sanity), one accepted reply per node, the distance guard, then the weight clip.
+
+    Accepted replies come back sorted by node id, so nothing depends on the order in which replies
+    happened to arrive (a resumed run then matches an uninterrupted one). Replies are tracked by index,
+    never by equality (a CheckedReply holds numpy arrays, which do not compare to a single bool).
+    """
+    messages = list(replies)
     expected = {key: (tuple(value.shape), str(value.dtype)) for key, value in template.items()}
-    result = split_replies(replies, expected, max_examples)
-    outliers = distance_outliers(result.accepted, template, max_update_norm_ratio)
-    for reply, reason in outliers:
-        result.accepted.remove(reply)
-        result.rejected.append((reply.node_id, reason))
+    bounds = magnitude_bounds(template) if check_magnitudes else {}
+    checked = [check_train_reply(message, expected, max_examples, bounds) for message in messages]
+    reasons = {i: c for i, c in enumerate(checked) if isinstance(c, str)}
+    seen: set[int] = set()
+    for i, reply in enumerate(checked):
+        if i not in reasons:
+            if reply.node_id in seen:  # a second reply must not double a node's weight
+                reasons[i] = f"duplicate reply: node {reply.node_id} already sent one this round"
+            seen.add(reply.node_id)
+    candidates = sorted((i for i in range(len(messages)) if i not in reasons), key=lambda i: checked[i].node_id)
+    claims = clipped_weights([checked[i].num_examples for i in candidates], max_num_examples_ratio)
+    for position, reason in distance_outliers([checked[i] for i in candidates], template, max_update_norm_ratio,
+                                              claims):
+        reasons[candidates[position]] = reason
+    kept = [i for i in candidates if i not in reasons]
+    weights = dict(zip(kept, clipped_weights([checked[i].num_examples for i in kept], max_num_examples_ratio)))
+
+    result = RoundReplies()
+    result.accepted = [replace(checked[i], num_examples=weights[i]) for i in kept]
+    for i, message in enumerate(messages):
+        reply = checked[i] if isinstance(checked[i], CheckedReply) else None
+        node_id = reply.node_id if reply else _node_id(message)
+        if i in reasons:
+            result.rejected.append((node_id, reasons[i]))
+        result.outcomes.append(ReplyOutcome(
+            node_id=node_id, accepted=i not in reasons, reason=reasons.get(i, ""),
+            num_examples=reply.num_examples if reply else None, weight=weights.get(i),
+            train_loss=reply.metrics.get("train_loss") if reply else None, created_at=_created_at(message)))
     return result
+
+
+def split_replies(replies: Iterable[Message], expected: ArraySpecs, max_examples: int | None = None) -> RoundReplies:
+    """Validation alone (no magnitude bounds, guard or clip): ``screen_replies`` is what strategies use."""
+    template = {key: np.zeros(shape, dtype=dtype) for key, (shape, dtype) in expected.items()}
+    return screen_replies(replies, template, max_examples=max_examples, check_magnitudes=False)
+
+
+def median_average(replies: list[CheckedReply], template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Coordinate-wise median of every floating array (Flower's FedMedian maths; claims play no part)."""
+    return _per_coordinate(replies, template, lambda stack: np.median(stack, axis=0))
+
+
+def trimmed_average(replies: list[CheckedReply], template: dict[str, np.ndarray],
+                    trim_fraction: float) -> dict[str, np.ndarray]:
+    """Coordinate-wise trimmed mean (Flower's FedTrimmedAvg ``trim_mean``): the int(trim_fraction x n)
+    largest and smallest values of each coordinate are dropped. With few replies that may drop none."""
+    return _per_coordinate(replies, template, lambda stack: trim_mean(stack, trim_fraction))
+
+
+def _per_coordinate(replies: list[CheckedReply], template: dict[str, np.ndarray], reduce) -> dict[str, np.ndarray]:
+    if not replies:
+        raise ValueError("a robust average needs at least one reply")
+    replies = sorted(replies, key=lambda r: r.node_id)  # np.median / partition do not depend on order anyway
+    result = {}
+    for key, current in template.items():
+        if current.dtype.kind != "f":  # counters (num_batches_tracked): the server's value is kept
+            result[key] = current.copy()
+            continue
+        stack = np.stack([reply.arrays[key].astype(np.float64) for reply in replies])
+        result[key] = np.asarray(reduce(stack)).astype(current.dtype).reshape(current.shape)
+    return result
+
+
+def aggregate(replies: list[CheckedReply], template: dict[str, np.ndarray], method: str = "mean",
+              trim_fraction: float = 0.2) -> dict[str, np.ndarray]:
+    """The round's new arrays: the weighted mean (FedAvg), or a Byzantine-robust coordinate-wise
+    median / trimmed mean, on whatever travels (Q for FedSQ, the whole network otherwise)."""
+    if method == "median":
+        return median_average(replies, template)
+    if method == "trimmed-mean":
+        return trimmed_average(replies, template, trim_fraction)
+    if method != "mean":
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {method!r}")
+    return weighted_average(replies, template)
 
 
 def canonical_order(replies: list[CheckedReply]) -> list[CheckedReply]:
@@ -187,15 +340,23 @@ def weighted_metrics(replies: list[CheckedReply]) -> dict[str, float]:
 class ValidatedFedAvg(FedAvg):
     """FedAvg whose ``aggregate_train`` validates every reply and never lets one bad reply end the run.
 
-    Used as is for the FedAvg baseline. Keeps a per-round log of accepted and rejected replies.
+    Used as is for the FedAvg baseline. Keeps a per-round log of accepted and rejected replies. The
+    defaults are the run config's: distance guard and weight clip on, plain (weighted) mean;
+    ``aggregation`` 'median' or 'trimmed-mean' makes the average Byzantine-robust.
     """
 
     def __init__(self, *, min_valid_replies: int = 1, max_examples: int | None = None,
-                 max_update_norm_ratio: float = 0.0, **fedavg_kwargs) -> None:
+                 max_update_norm_ratio: float = 5.0, max_num_examples_ratio: float = 5.0,
+                 aggregation: str = "mean", trim_fraction: float = 0.2, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         self.min_valid_replies = min_valid_replies
         self.max_examples = max_examples
         self.max_update_norm_ratio = max_update_norm_ratio
+        self.max_num_examples_ratio = max_num_examples_ratio
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
 
@@ -223,16 +384,21 @@ class ValidatedFedAvg(FedAvg):
         assert self.current_arrays is not None, "configure_train must run before aggregate_train"
         template = {k: a.numpy() for k, a in self.current_arrays.items()}
         checked = screen_replies(list(replies), template, max_examples=self.max_examples,
-                                 max_update_norm_ratio=self.max_update_norm_ratio)
+                                 max_update_norm_ratio=self.max_update_norm_ratio,
+                                 max_num_examples_ratio=self.max_num_examples_ratio)
         self.round_replies[server_round] = checked
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:
             log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
+        for outcome in checked.outcomes:
+            if outcome.accepted and outcome.weight != outcome.num_examples:
+                log(INFO, "\t> node %s claims num-examples=%s, weighted as %s (%g x the round's median claim)",
+                    outcome.node_id, outcome.num_examples, outcome.weight, self.max_num_examples_ratio)
         if len(checked.accepted) < self.min_valid_replies:
             log(WARNING, "round %d: %d valid replies < minimum %d; keeping the previous global model",
                 server_round, len(checked.accepted), self.min_valid_replies)
             return None, None
-        averaged = weighted_average(checked.accepted, template)
+        averaged = aggregate(checked.accepted, template, self.aggregation, self.trim_fraction)
         arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
         return arrays, MetricRecord(weighted_metrics(checked.accepted))
 

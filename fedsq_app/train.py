@@ -31,6 +31,7 @@ class TrainResult:
     train_loss: float  # mean cross-entropy over all samples seen in training
     num_examples: int  # size of the local dataset (the aggregation weight)
     steps: int
+    skipped: int = 0  # samples left out because they would have formed a one-sample batch (BatchNorm)
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -46,11 +47,25 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
-def _batches(num_samples: int, batch_size: int, generator: torch.Generator):
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
+def step_plan(num_samples: int, batch_size: int, epochs: int, drop_single: bool) -> tuple[int, int]:
+    """(optimiser steps, samples skipped) of a local run. ``drop_single``: one-sample batches are skipped
+    (BatchNorm in train mode normalises a batch by its own statistics; one sample has none worth using)."""
+    full, rest = divmod(num_samples, batch_size)
+    if drop_single and batch_size == 1:
+        return 0, num_samples * epochs
+    single_rest = drop_single and rest == 1
+    return epochs * (full + (1 if rest and not single_rest else 0)), epochs * (1 if single_rest else 0)
+
+
+def _batches(num_samples: int, batch_size: int, generator: torch.Generator, drop_single: bool):
     order = torch.randperm(num_samples, generator=generator)
     for start in range(0, num_samples, batch_size):
         batch = order[start : start + batch_size]
-        if len(batch) > 1 or num_samples == 1:  # BatchNorm cannot train on a batch of one
+        if len(batch) > 1 or not drop_single:  # counted in step_plan's ``skipped``
             yield batch
 
 
@@ -71,6 +86,13 @@ def train_local(
     the usual stateless-client choice. ``mask_cache``: S's masks by sample index (``fedsq_app.maskcache``);
     ``amp``: see ``autocast``.
     """
+    drop_single = has_batchnorm(model)
+    planned, skipped = step_plan(len(data), schedule.batch_size, schedule.epochs, drop_single)
+    if planned == 0:  # refuse a silent no-op: the reply would carry an unchanged model as if trained
+        why = ("the model has BatchNorm, which cannot train on one-sample batches: use batch-size >= 2 and "
+               "at least 2 samples") if drop_single and len(data) else "there is nothing to train on"
+        raise ValueError(f"zero training steps: {len(data)} sample(s), batch-size={schedule.batch_size}, "
+                         f"{schedule.epochs} epoch(s); {why}")
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=schedule.lr, momentum=schedule.momentum,
@@ -80,7 +102,7 @@ def train_local(
     images, labels = data.images.to(device), data.labels.to(device)
     loss_sum, seen, steps = 0.0, 0, 0
     for _ in range(schedule.epochs):
-        for batch in _batches(len(data), schedule.batch_size, generator):
+        for batch in _batches(len(data), schedule.batch_size, generator, drop_single):
             rows = batch.to(device)
             with autocast(device, amp):
                 logits = maskcache.forward(model, spec.prepare(images[rows]), batch, mask_cache)
@@ -97,7 +119,7 @@ def train_local(
             steps += 1
     if seen and not torch.isfinite(torch.tensor(loss_sum)):
         raise FloatingPointError(f"local training diverged (loss is {loss_sum}); lower lr")
-    return TrainResult(train_loss=loss_sum / max(seen, 1), num_examples=len(data), steps=steps)
+    return TrainResult(train_loss=loss_sum / max(seen, 1), num_examples=len(data), steps=steps, skipped=skipped)
 
 
 @torch.no_grad()

@@ -73,7 +73,7 @@ def test_pretrain_writes_safetensors_and_metadata(backbone, idx_data):
 
 def test_calibration_writes_a_run_config_every_strategy_can_use(backbone, idx_data, tmp_path):
     out = tmp_path / "calibrated.toml"
-    result = calibrate("smallcnn", backbone, idx_data, "train[:300]", lrs=(0.01, 0.1), max_epochs=2,
+    result = calibrate("smallcnn", backbone, idx_data, "train[300:600]", lrs=(0.01, 0.1), max_epochs=2,
                        batch_size=16, out=out)
     assert len(result["trials"]) == 4  # 2 learning rates x epochs 1..2
     chosen = tomllib.loads(out.read_text())
