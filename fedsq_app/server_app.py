@@ -19,9 +19,11 @@ from fedsq_app.data import (DataKey, dataset_info, partition_report, partitioned
 from fedsq_app.leakage import check_pretrain_overlap
 from fedsq_app.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.models import save_checkpoint
-from fedsq_app.strategy import FedSQ, FedSQAdam, ReplyOutcome, ValidatedFedAdam, ValidatedFedAvg, ValidatedFedProx
+from fedsq_app.strategy import (FedSQ, FedSQAdam, FedSQMomentum, FedSQWarmup, ReplyOutcome, ValidatedFedAdam,
+                                ValidatedFedAvg, ValidatedFedProx)
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.train import evaluate, pick_device
+from fedsq_app.warmup import switch_to_structural
 
 app = ServerApp()
 
@@ -40,6 +42,10 @@ def make_strategy(config: RunConfig, structural_sha256: str, max_examples: int |
         return FedSQ(structural_sha256=structural_sha256, **common)
     if config.strategy == "fedsq-adam":  # an extension beyond the paper: Adam's server step on Q
         return FedSQAdam(structural_sha256=structural_sha256, **adam, **common)
+    if config.strategy == "fedsq-m":  # beyond the paper: FedAvgM's server momentum on Q
+        return FedSQMomentum(structural_sha256=structural_sha256, server_momentum=config.server_momentum, **common)
+    if config.strategy == "fedsq-warmup":  # beyond the paper: FedAvg first, then S frozen at the global model
+        return FedSQWarmup(structural_sha256=structural_sha256, warmup_rounds=config.warmup_rounds, **common)
     if config.strategy == "fedprox":
         return ValidatedFedProx(proximal_mu=config.proximal_mu, **common)
     if config.strategy == "fedadam":
@@ -80,6 +86,25 @@ def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     # np.ascontiguousarray would turn 0-d arrays (BN's num_batches_tracked) into shape (1,)
     return ArrayRecord({key: Array(value if value.flags.c_contiguous else value.copy(order="C"))
                         for key, value in arrays.items()})
+
+
+def send_and_receive(grid: Grid, messages: list, timeout: float | None, poll_s: float = 0.2) -> list:
+    """``grid.send_and_receive``, but Flower's deployment grid (HttpGrid) pulls replies only every 3 s, so a
+    round would end up to 3 s after its last reply: pull every ``poll_s`` instead (one cheap request to the
+    local SuperLink). Same result: the replies that arrived before ``timeout``. Other grids (simulation,
+    tests) poll fast already and are used as they are."""
+    if type(grid).__name__ != "HttpGrid":
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    end = None if timeout is None else time.time() + timeout
+    replies: list = []
+    while waiting and (end is None or time.time() < end):
+        arrived = list(grid.pull_messages(waiting))
+        replies.extend(arrived)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        if waiting:
+            time.sleep(poll_s)
+    return replies
 
 
 def load_data(config: RunConfig):
@@ -150,6 +175,9 @@ def main(grid: Grid, context: Context) -> None:
         arrays = _to_record(state.arrays)
         best_acc, best_round, best_arrays = state.best_val_accuracy, state.best_round, _to_record(state.best_arrays)
         strategy.load_state_dict(state.strategy_arrays, state.strategy_info)
+        if isinstance(strategy, FedSQWarmup) and strategy.structural is not None:  # resumed after the switch
+            load_global_arrays(model, strategy.structural)
+            model = switch_to_structural(model)[0]
         restore_rng(state.rng["info"], state.rng["arrays"])  # last: the setup above must not move the RNGs
         first_round = state.round + 1
         log(INFO, "resuming from %s after round %d", config.resume_from, state.round)
@@ -174,11 +202,16 @@ def main(grid: Grid, context: Context) -> None:
         round_start = time.time()
         log(INFO, "[ROUND %d/%d]", server_round, config.num_server_rounds)
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        named_sha256 = getattr(strategy, "structural_sha256", None)  # the S this round's config names (FedSQ)
+        replies = send_and_receive(grid, messages, timeout=config.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         load_global_arrays(model, arrays)
+        if isinstance(strategy, FedSQWarmup) and server_round == config.warmup_rounds:
+            model, structural, sha = switch_to_structural(model)  # S changes here, and only here
+            strategy.switch(structural, sha)
+            log(INFO, "fedsq-warmup: S frozen at the global model of round %d (sha256 %s...)", server_round, sha[:12])
         val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
         checked = strategy.round_replies.get(server_round)
         train_loss = train_metrics.get("train_loss") if train_metrics else None
@@ -192,9 +225,11 @@ def main(grid: Grid, context: Context) -> None:
             "accepted": len(checked.accepted) if checked else 0,
             "rejected": len(checked.rejected) if checked else 0,
             "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
-            "replies": [reply_record(outcome, round_start) for outcome in checked.outcomes] if checked else [],
+            "replies": [reply_record(o, round_start) for o in _content_order(checked.outcomes)] if checked else [],
             "aggregated": new_arrays is not None, "wall_time_s": time.time() - round_start,
         }
+        if named_sha256 is not None:
+            record["structural_sha256"] = named_sha256
         if "pending" in results.get("label_distribution", {}) and checked and checked.accepted:
             results["label_distribution"] = label_report(data_key, checked.accepted, len(list(grid.get_node_ids())),
                                                          out_dir)
@@ -216,6 +251,12 @@ def main(grid: Grid, context: Context) -> None:
             strategy_arrays=strategy_arrays, strategy_info=strategy_info,
             rng={"info": rng_info, "arrays": rng_arrays}))
         write_json_atomic(out_dir / "results.json", results)
+        if config.patience and server_round - best_round >= config.patience:
+            # Uncensored rounds-to-best: the best round is followed by `patience` rounds that did not beat it.
+            results["stopped_early"] = {"after_round": server_round, "patience": config.patience}
+            log(INFO, "no new best validation accuracy for %d rounds: stopping after round %d",
+                config.patience, server_round)
+            break
 
     # The test split is touched exactly once: with the best round's model.
     load_global_arrays(model, best_arrays)
@@ -233,6 +274,12 @@ def main(grid: Grid, context: Context) -> None:
     write_rounds_csv(out_dir / "rounds.csv", results["rounds"])
     log(INFO, "best val_accuracy=%.4f at round %d; test_accuracy=%.4f; results in %s", best_acc, best_round,
         test_acc, out_dir / "results.json")
+
+
+def _content_order(outcomes: list) -> list:
+    """Replies by what they say (not by arrival or engine-drawn node id), so a seeded run's results.json
+    repeats exactly; the node id still tells which silo sent which reply."""
+    return sorted(outcomes, key=lambda o: (not o.accepted, o.num_examples or 0, o.train_loss or 0.0, o.reason))
 
 
 def _src_node(message) -> int:
