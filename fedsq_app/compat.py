@@ -1,6 +1,6 @@
 """``fedsq-perf compat``: which torchvision classification models DualCopy accepts, and what gating costs.
 
-    fedsq-perf compat [--models resnet18 vgg11 ...] [--batch 32] [--rounds 7] [--size 64]
+    fedsq-perf compat [--models resnet18 vgg11 ...] [--batch 32] [--rounds 9] [--size 64] [--threads N]
 
 Every model is built with random weights (no download) and BN statistics randomised as a pretrained
 model's are (so eval BN is not a no-op). For each: DualCopy's verdict, and the exact
@@ -8,7 +8,7 @@ model's are (so eval BN is not a no-op). For each: DualCopy's verdict, and the e
 difference| between ``DualCopy(model)`` and ``model``, both in eval mode, fp32), the number of gates (ReLU
 calls per forward), the mask bits per sample (1 per ReLU unit, 2 per ReLU6 unit), and the step ratio: a
 full training step (forward, loss, backward, SGD) of DualCopy over the plain model's, medians of steps
-timed interleaved (``fedsq-perf steps``'s timer), on a batch of ``--size`` px images. Prints figures; the
+timed interleaved (``fedsq-perf steps``'s timer; the median of the per-round ratios), on a batch of ``--size`` px images. Prints figures; the
 table in docs/LIBRARY.md comes from this command. Never a test: ratios depend on the machine.
 """
 
@@ -68,13 +68,15 @@ def compat_row(name: str, *, size: int, batch: int, rounds: int) -> dict:
     cases = [Case("plain", _train_step(copy.deepcopy(model), x, y)), Case("fedsq", _train_step(dual, x, y))]
     times = time_cases(cases, rounds)
     plain, fedsq = statistics.median(times["plain"]), statistics.median(times["fedsq"])
-    row.update(plain_ms=round(plain * 1e3, 1), fedsq_ms=round(fedsq * 1e3, 1), step_ratio=round(fedsq / plain, 3))
+    # Median of per-round ratios: the two steps of a round run back to back, so load changes cancel.
+    paired = statistics.median(f / p for f, p in zip(times["fedsq"], times["plain"]))
+    row.update(plain_ms=round(plain * 1e3, 1), fedsq_ms=round(fedsq * 1e3, 1), step_ratio=round(paired, 3))
     return row
 
 
 def markdown(rows: list[dict], batch: int) -> str:
     lines = ["| model | input | DualCopy | max \\|logit diff\\| at init | gates | mask bits/sample | "
-             f"step ratio (batch {batch}) | message when refused |", "|---|---|---|---|---|---|---|---|"]
+             f"step ratio (batch {batch}; plain → FedSQ ms) | message when refused |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["accepted"]:
             lines.append(f"| {r['model']} | {r['input']} | accepted | {r['identity_max_abs']:.2g} | {r['gates']} | "
@@ -94,7 +96,8 @@ def main(args: argparse.Namespace) -> None:
         progress.set_postfix_str(name)
         rows.append(compat_row(name, size=args.size, batch=args.batch, rounds=args.rounds))
         tqdm.write(json.dumps(rows[-1]))
-    print(f"\n`fedsq-perf compat --batch {args.batch} --rounds {args.rounds} --size {args.size}`\n")
+    print(f"\n`fedsq-perf compat --batch {args.batch} --rounds {args.rounds} --size {args.size} "
+          f"--threads {args.threads}`\n")
     print(markdown(rows, args.batch))
 
 
@@ -103,4 +106,5 @@ def add_parser(sub) -> None:
     p.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     p.add_argument("--size", type=int, default=64, help="input size in px")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=7, help="timed steps per model and variant (after 2 warm-up)")
+    p.add_argument("--rounds", type=int, default=9, help="timed steps per model and variant (after 2 warm-up)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
