@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from flwr.app import Context
 from flwr.clientapp import ClientApp
@@ -24,21 +24,34 @@ def _with_run_config(context: Context, run_config: Mapping[str, Any]) -> Context
                    state=context.state, run_config={**context.run_config, **run_config})
 
 
-def simulate(run_config: Mapping[str, Any], num_supernodes: int, *, num_cpus: int = 2,
-             cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> dict:
-    """Simulate one run; returns its parsed results.json (raises if the run wrote none)."""
-    config = RunConfig.from_mapping(run_config)  # fail here, not inside a Ray actor
+def apps_with_run_config(run_config: Mapping[str, Any], main: Callable, train: Callable,
+                         evaluate: Callable | None = None) -> tuple[ServerApp, ClientApp]:
+    """A ServerApp and a ClientApp that call an app's own ``main``/``train``/``evaluate`` functions (the ones
+    its ``@app.main()``... decorators registered) with ``run_config`` merged into every Context."""
     run_config = dict(run_config)
     server, client = ServerApp(), ClientApp()
 
     @server.main()
     def _main(grid, context):
-        server_app.main(grid, _with_run_config(context, run_config))
+        main(grid, _with_run_config(context, run_config))
 
     @client.train()
     def _train(msg, context):
-        return client_app.train(msg, _with_run_config(context, run_config))
+        return train(msg, _with_run_config(context, run_config))
 
+    if evaluate is not None:
+        @client.evaluate()
+        def _evaluate(msg, context):
+            return evaluate(msg, _with_run_config(context, run_config))
+
+    return server, client
+
+
+def simulate(run_config: Mapping[str, Any], num_supernodes: int, *, num_cpus: int = 2,
+             cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> dict:
+    """Simulate one run; returns its parsed results.json (raises if the run wrote none)."""
+    config = RunConfig.from_mapping(run_config)  # fail here, not inside a Ray actor
+    server, client = apps_with_run_config(run_config, server_app.main, client_app.train)
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"
     results_file.unlink(missing_ok=True)
     run_simulation(server_app=server, client_app=client, num_supernodes=num_supernodes,

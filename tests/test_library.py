@@ -86,12 +86,10 @@ def test_quickstart_net_is_refused_for_its_functional_relus(tmp_path):
 
 def test_example_app_runs_two_rounds_in_simulation(tmp_path, monkeypatch):
     """The doc's FedSQ app, written to a temporary directory, runs 2 rounds on 2 nodes (Ray backend)."""
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
     from safetensors.torch import load_file
 
-    from fedsq_app.simulation import _with_run_config
+    from fedsq_app.simulation import apps_with_run_config
 
     files = example_files()
     for path, (_, fedsq) in files.items():
@@ -118,20 +116,8 @@ def test_example_app_runs_two_rounds_in_simulation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(server_module, "FedSQ", RecordingFedSQ)
     # run_simulation hands the apps an empty run config: inject the doc's pyproject's.
-    server, client = ServerApp(), ClientApp()
-
-    @server.main()
-    def _main(grid, context):
-        server_module.main(grid, _with_run_config(context, run_config))
-
-    @client.train()
-    def _train(msg, context):
-        return client_module.train(msg, _with_run_config(context, run_config))
-
-    @client.evaluate()
-    def _evaluate(msg, context):
-        return client_module.evaluate(msg, _with_run_config(context, run_config))
-
+    server, client = apps_with_run_config(run_config, server_module.main, client_module.train,
+                                          client_module.evaluate)
     run_simulation(server_app=server, client_app=client, num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "logging_level": "ERROR"}})
