@@ -112,7 +112,7 @@ def functional_activation_calls(model: nn.Module) -> list[tuple[str, str]] | Non
             continue
         if function:
             stack = node.meta.get("nn_module_stack") or {}
-            calls.append((next(reversed(stack)) if stack else "", function))
+            calls.append((next(reversed(stack.values()))[0] if stack else "", function))  # (path, type)
     return calls
 
 
@@ -123,8 +123,9 @@ def _functional_refusal(model: nn.Module, calls: list[tuple[str, str]]) -> str:
         counts[call] = counts.get(call, 0) + 1
     where = []
     for (path, function), count in counts.items():
-        owner = f"module '{path}' ({type(modules[path]).__name__})" if path else \
-            f"the model ({type(model).__name__})"
+        module = modules.get(path)
+        owner = f"the model ({type(model).__name__})" if not path else \
+            f"module '{path}'" + (f" ({type(module).__name__})" if module is not None else "")
         where.append(f"{owner} calls {function}" + (f" {count} times" if count > 1 else "") + " in its forward")
     return ("; ".join(where[:4]) + (f"; and {len(where) - 4} more modules" if len(where) > 4 else "")
             + ": DualCopy gates only nn.ReLU/nn.ReLU6 *modules*, so such a call would stay an ungated "
