@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import functools
 import traceback
+from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch import nn
 
+from fedsq_app import warmup
 from fedsq_app.config import NodeConfig, RunConfig
 from fedsq_app.data import DataKey, InputSpec, node_data, node_info
-from fedsq_app.maskcache import client_cache
+from fedsq_app.dualcopy import DualCopy
+from fedsq_app.maskcache import choose_mask_cache, client_cache
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
 
@@ -39,6 +43,20 @@ def node_salt(node: NodeConfig, context: Context) -> int:
     return node.partition_id
 
 
+_LOGGED_MASK_CACHE: set = set()
+
+
+def _log_mask_cache_once(key: tuple, cache, why: str) -> None:
+    """Say once per client and process whether S's masks were cached, and why."""
+    state = "on" if cache is not None and not cache.disabled_reason else "off"
+    if cache is not None and cache.disabled_reason:
+        why = cache.disabled_reason
+    if (key, state) not in _LOGGED_MASK_CACHE:
+        _LOGGED_MASK_CACHE.add((key, state))
+        size = f", {cache.nbytes / 2**20:.1f} MiB" if state == "on" else ""
+        log(INFO, "mask cache %s for partition %d (%s%s)", state, key[2].partition_id, why, size)
+
+
 def _error_reply(msg: Message, reason: str) -> Message:
     return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
 
@@ -51,6 +69,8 @@ def train(msg: Message, context: Context) -> Message:
         model, spec, structural_sha256 = local_model(config, node.data_path)
         server_config = msg.content.config_records.get("config", {})
         expected_sha = server_config.get("structural-sha256")
+        if config.strategy == "fedsq-warmup":  # plain during the warm-up, then gated by the S the server names
+            model, structural_sha256 = warmup.client_model(model, structural_sha256, expected_sha, msg, context.state)
         if expected_sha is not None and expected_sha != structural_sha256:
             return _error_reply(msg, f"structural copy mismatch: server S sha256={expected_sha}, "
                                      f"this node's S sha256={structural_sha256}; use the same pretrained backbone")
@@ -59,15 +79,18 @@ def train(msg: Message, context: Context) -> Message:
         server_round = int(server_config.get("server-round", 0))
         # FedProx's mu comes from the server, as Flower's FedProx sends it (absent: plain local SGD).
         schedule = LocalSchedule(config.local_epochs, config.batch_size, config.lr, config.momentum,
-                                 config.weight_decay, proximal_mu=float(server_config.get("proximal-mu", 0.0)))
+                                 config.weight_decay, proximal_mu=float(server_config.get("proximal-mu", 0.0)),
+                                 augment=config.augment)
         seed = config.seed * 100_003 + server_round * 1_009 + node_salt(node, context)
         torch.manual_seed(seed)  # dropout etc.: a node's update depends only on (seed, round, partition)
-        cache = None
-        if config.mask_cache == "on" and config.uses_dualcopy:  # per client: its S, its data, its inputs
-            key = (structural_sha256, spec, node, DataKey.of(config), config.device)
-            cache = client_cache(key, len(data), config.mask_cache_max_mb)
+        use_cache, why = choose_mask_cache(config.mask_cache, getattr(config, "augment", False),
+                                           isinstance(model, DualCopy))
+        # Per client: its S, its data, its inputs. A new S (sha) or input spec is a new key, never old masks.
+        key = (structural_sha256, spec, node, DataKey.of(config), config.device)
+        cache = client_cache(key, len(data), config.mask_cache_max_mb) if use_cache else None
         result = train_local(model, data, spec, schedule, device=pick_device(config.device), seed=seed,
                              mask_cache=cache, amp=config.amp)
+        _log_mask_cache_once(key, cache, why)
         metrics = {"train_loss": result.train_loss, "num-examples": result.num_examples}
         if node.data_path:
             metrics["silo"] = 1  # the server then writes no label distribution of its own pool for this run

@@ -13,7 +13,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-STRATEGIES = ("fedsq", "fedavg", "fedprox", "fedadam", "fedsq-adam")  # fedsq-adam: beyond the paper
+# Beyond the paper: fedsq-adam (FedAdam's server step on Q), fedsq-m (FedAvgM's server momentum on Q),
+# fedsq-warmup (warmup-rounds of FedAvg, then S frozen at that global model and FedSQ from there).
+STRATEGIES = ("fedsq", "fedavg", "fedprox", "fedadam", "fedsq-adam", "fedsq-m", "fedsq-warmup")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 MODELS = ("smallcnn", "resnet18", "alexnet")
 
@@ -70,8 +72,16 @@ class RunConfig:
     server_beta2: float = 0.99
     server_tau: float = 0.001  # Adam's adaptivity (Flower's tau)
     probe_size: int = 64  # validation images for the per-round gate-disagreement diagnostic; 0 = off
+    server_momentum: float = 0.5  # fedsq-m: FedAvgM's server momentum on Q (server learning rate 1)
+    warmup_rounds: int = 2  # fedsq-warmup: FedAvg rounds before S is frozen at the global model
+    patience: int = 0  # > 0: stop after this many rounds without a new best validation accuracy; 0 = off
+    val_seed: int = -1  # -1 = seed; >= 0 fixes the validation split (and max-train-samples subset) across seeds
+    classes: str = ""  # "" = all labels; "5-9" or "5,6,7": keep these labels only, remapped to 0..k-1
+    # Paper preset on a GPU (docs/RESULTS.md).
+    augment: bool = False  # random crop (4 px padding) + horizontal flip of training images
+    input_size: int = 0  # 0 = the backbone's default; e.g. 224 for ImageNet weights at their native size
     # Performance (docs/PERFORMANCE.md).
-    mask_cache: str = "off"  # on: cache S's masks bit-packed per client (no augmentation: they never change)
+    mask_cache: str = "auto"  # S's masks cached per client; auto: on when exact (no augmentation) and they fit
     mask_cache_max_mb: float = 1024.0  # cap on all mask caches of one process; over it: S runs every step
     amp: str = "off"  # bf16: Q under bfloat16 autocast, S's masks still decided in fp32
 
@@ -147,10 +157,23 @@ class RunConfig:
         _at_least("num-classes", self.num_classes, 0)
         if not self.train_split or not self.test_split:
             raise ConfigError("train-split and test-split must not be empty")
-        _choice("mask-cache", self.mask_cache, ("off", "on"))
+        _choice("mask-cache", self.mask_cache, ("auto", "on", "off"))
+        if self.mask_cache == "on" and getattr(self, "augment", False):
+            raise ConfigError("mask-cache='on' with augment=true: augmentation changes every image each epoch, "
+                              "so cached masks would be wrong; use mask-cache='auto' (off under augmentation)")
         if self.mask_cache_max_mb < 0:
             raise ConfigError(f"mask-cache-max-mb must be >= 0, got {self.mask_cache_max_mb}")
         _choice("amp", self.amp, ("off", "bf16"))
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
+        _at_least("warmup-rounds", self.warmup_rounds, 1)
+        _at_least("patience", self.patience, 0)
+        _at_least("val-seed", self.val_seed, -1)
+        _at_least("input-size", self.input_size, 0)
+        if self.input_size and self.model == "smallcnn":
+            raise ConfigError("input-size is for resnet18/alexnet (ImageNet weights); smallcnn's head is sized for "
+                              "its data's native resolution: leave input-size = 0")
+        parse_classes(self.classes)  # raises on a malformed list
 
     def check_server_paths(self) -> None:
         """Paths only the server reads (a client's run config carries them too, but they are not its own)."""
@@ -166,7 +189,8 @@ class RunConfig:
 
     @property
     def uses_dualcopy(self) -> bool:
-        return self.strategy in ("fedsq", "fedsq-adam")
+        """FedSQ from round 1 (fedsq-warmup starts as a plain network and gates only after its switch)."""
+        return self.strategy in ("fedsq", "fedsq-adam", "fedsq-m")
 
     def resolved_run_name(self) -> str:
         dataset = re.sub(r"[^A-Za-z0-9.-]+", "_", self.dataset).strip("_")  # paths and Hub ids -> file name
@@ -215,6 +239,21 @@ def cache_dir() -> Path:
         return Path(os.environ["FEDSQ_CACHE_DIR"]).expanduser().resolve()
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return (base / "fedsq").resolve()
+
+
+def parse_classes(text: str) -> tuple[int, ...]:
+    """``classes``: "" (all), "5-9", "5,6,7,8,9" or a mix ("0-2,7"); sorted labels, each once."""
+    labels: set[int] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        low, dash, high = item.partition("-")
+        try:
+            values = range(int(low), int(high) + 1) if dash else [int(item)]
+        except ValueError:
+            raise ConfigError(f"classes='{text}': '{item}' is not a label or a range like 5-9") from None
+        if not values or min(values) < 0:
+            raise ConfigError(f"classes='{text}': '{item}' is an empty range or a negative label")
+        labels.update(values)
+    return tuple(sorted(labels))
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

@@ -35,16 +35,18 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from datasets import Array2D, Array3D, ClassLabel, Dataset, Features, Image, Value
-from datasets import DatasetInfo as DatasetInfoHF
-from datasets.features.features import Array2DExtensionType
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
-from fedsq_app.config import ConfigError, NodeConfig, RunConfig, cache_dir
+from fedsq_app.config import ConfigError, NodeConfig, RunConfig, cache_dir, parse_classes
+
+if TYPE_CHECKING:  # datasets, pyarrow and flwr_datasets (with pandas, matplotlib) cost seconds to import: a
+    # ClientApp whose partition is in its on-disk cache (fedsq_app/partcache.py) never imports them.
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -90,6 +92,11 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------- datasets
 def images_to_dataset(images: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> Dataset:
     """A ``datasets.Dataset`` with an ``image`` (H×W uint8) and a ClassLabel ``label`` column."""
+    import pyarrow as pa
+    from datasets import Array2D, ClassLabel, Dataset, Features
+    from datasets import DatasetInfo as DatasetInfoHF
+    from datasets.features.features import Array2DExtensionType
+
     _, height, width = images.shape
     features = Features({"image": Array2D((height, width), "uint8"), "label": ClassLabel(names=list(class_names))})
     # Straight into Arrow (about 10x faster than Dataset.from_dict, which walks every row in Python).
@@ -322,6 +329,8 @@ def _detect_column(dataset: Dataset, wanted: str, candidates: tuple[str, ...], w
 def normalise_columns(dataset: Dataset, image_column: str = "", label_column: str = "",
                       where: str = "the dataset") -> Dataset:
     """Keep just an ``image`` and an integer/ClassLabel ``label`` column, whatever the source called them."""
+    from datasets import Array2D, Array3D, ClassLabel, Image, Value
+
     image = _detect_column(dataset, image_column, IMAGE_COLUMNS, "image", "image-column", where,
                            (Image, Array2D, Array3D))
     label = _detect_column(dataset, label_column, LABEL_COLUMNS, "label", "label-column", where, (ClassLabel,))
@@ -400,14 +409,42 @@ def _local_split(source: Source, name: str, image_column: str, label_column: str
 
 
 def load_split(config: RunConfig, split: str) -> Dataset:
-    """``split`` ('train' / 'test' map to the run config's ``train-split`` / ``test-split``) of ``dataset``."""
+    """``split`` ('train' / 'test' map to the run config's ``train-split`` / ``test-split``) of ``dataset``,
+    restricted to the run config's ``classes``."""
     split = {"train": config.train_split, "test": config.test_split}.get(split, split)
-    return load_dataset_split(config.dataset, split, image_column=config.image_column,
-                              label_column=config.label_column)
+    dataset = load_dataset_split(config.dataset, split, image_column=config.image_column,
+                                 label_column=config.label_column)
+    return select_classes(dataset, config.classes)
+
+
+def select_classes(dataset: Dataset, classes: str) -> Dataset:
+    """Keep only the labels named by ``classes`` ("5-9", "5,6,7"; "" = all) and renumber them 0..k-1 in
+    sorted order: a task on a disjoint part of the label space gets its own, smaller head."""
+    from datasets import ClassLabel
+
+    wanted = parse_classes(classes)
+    if not wanted:
+        return dataset
+    labels = np.asarray(dataset.with_format("numpy")["label"], dtype=np.int64)
+    missing = sorted(set(wanted) - set(labels.tolist()))
+    if missing:
+        raise DataError(f"classes='{classes}': labels {missing} do not occur in this split "
+                        f"(it has {sorted(set(labels.tolist()))})")
+    feature = dataset.features["label"]
+    names = [feature.names[c] if isinstance(feature, ClassLabel) else str(c) for c in wanted]
+    remap = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+    remap[list(wanted)] = np.arange(len(wanted))
+    kept = dataset.select(np.flatnonzero(remap[labels] >= 0))
+    features = kept.features.copy()
+    features["label"] = ClassLabel(names=names)
+    return kept.map(lambda batch: {"label": remap[np.asarray(batch["label"])]}, batched=True,
+                    features=features, load_from_cache_file=False, keep_in_memory=True)
 
 
 def _split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Stratified when possible (ClassLabel with enough samples per class), else a plain random split."""
+    from datasets import ClassLabel
+
     if len(dataset) < 2:
         raise DataError(f"cannot hold out a split from {len(dataset)} sample(s)")
     stratify = "label" if isinstance(dataset.features["label"], ClassLabel) else None
@@ -440,6 +477,8 @@ def _pil_images(images: list) -> np.ndarray:
 
 def decode(dataset: Dataset) -> TensorData:
     """Decode a whole split once: no PIL decode per epoch, no reload per round."""
+    from datasets import Image
+
     if len(dataset) == 0:
         raise DataError("cannot decode an empty dataset")
     if isinstance(dataset.features["image"], Image):
@@ -498,12 +537,20 @@ class DataKey:
     label_column: str = ""
     train_split: str = "train"
     test_split: str = "test"
+    val_seed: int = -1  # -1 = seed
+    classes: str = ""
 
     @classmethod
     def of(cls, config: RunConfig) -> DataKey:
         return cls(config.dataset, config.partitioner, config.alpha, config.min_partition_size, config.seed,
                    config.val_fraction, config.max_train_samples, config.classes_per_client,
-                   config.image_column, config.label_column, config.train_split, config.test_split)
+                   config.image_column, config.label_column, config.train_split, config.test_split,
+                   config.val_seed, config.classes)
+
+    @property
+    def split_seed(self) -> int:
+        """Seeds the max-train-samples subset and the validation split: fixed across seeds if val-seed >= 0."""
+        return self.seed if self.val_seed < 0 else self.val_seed
 
 
 def _config_of(key: DataKey) -> RunConfig:
@@ -511,7 +558,8 @@ def _config_of(key: DataKey) -> RunConfig:
                      min_partition_size=key.min_partition_size, seed=key.seed,
                      val_fraction=key.val_fraction, max_train_samples=key.max_train_samples,
                      classes_per_client=key.classes_per_client, image_column=key.image_column,
-                     label_column=key.label_column, train_split=key.train_split, test_split=key.test_split)
+                     label_column=key.label_column, train_split=key.train_split, test_split=key.test_split,
+                     val_seed=key.val_seed, classes=key.classes)
 
 
 @functools.lru_cache(maxsize=4)
@@ -519,11 +567,13 @@ def pool_and_validation(key: DataKey) -> tuple[Dataset, Dataset]:
     """Split the train split into the federated pool and the server's validation set (disjoint)."""
     train = load_split(_config_of(key), "train")
     if key.max_train_samples and key.max_train_samples < len(train):
-        train = train.shuffle(seed=key.seed).select(range(key.max_train_samples))
-    return _split_dataset(train, key.val_fraction, key.seed)
+        train = train.shuffle(seed=key.split_seed).select(range(key.max_train_samples))
+    return _split_dataset(train, key.val_fraction, key.split_seed)
 
 
 def make_partitioner(key: DataKey, num_partitions: int) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     if key.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if key.partitioner == "pathological":
@@ -607,6 +657,8 @@ class DatasetInfo:
 
 
 def _num_classes(dataset: Dataset) -> int:
+    from datasets import ClassLabel
+
     label = dataset.features["label"]
     return label.num_classes if isinstance(label, ClassLabel) else int(max(dataset["label"])) + 1
 
@@ -664,14 +716,21 @@ def save_partition_report(key: DataKey, num_partitions: int, out_dir: str | Path
 
 # ---------------------------------------------------------------------------------------------- per node
 def node_data(config: RunConfig, node: NodeConfig) -> TensorData:
-    """A ClientApp's training data: its silo's own data (``data-path``), else its partition of ``dataset``."""
-    if node.data_path:
-        return silo_partition(node.data_path, config.image_column, config.label_column)
-    return client_partition(DataKey.of(config), node.partition_id, node.num_partitions)
+    """A ClientApp's training data: its silo's own data (``data-path``), else its partition of ``dataset``.
+
+    Read from the node's on-disk cache (fedsq_app/partcache.py) when it holds this exact partition: a fresh
+    ClientApp process then never imports datasets.
+    """
+    from fedsq_app import partcache
+
+    return partcache.node_partition(DataKey.of(config), node)
 
 
 def node_info(config: RunConfig, node: NodeConfig) -> DatasetInfo:
     """What a ClientApp needs to build its model; a silo never reads the run's (server's) dataset."""
-    if node.data_path:
-        return silo_info(node.data_path, config.image_column, config.label_column)
-    return dataset_info(DataKey.of(config))
+    from fedsq_app import partcache
+
+    if node.data_path:  # channels and size of the silo's own images; classes from the run config or backbone
+        images = node_data(config, node).images
+        return DatasetInfo(0, images.shape[1], images.shape[-1])
+    return partcache.pool_info(DataKey.of(config))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from fedsq_app.config import RunConfig
 from fedsq_app.data import (DatasetInfo, InputSpec, TensorData, channel_stats, decode, install_embedded_data,
-                            load_dataset_split)
+                            load_dataset_split, select_classes)
 from fedsq_app.dualcopy import state_dict_sha256
 from fedsq_app.leakage import overlaps
 from fedsq_app.models import MODEL_NAMES, build_model, save_checkpoint
@@ -44,8 +44,10 @@ def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[TensorD
             TensorData(data.images[order[cut:]], data.labels[order[cut:]]))
 
 
-def _load(dataset: str, split: str, max_samples: int, seed: int, image_column: str, label_column: str):
-    source = load_dataset_split(dataset, split, image_column=image_column, label_column=label_column)
+def _load(dataset: str, split: str, max_samples: int, seed: int, image_column: str, label_column: str,
+          classes: str = ""):
+    source = select_classes(load_dataset_split(dataset, split, image_column=image_column,
+                                               label_column=label_column), classes)
     if max_samples and max_samples < len(source):
         source = source.shuffle(seed=seed).select(range(max_samples))
     label = source.features["label"]
@@ -56,11 +58,18 @@ def _load(dataset: str, split: str, max_samples: int, seed: int, image_column: s
 def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain", *, epochs: int = 8,
              lr: float = 0.05, batch_size: int = 64, seed: int = 0, out: str | None = None,
              holdout_fraction: float = 0.1, max_samples: int = 0, image_column: str = "",
-             label_column: str = "") -> str:
-    """Train ``model_name`` on ``dataset``/``split`` and write the checkpoint; returns its path."""
+             label_column: str = "", classes: str = "") -> str:
+    """Train ``model_name`` on ``dataset``/``split`` and write the checkpoint; returns its path.
+
+    ``classes`` ("0-4", "0,1,2"): pretrain on these labels only, renumbered 0..k-1 as the run config's
+    ``classes`` does; a run on a disjoint set of classes is then a cross-domain transfer with a new head.
+    """
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model '{model_name}'; choose one of {', '.join(MODEL_NAMES)}")
-    source, classes = _load(dataset, split, max_samples, seed, image_column, label_column)
+    if classes and out is None:
+        raise ValueError("a backbone pretrained on a subset of the classes needs its own --out path "
+                         "(pretrained='auto' stands for the backbone of all classes)")
+    source, class_names = _load(dataset, split, max_samples, seed, image_column, label_column, classes)
     data = decode(source)
     train_data, holdout = split_holdout(data, holdout_fraction, seed)
 
@@ -70,7 +79,7 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     if in_channels != channels:  # grey images fed to a 3-channel network: same statistics per channel
         mean, std = mean * in_channels, std * in_channels
     spec = InputSpec(in_channels, 64 if model_name == "alexnet" and size < 64 else 0, mean, std)
-    num_classes = len(classes) if classes else int(data.labels.max()) + 1
+    num_classes = len(class_names) if class_names else int(data.labels.max()) + 1
     small_stem = model_name == "resnet18" and size <= 32
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes, in_channels=in_channels, small_stem=small_stem)
@@ -86,10 +95,10 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
     path = out or str(default_backbone_path(model_name, dataset))
     metadata = {
-        "model": model_name, "num_classes": num_classes, "small_stem": small_stem, "classes": classes,
+        "model": model_name, "num_classes": num_classes, "small_stem": small_stem, "classes": class_names,
         "input": {"channels": spec.channels, "size": spec.size, "mean": list(spec.mean), "std": list(spec.std)},
         "source_data": {"dataset": dataset, "split": split, "samples": len(train_data),
-                        "holdout_samples": len(holdout), "max_samples": max_samples},
+                        "holdout_samples": len(holdout), "max_samples": max_samples, "label_subset": classes},
         "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "holdout_accuracy": accuracy, "holdout_loss": loss, "wall_time_s": time.time() - started},
         "sha256": state_dict_sha256(state_dict),
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-samples", type=int, default=0, help="random subset of the split (0 = all)")
     parser.add_argument("--image-column", default="")
     parser.add_argument("--label-column", default="")
+    parser.add_argument("--classes", default="",
+                        help="pretrain on these labels only, e.g. 0-4 (renumbered 0..k-1, as run config classes)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if backbone is None:
         backbone = pretrain(args.model, args.dataset, args.split, epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, seed=args.seed, out=args.out, max_samples=args.max_samples,
-                            **columns)
+                            classes=args.classes, **columns)
     elif not args.calibrate:
         parser.error("--backbone only makes sense with --calibrate")
     if args.calibrate:

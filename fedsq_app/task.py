@@ -6,7 +6,7 @@ the head initialisation and the input preprocessing are identical everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -110,6 +110,8 @@ def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
             ((0.5,) * in_channels, (0.5,) * in_channels)
         spec = InputSpec(in_channels, int(inputs.get("size", default_size)),
                          tuple(inputs.get("mean", default_mean)), tuple(inputs.get("std", default_std)))
+    if config.input_size:  # e.g. 224: ImageNet weights at the resolution they were trained at
+        spec = replace(spec, size=config.input_size)
     reset_head(model, config.model, head_seed=config.seed)
     return StartModel(model, spec, source)
 

@@ -24,6 +24,7 @@ class LocalSchedule:
     momentum: float
     weight_decay: float
     proximal_mu: float = 0.0  # FedProx: (mu/2)·||w - w_global||² on the trained parameters
+    augment: bool = False  # random crop (4 px zero padding) + horizontal flip of every training batch
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,21 @@ def _batches(num_samples: int, batch_size: int, generator: torch.Generator, drop
             yield batch
 
 
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The paper preset's augmentation: per image, a random crop of the zero-padded (normalised) image at its
+    own size and a horizontal flip with probability 1/2; drawn from ``generator``, so runs are reproducible."""
+    n, channels, height, width = x.shape
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = torch.arange(height)[None, :] + dy[:, None]
+    cols = torch.arange(width)[None, :] + dx[:, None]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    index = (torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None],
+             rows[:, None, :, None], cols[:, None, None, :])
+    return padded[tuple(i.to(x.device) for i in index)]
+
+
 def train_local(
     model: nn.Module,
     data: TensorData,
@@ -105,7 +121,10 @@ def train_local(
         for batch in _batches(len(data), schedule.batch_size, generator, drop_single):
             rows = batch.to(device)
             with autocast(device, amp):
-                logits = maskcache.forward(model, spec.prepare(images[rows]), batch, mask_cache)
+                inputs = spec.prepare(images[rows])
+                if schedule.augment:
+                    inputs = augment_batch(inputs, generator)
+                logits = maskcache.forward(model, inputs, batch, mask_cache)
                 loss = F.cross_entropy(logits, labels[rows])
             objective = loss
             if anchor is not None:

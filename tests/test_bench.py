@@ -1,7 +1,9 @@
 """Baselines (FedProx, FedAdam) and the benchmark grid: reports, resume, μ tuning."""
 
 import json
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from flwr.serverapp.strategy import FedAdam
 
 from conftest import TINY_RUN
-from fedsq_app.bench import Preset, Setup, run_grid, write_report
+from fedsq_app.bench import Cell, Preset, Setup, main_cells, run_grid, write_report
 from fedsq_app.strategy import ValidatedFedAdam, ValidatedFedProx, parameter_keys
 
 
@@ -204,3 +206,304 @@ def test_fedsq_adam_sends_the_structural_hash_and_steps_q():
     new, _ = strategy.aggregate_train(1, replies)
     assert 1.0 < float(new["w"].numpy()[0, 0]) < 2.0  # an Adam step towards the average, not the average
     np.testing.assert_array_equal(new["bn.running_var"].numpy(), np.full(2, 3.0, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_paired_t_matches_the_t_table_and_the_verdicts_follow_the_ci():
+    from fedsq_app.bench import paired_test, student_t_cdf, student_t_quantile, verdict
+
+    # Two-sided 95 % critical values of Student's t (any table): df 1, 2, 4, 9, 30.
+    for df, expected in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
+        assert student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert student_t_cdf(0.0, 7) == pytest.approx(0.5) and student_t_cdf(-2.7764, 4) == pytest.approx(0.025, abs=1e-5)
+    test = paired_test([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, sd √2.5, t = 4.243 on 4 df
+    assert test["n"] == 5 and test["mean"] == pytest.approx(3.0)
+    assert (test["low"], test["high"]) == pytest.approx((3 - 2.7764 * 2.5 ** 0.5 / 5 ** 0.5,
+                                                         3 + 2.7764 * 2.5 ** 0.5 / 5 ** 0.5), abs=1e-3)
+    assert test["p"] == pytest.approx(0.01324, abs=1e-4)
+    assert verdict(test, +1) == "✓" and verdict(test, -1) == "✗"
+    straddles = paired_test([-1.0, 2.0, 0.5, -0.5, 1.0])
+    assert verdict(straddles, +1) == verdict(straddles, -1) == "≈"
+    assert verdict(paired_test([0.2, 0.3, 0.1]), +1, -0.5) == "✓"  # a margin: non-inferiority
+    assert verdict(paired_test([1.0]), +1) == "–"  # one seed: no interval, no verdict
+
+
+def _curve_simulation(curves: dict):
+    """A fake ``simulate`` whose validation curve is ``curves[strategy](seed)``."""
+
+    def simulate(run_config, num_supernodes, **kwargs):
+        curve = curves[run_config["strategy"]](run_config["seed"])
+        folder = Path(run_config["out-dir"]) / run_config["run-name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps({
+            "config": {"dataset": run_config["dataset"], "patience": 2}, "initial": {"val_accuracy": 0.1},
+            "test_accuracy": max(curve), "stopped_early": {"after_round": len(curve)},
+            "rounds": [{"round": i + 1, "val_accuracy": a, "wall_time_s": 1.0} for i, a in enumerate(curve)]}))
+
+    return simulate
+
+
+def test_claims_come_from_paired_cis_over_seeds(tmp_path):
+    preset = Preset(setups=(Setup("smallcnn"),), strategies=("fedsq", "fedavg", "fedsq-m"), partitions=("0.1",),
+                    epochs=(1,), seeds=(0, 1, 2, 3, 4), num_clients=3, base={"num-server-rounds": 8})
+    jitter = [0.00, 0.02, -0.01, 0.01, -0.02]  # per seed, shared by all strategies: the pairing removes it
+    curves = {
+        # FedSQ: 1 pp above FedAvg on every seed, best 4 rounds earlier; fedsq-m: a coin flip around FedAvg.
+        "fedavg": lambda seed: [0.5, 0.6, 0.7, 0.75, 0.78, 0.79, 0.8 + jitter[seed], 0.79],
+        "fedsq": lambda seed: [0.6, 0.7, 0.81 + jitter[seed], 0.80, 0.80, 0.79],
+        "fedsq-m": lambda seed: [0.5, 0.6, 0.7, 0.75, 0.78, 0.79, 0.8 + jitter[seed] + (-1) ** seed * 0.01, 0.79],
+    }
+    run_grid(preset, tmp_path, simulate_fn=_curve_simulation(curves))
+    write_report(preset, tmp_path)
+    from fedsq_app.bench import add_time_to_accuracy, cell_row, claim_checks, main_cells, paired_comparisons
+
+    rows = [cell_row(c, json.loads((tmp_path / "cells" / c.name / "results.json").read_text()), 5)
+            for c in main_cells(preset, tmp_path / "cells")]
+    add_time_to_accuracy(rows)
+    comparisons = paired_comparisons(rows)
+    bva = next(c for c in comparisons if (c["candidate"], c["baseline"], c["metric"])
+               == ("fedsq", "fedavg", "best_val_accuracy"))
+    assert bva["n"] == 5 and bva["mean"] == pytest.approx(1.0) and bva["low"] == pytest.approx(1.0)
+    checks = {c["candidate"]: c for c in claim_checks(comparisons)}
+    assert checks["fedsq"]["cells"]["BVA vs FedAvg (pp)"][1] == "✓"
+    assert checks["fedsq"]["cells"]["rounds-to-best vs FedAvg"][1] == "✓"
+    assert checks["fedsq-m"]["cells"]["BVA vs FedAvg (pp)"][1] == "≈"
+    assert checks["fedsq"]["three_rounds_earlier"] is False  # no FedProx in this grid: not against both
+    # Time to 95 % of FedAvg's BVA: FedSQ reaches 0.95 × 0.8 at round 2 (0.7 < 0.76 at jitter 0... per seed).
+    fedsq_rows = [r for r in rows if r["strategy"] == "fedsq"]
+    assert all(r["tta_0.95"] <= 3 and not r["still_improving"] for r in fedsq_rows)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "✓ +1.0 [+1.0, +1.0]" in markdown and "no candidate in any setting" in markdown
+    assert (tmp_path / "paired.csv").is_file() and (tmp_path / "paired_differences.png").is_file()
+    assert "embedded" in (tmp_path / "cells.csv").read_text().splitlines()[1]  # the dataset each cell used
+
+
+def test_still_improving_and_time_to_accuracy():
+    from fedsq_app.bench import rounds_to_reach, still_improving
+
+    assert rounds_to_reach([0.5, 0.7, 0.9], 0.7) == 2 and rounds_to_reach([0.5], 0.9) is None
+    assert still_improving([0.5, 0.6, 0.7], {"config": {"patience": 3}})  # best in the last 3 rounds, no stop
+    assert not still_improving([0.7, 0.6, 0.6, 0.6], {"config": {"patience": 3}})
+    assert not still_improving([0.5, 0.7], {"stopped_early": {"after_round": 2}})
+    assert still_improving([0.5, 0.7], {"config": {"patience": 0}})  # no rule: best at the end = censored
+
+
+# ---------------------------------------------------------------------------------------------- --set
+def _args(*argv):
+    from fedsq_app.bench import main  # noqa: F401 (the parser lives in main; build it the same way)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--preset", "--out", "--model", "--dataset", "--engine"):
+        parser.add_argument(flag)
+    for flag in ("--strategies", "--partitions", "--seeds", "--epochs", "--mu-grid", "--tune-on"):
+        parser.add_argument(flag, nargs="+")
+    for flag in ("--clients", "--rounds", "--max-train-samples", "--num-cpus"):
+        parser.add_argument(flag, type=int)
+    parser.add_argument("--gpus-per-client", type=float)
+    parser.add_argument("--set", action="append")
+    parser.add_argument("--report-only", action="store_true")
+    return parser.parse_args(list(argv))
+
+
+def test_set_takes_toml_values_and_wins_over_the_preset(fedsq_cache, tmp_path):
+    from fedsq_app.bench import build_preset, parse_set
+
+    assert parse_set(["pretrained='/a b/c.safetensors'", "lr=0.01", "classes=5", "augment=true",
+                      "dataset=idx:/data/fm", 'run-name-x="q"']) == {
+        "pretrained": "/a b/c.safetensors", "lr": 0.01, "classes": "5", "augment": True, "dataset": "idx:/data/fm",
+        "run-name-x": "q"}
+    backbone = next((fedsq_cache / "backbones").glob("smallcnn-embedded*.safetensors"))
+    preset = build_preset(_args("--preset", "paper", "--out", str(tmp_path), "--set", "model=smallcnn",
+                                "--set", "dataset=embedded", "--set", f"pretrained='{backbone}'", "--set", "lr=0.02"))
+    assert [s.name for s in preset.setups] == ["smallcnn-embedded"]  # four paper setups became one
+    cell = main_cells(preset, tmp_path)[0]
+    config = cell.run_config(preset, tmp_path)
+    assert (config["model"], config["dataset"], config["pretrained"], config["lr"]) == \
+        ("smallcnn", "embedded", str(backbone), 0.02)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("bogus=1", "unknown run-config key 'bogus'"),
+    ("pretrained='/no/such.safetensors'", "no such checkpoint file"),
+    ("classes=42", "labels [42] do not occur"),
+    ("seed=3", "use --seeds"),
+])
+def test_bad_settings_are_refused_once_before_the_grid(fedsq_cache, tmp_path, setting, message):
+    from fedsq_app.bench import build_preset
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        build_preset(_args("--preset", "fmnist-paired", "--out", str(tmp_path), "--set", setting))
+    assert not (tmp_path / "cells").exists()  # nothing ran
+
+
+def test_every_preset_builds_valid_run_configs():
+    from fedsq_app.bench import PRESETS
+    from fedsq_app.config import RunConfig
+
+    for name, preset in PRESETS.items():
+        for setup in preset.setups:
+            for strategy in preset.strategies:
+                cell = Cell(setup, strategy, preset.partitions[-1], preset.epochs[0], preset.seeds[0])
+                config = RunConfig.from_mapping(cell.run_config(preset, Path("cells")))
+                assert config.strategy == strategy, name
+    paper = PRESETS["paper-full"]
+    assert {s.dataset for s in paper.setups} == {"flwrlabs/cinic10", "uoft-cs/cifar100"}
+    assert {s.model for s in paper.setups} == {"resnet18", "alexnet"} and paper.engine == "ray"
+    assert all(s.overrides["augment"] is True and s.overrides["input-size"] == 224 for s in paper.setups)
+    assert len(PRESETS["fmnist-paired"].seeds) >= 5 and PRESETS["fmnist-paired"].base["val-seed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def test_fedsq_momentum_steps_q_with_flowers_fedavgm_maths():
+    from flwr.serverapp.strategy import FedAvgM
+
+    from fedsq_app.strategy import FedSQMomentum
+
+    rng = np.random.default_rng(1)
+    current = {"conv.weight": rng.normal(size=(3, 2)).astype(np.float32),
+               "bn.running_mean": np.zeros(3, np.float32), "bn.num_batches_tracked": np.array(5, np.int64)}
+    strategy = FedSQMomentum(structural_sha256="cd" * 32, server_momentum=0.5, min_train_nodes=2,
+                             min_available_nodes=2)
+    reference = FedAvgM(server_momentum=0.5, min_train_nodes=2, min_available_nodes=2)
+    for server_round in (1, 2, 3):
+        clients = [{"conv.weight": current["conv.weight"] + rng.normal(size=(3, 2)).astype(np.float32) * 0.1,
+                    "bn.running_mean": np.full(3, float(i + 1), np.float32),
+                    "bn.num_batches_tracked": np.array(50, np.int64)} for i in range(2)]
+        messages = list(strategy.configure_train(server_round, ArrayRecord({k: Array(v) for k, v in current.items()}),
+                                                 ConfigRecord(), _Grid()))
+        assert all(m.content["config"]["structural-sha256"] == "cd" * 32 for m in messages)
+        list(reference.configure_train(server_round, ArrayRecord({"conv.weight": Array(current["conv.weight"])}),
+                                       ConfigRecord(), _Grid()))
+        new, _ = strategy.aggregate_train(server_round, [_reply(c, n, i) for i, (c, n) in
+                                                         enumerate(zip(clients, (10, 30)))])
+        expected, _ = reference.aggregate_train(server_round, [_reply({"conv.weight": c["conv.weight"]}, n, i)
+                                                               for i, (c, n) in enumerate(zip(clients, (10, 30)))])
+        new = {k: a.numpy() for k, a in new.items()}
+        np.testing.assert_allclose(new["conv.weight"], expected["conv.weight"].numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(new["bn.running_mean"], np.full(3, 1.75, np.float32))  # averaged, no momentum
+        assert int(new["bn.num_batches_tracked"]) == 5
+        current = new
+    arrays, info = strategy.state_dict()  # the momentum vector goes into the checkpoint and comes back
+    restored = FedSQMomentum(structural_sha256="cd" * 32, server_momentum=0.5)
+    restored.load_state_dict(arrays, info)
+    np.testing.assert_array_equal(restored.momentum.momentum_vector[0], strategy.momentum.momentum_vector[0])
+
+
+def test_fedsq_warmup_switches_s_exactly_once(fedsq_cache, tmp_path):
+    """2 warm-up rounds of FedAvg, then S = that global model: its hash travels and changes once; S's arrays
+    go to each node once; from then on the nodes gate with it (their S hash matches the server's)."""
+    from fedsq_app import warmup
+    from fedsq_app.dualcopy import DualCopy
+    from fedsq_app.inprocess import InProcessGrid
+    from fedsq_app.server_app import main as server_main
+
+    sent = []
+
+    class Recording(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            sent.append([(m.content["config"]["structural-sha256"], warmup.STRUCTURAL_RECORD in m.content)
+                         for m in messages])
+            return super().send_and_receive(messages, timeout=timeout)
+
+    config = {**TINY_RUN, "strategy": "fedsq-warmup", "warmup-rounds": 2, "num-server-rounds": 4,
+              "max-train-samples": 200, "probe-size": 0, "out-dir": str(tmp_path), "run-name": "w"}
+    grid = Recording(config, 3)
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    hashes = [{sha for sha, _ in round_} for round_ in sent]
+    assert all(len(h) == 1 for h in hashes)  # every node is named the same S in a round
+    hashes = [h.pop() for h in hashes]
+    assert hashes[0] == hashes[1] != hashes[2] == hashes[3]  # the switch, after round 2, and only then
+    assert [[carried for _, carried in round_] for round_ in sent] == [[False] * 3, [False] * 3, [True] * 3,
+                                                                       [False] * 3]
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert [r["structural_sha256"] for r in results["rounds"]] == hashes
+    assert all(r["accepted"] == 3 for r in results["rounds"])  # every node verified and used the new S
+    gated = warmup._gated[hashes[2]]
+    assert isinstance(gated, DualCopy) and gated.structural_sha256() == hashes[2]
+
+
+def test_patience_stops_a_run_and_records_it(fedsq_cache, tmp_path):
+    from fedsq_app.inprocess import simulate_in_process
+
+    results = simulate_in_process({**TINY_RUN, "num-server-rounds": 6, "patience": 2, "lr": 1e-6, "probe-size": 0,
+                                   "max-train-samples": 200, "out-dir": str(tmp_path), "run-name": "p"}, 2)
+    curve = [results["initial"]["val_accuracy"]] + [r["val_accuracy"] for r in results["rounds"]]
+    # A learning rate too small to matter: no new best for 2 rounds comes long before round 6.
+    best = max(range(len(curve)), key=lambda i: (curve[i], -i))  # round 0 competes; the first best counts
+    assert len(curve) - 1 < 6 and results["stopped_early"] == {"after_round": len(curve) - 1, "patience": 2}
+    assert len(curve) - 1 - best == 2
+
+
+# ---------------------------------------------------------------------------------------------- classes
+def test_classes_filters_and_renumbers_labels(fedsq_cache):
+    from fedsq_app.config import ConfigError, RunConfig, parse_classes
+    from fedsq_app.data import DataKey, dataset_info, load_split, pool_and_validation
+
+    assert parse_classes("5-9") == parse_classes("5,6,7,8,9") == parse_classes("9, 5-8") == (5, 6, 7, 8, 9)
+    with pytest.raises(ConfigError, match="classes"):
+        RunConfig.from_mapping({"classes": "5-x"})
+    full, subset = load_split(RunConfig(), "test"), load_split(RunConfig(classes="5-9"), "test")
+    wanted = [i for i, label in enumerate(full["label"]) if label >= 5]
+    assert len(subset) == len(wanted) and sorted(set(subset["label"])) == [0, 1, 2, 3, 4]
+    assert subset["label"] == [full["label"][i] - 5 for i in wanted]  # order kept, labels renumbered
+    assert subset.features["label"].names == list(full.features["label"].names[5:])
+    key = DataKey.of(RunConfig(classes="5-9", max_train_samples=400))
+    assert dataset_info(key).num_classes == 5 and len(pool_and_validation(key)[0]) == 360
+
+
+def test_val_seed_fixes_the_validation_split_across_seeds(fedsq_cache):
+    from fedsq_app.config import RunConfig
+    from fedsq_app.data import DataKey, pool_and_validation, server_split
+
+    def validation(seed, val_seed):
+        return server_split(DataKey.of(RunConfig(seed=seed, val_seed=val_seed, max_train_samples=300)), "validation")
+
+    assert torch_equal(validation(1, 0).images, validation(2, 0).images)
+    assert not torch_equal(validation(1, -1).images, validation(2, -1).images)  # default: redrawn per seed
+    pools = [pool_and_validation(DataKey.of(RunConfig(seed=s, val_seed=0, max_train_samples=300)))[0] for s in (1, 2)]
+    assert pools[0]["label"] == pools[1]["label"]
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_pretrain_on_a_class_subset(fedsq_cache, tmp_path):
+    from fedsq_app.models import load_checkpoint
+    from fedsq_app.pretrain import main as pretrain_main
+
+    out = tmp_path / "b.safetensors"
+    pretrain_main(["--classes", "0-4", "--epochs", "1", "--max-samples", "500", "--out", str(out)])
+    _, meta = load_checkpoint(str(out))
+    assert meta["num_classes"] == 5 and meta["source_data"]["label_subset"] == "0-4"
+    assert meta["classes"] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
+
+
+# ---------------------------------------------------------------------------------------------- paper preset
+def test_augmentation_crops_and_flips_reproducibly():
+    import torch
+
+    from fedsq_app.train import augment_batch
+
+    x = torch.randn(16, 3, 8, 8)
+    out = augment_batch(x, torch.Generator().manual_seed(3))
+    again = augment_batch(x, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and torch.equal(out, again)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(16):  # every image is one crop of its padded self, flipped or not
+        crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
+    assert not torch.equal(out, x)
+
+
+def test_input_size_sets_the_backbones_resolution():
+    from fedsq_app.config import ConfigError, RunConfig
+    from fedsq_app.data import DatasetInfo
+    from fedsq_app.task import build_start_model
+
+    start = build_start_model(RunConfig(model="resnet18", pretrained="none", input_size=48), DatasetInfo(10, 3, 32))
+    assert start.spec.size == 48
+    with pytest.raises(ConfigError, match="input-size"):
+        RunConfig.from_mapping({"model": "smallcnn", "input-size": 224})
