@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Measure FedSQ round times in a loopback deployment (TLS + SuperNode auth, 2 SuperNodes) and in a Flower
 # simulation with the same app, data split and run config, one after the other on this machine.
+# The deployment-vs-simulation benchmark (3 SuperNodes, TLS off, ratio printed, several app versions side by
+# side) is `fedsq-perf deploy` (fedsq_app/perf_cold.py); this script is its TLS + node-auth variant, and
+# the recipe for silos with their own data (SILO_NODE_CONFIGS).
 #
 #   deploy/measure-rounds.sh [RUN_CONFIG_OVERRIDES]
 #   deploy/measure-rounds.sh "num-server-rounds=4 max-train-samples=3000 device='cpu'"   # the default
@@ -25,6 +28,8 @@ export PATH="$venv:$PATH"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 export MPLCONFIGDIR="$work/mpl" HF_HOME="$work/hf" HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 UV_CACHE_DIR="$work/uv"
 export FEDSQ_CACHE_DIR="$work/cache" RAY_TMPDIR="$work/ray"
+# The SuperExec a SuperNode starts looks for work every 1 s by default: 0.1 s takes ~0.5 s off each round.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
 mkdir -p "$work"/{logs,ray}
 
 pids=()

@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the processes (0: unset)")
         else:
             p.add_argument("--rounds", type=int, default=5)
-            p.add_argument("--superexec-poll", type=float, default=0.1,
-                           help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL on the SuperNodes (Flower's default: 1.0)")
+            p.add_argument("--superexec-poll", type=float, nargs="+", default=[0.1],
+                           help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL on the SuperNodes, one per --app or one for "
+                                "all (Flower's default: 1.0)")
             p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
     from fedsq_app import compat
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -56,6 +57,8 @@ part = data.node_data(config, node)
 T["data"] = time.time()
 model, spec, _ = mods["fedsq_app.client_app"].local_model(config, node.data_path)
 T["model"] = time.time()
+import torch._dynamo  # torch.optim's Optimizer.step imports it on first use (torch 2.x): timed on its own
+T["dynamo"] = time.time()
 train = mods["fedsq_app.train"]
 first = data.TensorData(part.images[: config.batch_size], part.labels[: config.batch_size])
 train.train_local(model, first, spec, train.LocalSchedule(1, config.batch_size, config.lr, config.momentum,
@@ -98,6 +101,7 @@ print("@@" + json.dumps({"t": T, "heavy": heavy}), flush=True)
 
 STAGES = (("interpreter + flwr", "flwr"), ("FAB install", "fab"), ("app imports", "imports"),
           ("data", "data"), ("model", "model"))
+DYNAMO = "torch._dynamo (torch.optim's first step)"
 
 
 def app_run_config(app: Path, overrides: dict) -> dict:
@@ -125,8 +129,13 @@ def _child_env(flwr_home: Path, cache: Path, threads: int) -> dict[str, str]:
     return env
 
 
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _run_child(script: str, args: dict, env: dict) -> dict:
-    spawn = time.time()
+    spawn, cpu = time.time(), _children_cpu_s()
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tempfile.gettempdir())
     line = next((x for x in proc.stdout.splitlines() if x.startswith("@@")), None)
@@ -134,23 +143,26 @@ def _run_child(script: str, args: dict, env: dict) -> dict:
         raise RuntimeError(f"cold-start child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(line[2:])
     result["t"]["spawn"] = spawn
+    result["cpu_s"] = _children_cpu_s() - cpu  # the whole process, up to its exit: robust to machine load
     return result
 
 
 def stage_times(t: dict) -> dict[str, float]:
     """Seconds per stage, from the child's wall-clock stamps (the first stage starts at the parent's spawn)."""
     times, previous = {}, t["spawn"]
-    for name, key in (*STAGES, ("first training step", "step")):
+    dynamo = ((DYNAMO, "dynamo"),) if "dynamo" in t else ()
+    for name, key in (*STAGES, *dynamo, ("first training step", "step")):
         times[name] = t[key] - previous
         previous = t[key]
     times["total"] = t["step"] - t["spawn"]
     return times
 
 
-def torch_import_s(env: dict) -> float:
-    start = time.time()
-    subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True, cwd=tempfile.gettempdir())
-    return time.time() - start
+def import_s(env: dict, modules: str = "torch") -> tuple[float, float]:
+    """A fresh interpreter that imports ``modules`` and exits: (wall, CPU) seconds."""
+    start, cpu = time.time(), _children_cpu_s()
+    subprocess.run([sys.executable, "-c", f"import {modules}"], env=env, check=True, cwd=tempfile.gettempdir())
+    return time.time() - start, _children_cpu_s() - cpu
 
 
 def coldstart(apps: list[Path], runs: int, cache: Path, overrides: dict, node_config: dict, threads: int) -> dict:
@@ -165,17 +177,21 @@ def coldstart(apps: list[Path], runs: int, cache: Path, overrides: dict, node_co
         base = {"fab": str(fab), "fab_id": FAB_ID, "fab_version": FAB_VERSION, "fab_hash": digest,
                 "run_config": app_run_config(app, overrides)}
         setups.append((app, base, _child_env(work / f"home-{i}", node_cache, threads)))
-    results = {str(app): {"client": [], "server": [], "torch": []} for app in apps}
+    results = {str(app): {"client": [], "server": [], "torch": [], "torch+dynamo": [], "torch cpu": [],
+                          "torch+dynamo cpu": []} for app in apps}
     for run in range(runs):
         for app, base, env in setups:
             print(f"  run {run + 1}/{runs} {app}", file=sys.stderr, flush=True)
             out = results[str(app)]
-            out["torch"].append(torch_import_s(env))
+            for what, modules in (("torch", "torch"), ("torch+dynamo", "torch, torch._dynamo")):
+                wall, cpu = import_s(env, modules)
+                out[what].append(wall)
+                out[f"{what} cpu"].append(cpu)
             client = _run_child(_CLIENT_CHILD, {**base, "node_config": node_config}, env)
-            out["client"].append({**stage_times(client["t"]), "heavy": client["heavy"]})
+            out["client"].append({**stage_times(client["t"]), "heavy": client["heavy"], "cpu": client["cpu_s"]})
             server = _run_child(_SERVER_CHILD, {**base, "num_nodes": node_config["num-partitions"],
                                                 "out_dir": str(work / "server-out")}, env)
-            out["server"].append({**stage_times(server["t"]), "heavy": server["heavy"]})
+            out["server"].append({**stage_times(server["t"]), "heavy": server["heavy"], "cpu": server["cpu_s"]})
     shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -185,8 +201,9 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 def print_coldstart(results: dict) -> None:
-    names = [name for name, _ in STAGES] + ["first training step", "total"]
     for role in ("client", "server"):
+        names = [name for name, _ in STAGES] + ([DYNAMO] if role == "client" else []) + ["first training step",
+                                                                                          "total"]
         print(f"\n{role.capitalize()}App process, seconds (first = empty per-node cache; later = median of the "
               "runs after it, what every deployment round pays)")
         header = "| stage | " + " | ".join(f"{Path(app).name or app} first | {Path(app).name or app} later"
@@ -200,13 +217,21 @@ def print_coldstart(results: dict) -> None:
                 cells.append(f"{rows[0][name]:.2f} | {_median(later, name):.2f}")
             label = name if role == "client" or name != "first training step" else "up to round 1"
             print(f"| {label} | " + " | ".join(cells) + " |")
-        torch_cells = " | ".join(f"{statistics.median(o['torch']):.2f} | " for o in results.values())
-        print(f"| `import torch` alone (median) | {torch_cells}|")
+        cells = []
+        for out in results.values():
+            later = out[role][1:] or out[role]
+            cells.append(f"{out[role][0]['cpu']:.2f} | {_median(later, 'cpu'):.2f}")
+        print("| CPU seconds of the whole process (user + sys) | " + " | ".join(cells) + " |")
+        for what in ("torch", "torch+dynamo"):
+            cells = " | ".join(f"{statistics.median(o[what]):.2f} | CPU {statistics.median(o[what + ' cpu']):.2f}"
+                               for o in results.values())
+            print(f"| `import {what.replace('+', ', torch._')}` alone (median wall, CPU) | {cells} |")
         for app, out in results.items():
             later = out[role][1:] or out[role]
-            budget = statistics.median(out["torch"]) + 1.5
-            print(f"{role} {app}: later total {_median(later, 'total'):.2f} s vs goal import torch + 1.5 = "
-                  f"{budget:.2f} s; heavy modules loaded: {', '.join(out[role][-1]['heavy']) or 'none'}")
+            budget, with_dynamo = statistics.median(out["torch"]) + 1.5, statistics.median(out["torch+dynamo"]) + 1.5
+            print(f"{role} {app}: later total {_median(later, 'total'):.2f} s; goal import torch + 1.5 = "
+                  f"{budget:.2f} s (import torch, torch._dynamo + 1.5 = {with_dynamo:.2f} s); heavy modules "
+                  f"loaded: {', '.join(out[role][-1]['heavy']) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------------- deploy
@@ -290,14 +315,15 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
 
 
 def print_deploy(rows: dict) -> None:
-    print("\n| app | sim rounds s | deploy rounds s | sim steady s | deploy steady s | ratio | deploy − sim s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| app | SuperExec poll s | sim rounds s | deploy rounds s | sim steady s | deploy steady s | ratio | "
+          "deploy − sim s |")
+    print("|---|---|---|---|---|---|---|---|")
     for app, r in rows.items():
         sim, dep = r["sim"], r["deploy"]
         if not (sim["steady_s"] and dep["steady_s"]):
-            print(f"| {app} | {sim['status']} | {dep['status']} | | | | |")
+            print(f"| {app} | | {sim['status']} | {dep['status']} | | | | |")
             continue
-        print(f"| {app} | {', '.join(map(str, sim['rounds_s']))} | {', '.join(map(str, dep['rounds_s']))} | "
+        print(f"| {app} | {r.get('superexec_poll_s', '')} | {', '.join(map(str, sim['rounds_s']))} | {', '.join(map(str, dep['rounds_s']))} | "
               f"{sim['steady_s']} | {dep['steady_s']} | {dep['steady_s'] / sim['steady_s']:.2f} | "
               f"{dep['steady_s'] - sim['steady_s']:.2f} |")
 
@@ -326,9 +352,12 @@ def main(args) -> None:
         print(json.dumps(results), flush=True)
         print_coldstart(results)
     else:
+        polls = args.superexec_poll * len(apps) if len(args.superexec_poll) == 1 else args.superexec_poll
+        if len(polls) != len(apps):
+            raise SystemExit("--superexec-poll takes one value, or one per --app")
         rows = {}
-        for app in apps:
-            rows[str(app)] = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, args.superexec_poll,
-                                         args.limit)
+        for app, poll in zip(apps, polls):
+            rows[str(app)] = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, poll, args.limit)
+            rows[str(app)]["superexec_poll_s"] = poll
         print(json.dumps(rows), flush=True)
         print_deploy(rows)

@@ -1,0 +1,125 @@
+"""The per-node on-disk partition cache (fedsq_app/partcache.py): exact hits, rebuilt when its key changes,
+never a torn file, and a ClientApp start that imports no datasets once the cache holds the partition."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from fedsq_app import data, partcache
+from fedsq_app.config import NodeConfig, RunConfig
+
+CONFIG = RunConfig(max_train_samples=600, seed=3)
+NODE = NodeConfig(1, 3)
+
+
+@pytest.fixture
+def fresh(fedsq_cache):
+    """An empty partitions/ folder and no in-memory copies."""
+    for path in (fedsq_cache / "partitions").glob("*") if (fedsq_cache / "partitions").is_dir() else []:
+        path.unlink()
+    partcache.clear_memory()
+    yield fedsq_cache
+    partcache.clear_memory()
+
+
+def _no_rebuild(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("rebuilt although the cache holds this partition")
+
+    monkeypatch.setattr(data, "client_partition", refuse)
+    monkeypatch.setattr(data, "dataset_info", refuse)
+
+
+def test_hit_is_exactly_the_built_partition(fresh, monkeypatch):
+    built, info = data.node_data(CONFIG, NODE), data.node_info(CONFIG, NODE)
+    key = data.DataKey.of(CONFIG)
+    assert torch.equal(built.images, data.client_partition(key, 1, 3).images)
+    assert info == data.dataset_info(key)
+    partcache.clear_memory()  # as a fresh process: only the files are left
+    _no_rebuild(monkeypatch)
+    hit = data.node_data(CONFIG, NODE)
+    assert torch.equal(hit.images, built.images) and torch.equal(hit.labels, built.labels)
+    assert hit.images.dtype == torch.uint8 and hit.labels.dtype == torch.int64
+    assert data.node_info(CONFIG, NODE) == info
+
+
+def test_rebuilt_when_its_key_changes(fresh, monkeypatch):
+    first = data.node_data(CONFIG, NODE)
+    other_seed = RunConfig(max_train_samples=600, seed=4)
+    second = data.node_data(other_seed, NODE)  # another Dirichlet draw: another file, other samples
+    assert not torch.equal(first.labels, second.labels) or len(first) != len(second)
+    assert len(list((fresh / "partitions").glob("*p1of3*.safetensors"))) == 2
+    # The partition count and the source's files are part of the key too.
+    assert partcache.partition_key(data.DataKey.of(CONFIG), NodeConfig(1, 4)) != \
+        partcache.partition_key(data.DataKey.of(CONFIG), NODE)
+    before = partcache.partition_key(data.DataKey.of(CONFIG), NODE)
+    source = sorted((fresh / "data").rglob("train-labels*"))[0]
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 1))
+    assert partcache.partition_key(data.DataKey.of(CONFIG), NODE) != before
+
+
+def test_a_file_holding_another_key_or_garbage_is_rebuilt(fresh):
+    built = data.node_data(CONFIG, NODE)
+    key = partcache.partition_key(data.DataKey.of(CONFIG), NODE)
+    path = partcache.cache_path(key)
+    # Same file name, but the stored key says it was written for something else: not used.
+    stale = {**key, "partition-id": 2}
+    partcache.write(path, stale, data.TensorData(built.images[:5], built.labels[:5]))
+    assert partcache.read(path, key) is None
+    partcache.clear_memory()
+    assert torch.equal(data.node_data(CONFIG, NODE).images, built.images)
+    assert partcache.read(path, key) is not None  # rewritten for the right key
+    path.write_bytes(path.read_bytes()[:100])  # torn file (cannot happen with os.replace, but be safe)
+    assert partcache.read(path, key) is None
+
+
+def test_concurrent_writers_leave_one_whole_file(fresh):
+    built = data.node_data(CONFIG, NODE)
+    key = partcache.partition_key(data.DataKey.of(CONFIG), NODE)
+    path = partcache.cache_path(key)
+    path.unlink()
+    errors = []
+
+    def writer():
+        try:
+            for _ in range(5):
+                partcache.write(path, key, built)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert torch.equal(partcache.read(path, key).images, built.images)
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_cached_client_start_imports_no_datasets(fresh):
+    data.node_data(CONFIG, NODE), data.node_info(CONFIG, NODE)  # fills the cache
+    script = (
+        "import sys, json\n"
+        "from fedsq_app import client_app, data\n"
+        "from fedsq_app.config import RunConfig, NodeConfig\n"
+        f"config, node = RunConfig(**json.loads({json.dumps(json.dumps({'max_train_samples': 600, 'seed': 3}))})), "
+        "NodeConfig(1, 3)\n"
+        "client_app.local_model(config)\n"
+        "print(len(data.node_data(config, node)))\n"
+        "print(json.dumps(sorted(m for m in ('datasets', 'flwr_datasets', 'matplotlib', 'pandas', 'pyarrow', "
+        "'torchvision', 'ray') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "FEDSQ_CACHE_DIR": str(fresh)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split()
+    assert int(lines[0]) == len(data.node_data(CONFIG, NODE))
+    assert json.loads(lines[1]) == []
