@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-from fedsq_app.config import ConfigError, RunConfig
+from fedsq_app.config import ConfigError, RunConfig, parse_classes
 from fedsq_app.data import DataError, load_dataset_split, parse_source, parse_split, slice_range
 
 
@@ -58,11 +58,15 @@ def pretraining_source(checkpoint: str) -> dict | None:
 
 
 def overlaps(checkpoint: str, dataset: str, splits: dict[str, str], *, image_column: str = "",
-             label_column: str = "") -> list[str]:
+             label_column: str = "", classes: str = "") -> list[str]:
     """One line per ``splits`` entry (what it is called -> split spec) that shares rows with the split
-    ``checkpoint`` was pretrained on."""
+    ``checkpoint`` was pretrained on. Rows of disjoint label subsets (``fedsq-pretrain --classes`` and the
+    run's ``classes``) are different samples: no overlap."""
     source = pretraining_source(checkpoint)
     if source is None or not same_dataset(source["dataset"], dataset):
+        return []
+    pretrained_on, used = set(parse_classes(source.get("label_subset") or "")), set(parse_classes(classes))
+    if pretrained_on and used and not pretrained_on & used:
         return []
     found = []
     for what, split in splits.items():
@@ -77,7 +81,7 @@ def check_pretrain_overlap(config: RunConfig, checkpoint: str) -> list[str]:
     """Stop a run whose train or test split overlaps the backbone's pretraining data (``ConfigError``
     naming both), unless ``allow-pretrain-overlap``; returns the overlaps that were allowed."""
     found = overlaps(checkpoint, config.dataset, {"train-split": config.train_split, "test-split": config.test_split},
-                     image_column=config.image_column, label_column=config.label_column)
+                     image_column=config.image_column, label_column=config.label_column, classes=config.classes)
     if found and not config.allow_pretrain_overlap:
         raise ConfigError(f"the backbone {checkpoint} was pretrained on dataset "
                           f"'{pretraining_source(checkpoint)['dataset']}', which is this run's dataset "

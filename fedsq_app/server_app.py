@@ -258,6 +258,8 @@ def main(grid: Grid, context: Context) -> None:
                 config.patience, server_round)
             break
 
+    if "pending" in results.get("label_distribution", {}):
+        results["label_distribution"] = {"skipped": "no round had an accepted reply"}
     # The test split is touched exactly once: with the best round's model.
     load_global_arrays(model, best_arrays)
     test_loss, test_acc = evaluate(model, server_split(data_key, "test"), start.spec, device=device)

@@ -228,6 +228,13 @@ def test_overlap_with_the_pretraining_split_stops_the_run_unless_allowed(idx_dat
     assert len(check_pretrain_overlap(allowed, backbone)) == 1
     for disjoint in ({"train-split": "train[100:]"}, {"train-split": "train[50%:]"}, {"dataset": "embedded"}):
         assert check_pretrain_overlap(RunConfig.from_mapping({**run, **disjoint}), backbone) == []
+    # A backbone pretrained on labels 0-1 only, a run on labels 2-3: the same rows hold different samples.
+    meta = json.loads((tmp_path / "backbone.safetensors.json").read_text())
+    meta["source_data"]["label_subset"] = "0-1"
+    (tmp_path / "backbone.safetensors.json").write_text(json.dumps(meta))
+    assert check_pretrain_overlap(RunConfig.from_mapping({**run, "classes": "2,3"}), backbone) == []
+    with pytest.raises(ConfigError, match="overlaps"):
+        check_pretrain_overlap(RunConfig.from_mapping({**run, "classes": "1-3"}), backbone)
     test_backbone = _backbone_sidecar(tmp_path, str(idx_dataset), "test")
     with pytest.raises(ConfigError, match="test-split 'test' overlaps the pretraining split 'test'"):
         check_pretrain_overlap(RunConfig.from_mapping({**run, "train-split": "train[100:]"}), test_backbone)
@@ -273,6 +280,7 @@ def test_round_zero_can_be_the_best_round(fedsq_cache, tmp_path, monkeypatch):
     results = json.loads((tmp_path / "r0" / "results.json").read_text())
     assert results["best_round"] == 0 and results["rounds_to_best"] == 0
     assert results["best_val_accuracy"] == results["initial"]["val_accuracy"]
+    assert "no round had an accepted reply" in results["label_distribution"]["skipped"]
 
 
 def test_silos_without_partition_id_get_distinct_seeds():
