@@ -4,7 +4,7 @@ Without random augmentation S and each sample's input are fixed, so a sample's m
 epoch and round (``choose_mask_cache`` decides when that holds). The first time a sample is seen, S runs as
 usual and its masks are packed to one bit per unit (one integer multiply per 8 masks); afterwards the masks
 are unpacked instead of running S: one row gather per layer, one conversion and one 256-entry table lookup
-for the whole batch, into preallocated buffers. Unpacked masks are bool tensors, which the fused gate
+for the whole batch, into preallocated buffers. Unpacked masks are 0/1 float tensors, which the fused gate
 ``threshold_backward(z_Q, mask, 0)`` treats exactly like S's activations (``> 0`` is "on"), so losses and
 weights are bit-identical to running S (given that S's output for a sample does not depend on the rest of
 its batch, which the tests check).
@@ -30,9 +30,13 @@ _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 # byte j's bit at position 63 - j (no two partial products share a bit, so nothing carries), and the top byte
 # is then the 8 masks, first one in the most significant bit. 0x8040201008040201 as a signed int64.
 _GATHER = 0x8040201008040201 - 2**64
-# Unpacking: byte value v -> its 8 masks as 8 bytes of 0/1 (MSB first), stored as one int64 per value, so
-# one index_select (a table lookup) unpacks a whole batch.
-_UNPACK_TABLE = ((torch.arange(256).unsqueeze(1) >> _SHIFTS.long()) & 1).to(torch.uint8).view(torch.int64).view(256)
+# Unpacking: byte value v -> its 8 masks (MSB first), one row per value, so one index_select (a table lookup)
+# unpacks a whole batch. As 0/1 bytes viewed as one int64 (for bool masks), and as 0./1. floats for the gate:
+# threshold_backward with a mask of Q's own dtype runs its vectorised kernel (with a bool mask it casts
+# every element, ~2.5x slower forward + backward).
+_UNPACK_BITS = (torch.arange(256).unsqueeze(1) >> _SHIFTS.long()) & 1
+_UNPACK_TABLE = _UNPACK_BITS.to(torch.uint8).view(torch.int64).view(256)
+_UNPACK_FLOATS = _UNPACK_BITS.float()
 
 
 def _pack_rows(masks: torch.Tensor) -> torch.Tensor:
@@ -63,7 +67,7 @@ def bytes_per_sample(shapes: list[torch.Size]) -> int:
 
 
 class _Lookup:
-    """Preallocated buffers for one batch size: rows of packed bytes → int32 table indices → unpacked masks.
+    """Preallocated buffers for one batch size: rows of packed bytes → int32 table indices → 0/1 float masks.
 
     The masks handed to Q live in ``out`` and are overwritten by the next lookup of this batch size. That
     is safe for training, where each step's backward runs before the next forward: Q's gate saves its mask
@@ -72,15 +76,15 @@ class _Lookup:
 
     def __init__(self, batch: int, widths: list[int], shapes: list[torch.Size], device: torch.device) -> None:
         total = batch * sum(widths)
-        self.table = _UNPACK_TABLE.to(device)
+        self.table = _UNPACK_FLOATS.to(device)
         self.rows = torch.empty(total, dtype=torch.uint8, device=device)
         self.index = torch.empty(total, dtype=torch.int32, device=device)
-        self.out = torch.empty(total, dtype=torch.int64, device=device)
+        self.out = torch.empty(total, 8, dtype=torch.float32, device=device)
         self.row_views, self.masks, offset = [], [], 0
         for width, shape in zip(widths, shapes):
             size = batch * width
             self.row_views.append(self.rows[offset: offset + size].view(batch, width))
-            bits = self.out[offset: offset + size].view(torch.bool).view(batch, width * 8)
+            bits = self.out[offset: offset + size].view(batch, width * 8)
             self.masks.append(bits.view(batch, *shape) if width * 8 == shape.numel()
                               else bits[:, : shape.numel()].view(batch, *shape))
             offset += size
