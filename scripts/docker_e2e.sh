@@ -82,6 +82,8 @@ cleanup() {
     for _ in $(seq 1 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
     kill -0 "$DOCKERD_PID" 2>/dev/null && { say "dockerd $DOCKERD_PID ignored SIGTERM: SIGKILL"; kill -KILL "$DOCKERD_PID"; }
   fi
+  # dockerd leaves the bind mount of its default network namespace behind (exec root /netns/default).
+  grep -o " $ENGINE/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l
   if [ "$rc" != 0 ]; then
     say "FAILED (exit $rc); logs in $WORK/logs"
     for log in "$WORK"/logs/*.log; do echo "----- tail of $log"; tail -n 25 "$log"; done

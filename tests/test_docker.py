@@ -489,6 +489,9 @@ def docker_work():
         done = stop_pid_file(pid_file)
         if done:
             print(f"docker e2e finalizer: {done}")
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(f"{work}/")), reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False)  # e.g. dockerd's netns bind mount
     shutil.rmtree(work, ignore_errors=True)
 
 
