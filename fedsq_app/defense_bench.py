@@ -224,7 +224,7 @@ def plot(report: dict, summary: dict, path: Path) -> None:
                     ["honest"] + [f"{a} (×{report['sizes']['attacks'][a]:g})" for a in attacks])
     axis.set_ylabel("best validation accuracy (%)")
     sizes = report["sizes"]
-    axis.set_title(f"1 of {sizes['clients']} clients hostile, {sizes['rounds']} rounds, "
+    axis.set_title(f"{sizes['clients']} clients (1 hostile in the attacks), {sizes['rounds']} rounds, "
                    f"{len(sizes['seeds'])} seeds (mean ± std)", fontsize=9)
     axis.legend(title="defense", fontsize=8)
     figure.tight_layout()
