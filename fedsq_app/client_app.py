@@ -83,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
                                  augment=config.augment)
         seed = config.seed * 100_003 + server_round * 1_009 + node_salt(node, context)
         torch.manual_seed(seed)  # dropout etc.: a node's update depends only on (seed, round, partition)
-        use_cache, why = choose_mask_cache(config.mask_cache, getattr(config, "augment", False),
+        use_cache, why = choose_mask_cache(config.mask_cache, config.augment,
                                            isinstance(model, DualCopy))
         # Per client: its S, its data, its inputs. A new S (sha) or input spec is a new key, never old masks.
         key = (structural_sha256, spec, node, DataKey.of(config), config.device)

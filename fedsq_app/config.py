@@ -158,7 +158,7 @@ class RunConfig:
         if not self.train_split or not self.test_split:
             raise ConfigError("train-split and test-split must not be empty")
         _choice("mask-cache", self.mask_cache, ("auto", "on", "off"))
-        if self.mask_cache == "on" and getattr(self, "augment", False):
+        if self.mask_cache == "on" and self.augment:
             raise ConfigError("mask-cache='on' with augment=true: augmentation changes every image each epoch, "
                               "so cached masks would be wrong; use mask-cache='auto' (off under augmentation)")
         if self.mask_cache_max_mb < 0:

@@ -32,18 +32,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FAB_ID, FAB_VERSION = "fedsq/fedsq", "0.1.0"
 
-# Runs in a fresh interpreter: everything it does is timed, so it imports nothing it does not time.
-_CLIENT_CHILD = r"""
+# Run in a fresh interpreter: everything it does is timed, so it imports nothing it does not time.
+# Prologue: Flower's runtime (RUNTIME: what flwr-clientapp / flwr-serverapp import first), then the FAB.
+_PROLOGUE = r"""
 import json, sys, time
 T = {"start": time.time()}
 args = json.loads(sys.argv[1])
-import flwr.supernode.runtime.run_clientapp  # what flwr-clientapp imports before it pulls a message
+import RUNTIME
 from flwr.cli.install import install_from_fab
-from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.config import get_project_dir
 T["flwr"] = time.time()
-fab = open(args["fab"], "rb").read()
-install_from_fab(fab, skip_prompt=True)
+install_from_fab(open(args["fab"], "rb").read(), skip_prompt=True)
+app_dir = str(get_project_dir(args["fab_id"], args["fab_version"], args["fab_hash"]))
 T["fab"] = time.time()
+"""
+_EPILOGUE = r"""
+heavy = ("datasets", "flwr_datasets", "matplotlib", "pandas", "pyarrow", "ray", "torchvision")
+print("@@" + json.dumps({"t": T, "heavy": sorted(m for m in heavy if m in sys.modules)}), flush=True)
+"""
+_CLIENT_BODY = r"""
+from flwr.clientapp.utils import get_load_client_app_fn
 get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(args["fab_id"], args["fab_version"],
                                                                          args["fab_hash"])
 T["imports"] = time.time()
@@ -64,24 +72,10 @@ first = data.TensorData(part.images[: config.batch_size], part.labels[: config.b
 train.train_local(model, first, spec, train.LocalSchedule(1, config.batch_size, config.lr, config.momentum,
                   config.weight_decay), device=train.pick_device(config.device), seed=0)
 T["step"] = time.time()
-heavy = sorted(m for m in ("datasets", "flwr_datasets", "matplotlib", "pandas", "ray", "torchvision") if m in sys.modules)
-print("@@" + json.dumps({"t": T, "heavy": heavy, "samples": len(part)}), flush=True)
 """
-
-_SERVER_CHILD = r"""
-import json, sys, time
-T = {"start": time.time()}
-args = json.loads(sys.argv[1])
-import flwr.superlink.runtime.run_serverapp  # what flwr-serverapp imports before it pulls its run
-from flwr.cli.install import install_from_fab
-from flwr.common.config import get_project_dir
+_SERVER_BODY = r"""
 from flwr.supercore.object_ref import load_app
-T["flwr"] = time.time()
-fab = open(args["fab"], "rb").read()
-install_from_fab(fab, skip_prompt=True)
-T["fab"] = time.time()
-load_app("fedsq_app.server_app:app", ImportError, str(get_project_dir(args["fab_id"], args["fab_version"],
-                                                                      args["fab_hash"])))
+load_app("fedsq_app.server_app:app", ImportError, app_dir)
 T["imports"] = time.time()
 server_app = sys.modules["fedsq_app.server_app"]
 config = sys.modules["fedsq_app.config"].RunConfig.from_mapping(args["run_config"])
@@ -95,9 +89,9 @@ T["model"] = time.time()
 sys.modules["fedsq_app.data"].partition_report(data_key, args["num_nodes"], args["out_dir"])
 sys.modules["fedsq_app.train"].evaluate(model, validation, start.spec, device=server_app.pick_device(config.device))
 T["step"] = time.time()
-heavy = sorted(m for m in ("datasets", "flwr_datasets", "matplotlib", "pandas", "ray", "torchvision") if m in sys.modules)
-print("@@" + json.dumps({"t": T, "heavy": heavy}), flush=True)
 """
+_CLIENT_CHILD = _PROLOGUE.replace("RUNTIME", "flwr.supernode.runtime.run_clientapp") + _CLIENT_BODY + _EPILOGUE
+_SERVER_CHILD = _PROLOGUE.replace("RUNTIME", "flwr.superlink.runtime.run_serverapp") + _SERVER_BODY + _EPILOGUE
 
 STAGES = (("interpreter + flwr", "flwr"), ("FAB install", "fab"), ("app imports", "imports"),
           ("data", "data"), ("model", "model"))
