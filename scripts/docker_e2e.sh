@@ -62,7 +62,10 @@ EOF
 }
 say() { echo "docker_e2e: $*"; }
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-port_free() { "$PY" -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
+port_free() {  # as http.server binds: SO_REUSEADDR, so a port in TIME_WAIT counts as free
+  "$PY" -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+}
 
 # One run at a time per cache (the engine's data root lives there).
 exec 9>"$CACHE/.lock"
@@ -148,10 +151,21 @@ if ! "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   record base_import_s "$t"
 fi
 
-# 4. Images: host network for every build, wheels from the wheelhouse only.
+# 4. Images: host network for every build, wheels from the wheelhouse only. The build context holds
+# only what the root .dockerignore lets through, with fixed modes and times, so that the layer cache
+# depends on file contents alone (a fresh clone of the same commit hits it too).
+CONTEXT="$WORK/context"
+rm -rf "$CONTEXT" && mkdir -p "$CONTEXT"
+for path in $(sed -n 's|^!\(.*[^/]\)/*$|\1|p' .dockerignore); do
+  mkdir -p "$CONTEXT/$(dirname "$path")" && cp -r "$path" "$CONTEXT/$path"
+done
+cp .dockerignore "$CONTEXT/"
+find "$CONTEXT" -name __pycache__ -prune -exec rm -rf {} +
+find "$CONTEXT" -type d -exec chmod 755 {} + && find "$CONTEXT" -type f -exec chmod 644 {} +
+find "$CONTEXT" -exec touch -h -d @946684800 {} +
 build() {  # build LOGNAME docker-build-args...
   local name="$1"; shift
-  nice -n 10 "$DOCKER" build --network host "$@" . >"$WORK/logs/build-$name.log" 2>&1 ||
+  nice -n 10 "$DOCKER" build --network host "$@" "$CONTEXT" >"$WORK/logs/build-$name.log" 2>&1 ||
     { tail -n 40 "$WORK/logs/build-$name.log" >&2; exit 1; }
 }
 t="$(now)"
