@@ -57,9 +57,10 @@ def _code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def source_files(spec: str) -> list[Path]:
-    """The files a local source reads (empty for a Hub id, whose copy lives in $HF_HOME)."""
-    source = data.parse_source(spec)
+def source_files(spec: str, config_key: str = "dataset") -> list[Path]:
+    """The files a local source reads (empty for a Hub id, whose copy lives in $HF_HOME). ``config_key``
+    names the setting in errors (``dataset`` or a silo's ``data-path``)."""
+    source = data.parse_source(spec, key=config_key)
     if source.kind == "hub":
         return []
     if source.kind == "parquet" and glob.has_magic(source.location):
@@ -70,14 +71,14 @@ def source_files(spec: str) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
-def source_fingerprint(spec: str) -> list:
+def source_fingerprint(spec: str, config_key: str = "dataset") -> list:
     """(path, size, mtime_ns) of every file of a local source: replaced or edited data changes the key."""
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in source_files(spec)]
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in source_files(spec, config_key)]
 
 
-def entry_key(what: dict, spec: str) -> dict:
+def entry_key(what: dict, spec: str, config_key: str = "dataset") -> dict:
     """``what`` (the settings that select the data) plus the source's files, the code and the libraries."""
-    return {"format": FORMAT, **what, "source": source_fingerprint(spec), "code": _code_hash(),
+    return {"format": FORMAT, **what, "source": source_fingerprint(spec, config_key), "code": _code_hash(),
             "versions": {p: _version(p) for p in ("datasets", "flwr-datasets", "numpy")}}
 
 
@@ -85,7 +86,7 @@ def partition_key(key: data.DataKey, node: NodeConfig) -> dict:
     """Everything that decides this node's training data (JSON-able)."""
     if node.data_path:
         return entry_key({"data-path": node.data_path, "image-column": key.image_column,
-                          "label-column": key.label_column}, node.data_path)
+                          "label-column": key.label_column}, node.data_path, "data-path")
     return entry_key({"data-key": dataclasses.asdict(key), "partition-id": node.partition_id,
                       "num-partitions": node.num_partitions}, key.dataset)
 

@@ -66,7 +66,7 @@ def test_pretrain_writes_safetensors_and_metadata(backbone, idx_data):
     assert meta["classes"] == ["0", "1", "2", "3"]
     assert meta["input"]["channels"] == 1 and len(meta["input"]["mean"]) == 1
     assert meta["source_data"] == {"dataset": idx_data, "split": "train[:300]", "samples": 270,
-                                   "holdout_samples": 30, "max_samples": 0}
+                                   "holdout_samples": 30, "max_samples": 0, "label_subset": ""}
     assert meta["sha256"] == state_dict_sha256(weights)  # the hash identifies exactly these weights
     assert 0.0 <= meta["training"]["holdout_accuracy"] <= 1.0
 
