@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make a demo certificate authority and a SuperLink server certificate (TLS for Flower 1.41/1.42).
+# Make a demo certificate authority and a SuperLink server certificate (TLS for Flower 1.42).
 #
 #   deploy/make-certs.sh [--out DIR] [--host NAME]... [--days N] [--force]
 #

@@ -58,7 +58,7 @@ def _require_tools() -> dict[str, str]:
     missing = [name for name, path in tools.items() if path is None]
     if missing:
         pytest.skip(f"Flower CLI(s) {', '.join(missing)} not found next to {sys.executable} or on PATH; "
-                    "install flwr (>=1.41,<1.43) into this environment to run the deployment test")
+                    "install flwr (>=1.42,<1.43; bash scripts/setup.sh) into this environment to run the deployment test")
     if shutil.which("openssl") is None:
         pytest.skip("openssl not found: deploy/make-certs.sh needs it to make the test certificates")
     if not (REPO / "fedsq_app" / "server_app.py").is_file():
