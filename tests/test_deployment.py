@@ -39,11 +39,10 @@ import pytest
 # Process, port and health helpers shared with the dropped-silo test (tests/loopback.py).
 from loopback import any_alive as _any_alive, descendants as _descendants, free_port as _free_port  # noqa: E402
 from loopback import free_ports as _free_ports, health_ok as _health_ok, _pgid  # noqa: E402
-from loopback import tail as _tail, tool as _tool  # noqa: E402
+from loopback import clean_env as _clean_env, tail as _tail, tool as _tool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-BIN = Path(sys.executable).parent
 DEADLINE_S = float(os.environ.get("FEDSQ_DEPLOY_DEADLINE_S", "300"))  # the whole module, FedSQ run included
 CONNECTION = "fedsq-loopback"
 ROUNDS = int(os.environ.get("FEDSQ_DEPLOY_ROUNDS", "2"))
@@ -254,17 +253,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
         prepared_cache = None  # run `fedsq-prepare` ourselves
     tmp = tmp_path_factory.mktemp("deploy")
     (tmp / "logs").mkdir()
-    base_env = dict(os.environ)
-    for key in list(base_env):  # no inherited Flower/app state from the caller's shell
-        if key.startswith(("FLWR_", "FEDSQ_")):
-            del base_env[key]
-    base_env.update(
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-        HF_HOME=str(tmp / "hf"), MPLCONFIGDIR=str(tmp / "mpl"), UV_CACHE_DIR=str(tmp / "uv"),
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1", COLUMNS="250",
-        NO_COLOR="1",
-    )
+    base_env = _clean_env(tmp)  # no inherited Flower/app state from the caller's shell; offline
     fed = Federation(tmp=tmp, tools=tools, deadline=time.monotonic() + DEADLINE_S, base_env=base_env)
     try:
         _bring_up(fed, prepared_cache)
