@@ -33,6 +33,7 @@ from torch import nn
 from fedsq_app import maskcache
 from fedsq_app.dualcopy import DualCopy
 from fedsq_app.models import build_model
+from fedsq_app.train import MomentumSGD
 
 # name -> (architecture, build kwargs, input shape without batch)
 MODELS = {
@@ -104,12 +105,13 @@ class Case:
 
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None) -> Callable[[], None]:
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    optimizer = MomentumSGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                            weight_decay=0.0)  # train_local's optimiser
     forward = forward or model
 
     def step() -> None:
         loss = F.cross_entropy(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 

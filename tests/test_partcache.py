@@ -104,7 +104,7 @@ def test_concurrent_writers_leave_one_whole_file(fresh):
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_cached_client_start_imports_no_datasets(fresh):
+def test_cached_client_start_imports_no_datasets_nor_dynamo(fresh):
     data.node_data(CONFIG, NODE), data.node_info(CONFIG, NODE)  # fills the cache
     script = (
         "import sys, json\n"
@@ -112,10 +112,14 @@ def test_cached_client_start_imports_no_datasets(fresh):
         "from fedsq_app.config import RunConfig, NodeConfig\n"
         f"config, node = RunConfig(**json.loads({json.dumps(json.dumps({'max_train_samples': 600, 'seed': 3}))})), "
         "NodeConfig(1, 3)\n"
-        "client_app.local_model(config)\n"
-        "print(len(data.node_data(config, node)))\n"
+        "model, spec, _ = client_app.local_model(config)\n"
+        "part = data.node_data(config, node)\n"
+        "print(len(part))\n"
+        "from fedsq_app import train\n"  # one training step: torch.optim's would import torch._dynamo
+        "train.train_local(model, data.TensorData(part.images[:32], part.labels[:32]), spec, "
+        "train.LocalSchedule(1, 32, 0.01, 0.9, 5e-4), device=train.pick_device('cpu'), seed=0)\n"
         "print(json.dumps(sorted(m for m in ('datasets', 'flwr_datasets', 'matplotlib', 'pandas', 'pyarrow', "
-        "'torchvision', 'ray') if m in sys.modules)))\n"
+        "'torchvision', 'ray', 'torch._dynamo') if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
                          env={**os.environ, "FEDSQ_CACHE_DIR": str(fresh)})
