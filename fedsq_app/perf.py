@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--superexec-poll", type=float, nargs="+", default=[0.1],
                            help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL on the SuperNodes, one per --app or one for "
                                 "all (Flower's default: 1.0)")
+            p.add_argument("--threads-per-node", type=int, nargs="+", default=[1],
+                           help="OMP_NUM_THREADS of each SuperNode (its ClientApps inherit it), one per --app or one "
+                                "for all; default 1, what a simulated client gets (client-resources-num-cpus=1, "
+                                "for which Ray sets OMP_NUM_THREADS=1); 0: unset (torch takes every core)")
             p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
     from fedsq_app import compat
 
