@@ -20,7 +20,7 @@ from fedsq_app import warmup
 from fedsq_app.config import NodeConfig, RunConfig
 from fedsq_app.data import DataKey, InputSpec, node_data, node_info
 from fedsq_app.dualcopy import DualCopy
-from fedsq_app.maskcache import choose_mask_cache, client_cache
+from fedsq_app.maskcache import choose_mask_cache, client_cache, store_path
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
 
@@ -54,6 +54,8 @@ def _log_mask_cache_once(key: tuple, cache, why: str) -> None:
     if (key, state) not in _LOGGED_MASK_CACHE:
         _LOGGED_MASK_CACHE.add((key, state))
         size = f", {cache.nbytes / 2**20:.1f} MiB" if state == "on" else ""
+        if state == "on" and cache.store is not None:
+            size += f", {cache.loaded} of {cache.num_samples} samples' masks read from {cache.store[0].name}"
         log(INFO, "mask cache %s for partition %d (%s%s)", state, key[2].partition_id, why, size)
 
 
@@ -87,9 +89,16 @@ def train(msg: Message, context: Context) -> Message:
                                            isinstance(model, DualCopy))
         # Per client: its S, its data, its inputs. A new S (sha) or input spec is a new key, never old masks.
         key = (structural_sha256, spec, node, DataKey.of(config), config.device)
-        cache = client_cache(key, len(data), config.mask_cache_max_mb) if use_cache else None
-        result = train_local(model, data, spec, schedule, device=pick_device(config.device), seed=seed,
-                             mask_cache=cache, amp=config.amp)
+        device = pick_device(config.device)
+        cache = None
+        if use_cache:  # also on disk: a deployed ClientApp is a new process each round
+            store = functools.partial(store_path, structural_sha256, spec, data.images, fold_bn=model.fold_bn,
+                                      device=device)
+            cache = client_cache(key, len(data), config.mask_cache_max_mb, store=store, device=device)
+        result = train_local(model, data, spec, schedule, device=device, seed=seed, mask_cache=cache,
+                             amp=config.amp)
+        if cache is not None:
+            cache.save()
         _log_mask_cache_once(key, cache, why)
         metrics = {"train_loss": result.train_loss, "num-examples": result.num_examples}
         if node.data_path:

@@ -12,19 +12,36 @@ its batch, which the tests check).
 Memory: one bit per gated unit per sample, e.g. 68 KiB per sample for ResNet-18 at 32 px. All caches of a
 process share one cap (``mask-cache-max-mb``): older clients' caches are dropped to make room, and a client
 whose cache alone would not fit runs S every step (logged once).
+
+On disk: a deployed ClientApp is a fresh process per message, so an in-memory cache would be filled and
+dropped every round. The ClientApp therefore also keeps each client's masks in
+``$FEDSQ_CACHE_DIR/masks/<digest>.safetensors`` (``store_path``), named by a digest of everything a mask is a
+function of: S's SHA-256 and how it runs, the input pipeline's spec and code, the images' bytes, the device
+type and torch's version. A change to any of them is another file, so stale masks are never read; a file
+whose stored digest or shapes do not match, or that cannot be read, is ignored and rewritten. Writes are
+atomic (temporary file + ``os.replace``); the folder is kept under the same ``mask-cache-max-mb``, least
+recently used files first.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections import OrderedDict
-from typing import Hashable
+from pathlib import Path
+from typing import Callable, Hashable
 
 import torch
+from safetensors import safe_open
 
+from fedsq_app.config import cache_dir
 from fedsq_app.dualcopy import DualCopy
 
 log = logging.getLogger(__name__)
+FORMAT = 1
+_MASK_CODE = ("dualcopy.py", "maskcache.py", "data.py")  # how an image becomes S's masks
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 # Packing 8 masks (bytes of 0/1, little-endian in one int64) into one byte in one multiply: the product puts
 # byte j's bit at position 63 - j (no two partial products share a bit, so nothing carries), and the top byte
@@ -93,8 +110,12 @@ class _Lookup:
 class MaskCache:
     """One client's packed masks, filled lazily by sample index (an index into its ``TensorData``)."""
 
-    def __init__(self, num_samples: int, max_bytes: int, name: str = "") -> None:
+    def __init__(self, num_samples: int, max_bytes: int, name: str = "",
+                 store: tuple[Path, str] | None = None) -> None:
         self.num_samples, self.max_bytes, self.name = num_samples, max_bytes, name
+        self.store = store  # (file, digest of what the masks depend on): see store_path
+        self.loaded = 0  # samples whose masks came from the store
+        self._unsaved = False
         self.shapes: list[torch.Size] | None = None
         self.packed: list[torch.Tensor] = []  # per gated layer: (num_samples, ceil(units/8)) uint8
         self.filled = torch.zeros(num_samples, dtype=torch.bool)
@@ -152,7 +173,82 @@ class MaskCache:
             for store, activation in zip(self.packed, activations):
                 store.index_copy_(0, rows, _pack_rows(activation.reshape(len(activation), -1) > 0))
             self.filled[indices] = True
+            self._unsaved = True
         return activations
+
+    def load(self, device: torch.device) -> int:
+        """The masks an earlier process stored for exactly this digest; returns how many samples they cover."""
+        if self.store is None or not self.store[0].is_file():
+            return 0
+        path, digest = self.store
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                shapes = [torch.Size(shape) for shape in json.loads(meta["shapes"])]
+                if meta.get("digest") != digest or int(meta["num_samples"]) != self.num_samples:
+                    return 0
+                packed = [handle.get_tensor(f"layer{i}") for i in range(len(shapes))]
+                filled = handle.get_tensor("filled")
+        except Exception as error:  # truncated, foreign or older-format file: fill again, rewrite it
+            log.warning("mask cache: ignoring %s (%s: %s)", path, type(error).__name__, error)
+            return 0
+        widths = [(shape.numel() + 7) // 8 for shape in shapes]
+        if (filled.dtype != torch.bool or filled.shape != (self.num_samples,)
+                or any(p.dtype != torch.uint8 or p.shape != (self.num_samples, w) for p, w in zip(packed, widths))):
+            log.warning("mask cache: ignoring %s (unexpected tensor shapes)", path)
+            return 0
+        if self.needed_bytes(shapes) > self.max_bytes:
+            return 0  # _allocate says why at the first S pass
+        self.make_room(self.needed_bytes(shapes))
+        self.shapes, self.packed, self.filled = shapes, [p.to(device) for p in packed], filled
+        os.utime(path)  # recently used: the folder's cap drops the oldest files first
+        self.loaded = int(filled.sum())
+        return self.loaded
+
+    def save(self) -> None:
+        """Store what this process added (a no-op without a store, new masks or room)."""
+        if self.store is None or not self._unsaved or self.disabled_reason or not self.packed:
+            return
+        from fedsq_app.partcache import write_tensors
+
+        path, digest = self.store
+        tensors = {f"layer{i}": p.cpu() for i, p in enumerate(self.packed)}
+        tensors["filled"] = self.filled
+        try:
+            _trim_folder(path.parent, self.max_bytes - self.nbytes, keep=path)
+            write_tensors(path, tensors, {"digest": digest, "num_samples": str(self.num_samples),
+                                          "shapes": json.dumps([list(s) for s in self.shapes])})
+            self._unsaved = False
+        except OSError as error:  # a read-only cache still trains; the next process fills again
+            log.warning("mask cache: cannot write %s (%s)", path, error)
+
+
+def store_path(structural_sha256: str, spec, images: torch.Tensor, *, fold_bn: bool,
+               device: torch.device) -> tuple[Path, str]:
+    """(file, digest) of one client's stored masks: the digest covers everything its masks depend on."""
+    digest = hashlib.sha256()
+    for name in _MASK_CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    digest.update(json.dumps({"format": FORMAT, "structural-sha256": structural_sha256, "fold-bn": fold_bn,
+                              "spec": repr(spec), "device": device.type, "torch": torch.__version__,
+                              "images": [list(images.shape), str(images.dtype)]}).encode())
+    digest.update(images.detach().cpu().contiguous().numpy())
+    text = digest.hexdigest()
+    return cache_dir() / "masks" / f"{text[:32]}.safetensors", text
+
+
+def _trim_folder(folder: Path, budget: int, keep: Path) -> None:
+    """Delete the least recently used mask files until the others fit ``budget`` bytes."""
+    try:
+        files = sorted((p for p in folder.glob("*.safetensors") if p != keep), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    total = sum(p.stat().st_size for p in files)
+    for path in files:
+        if total <= budget:
+            break
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
 
 
 def choose_mask_cache(mode: str, augment: bool, gated: bool) -> tuple[bool, str]:
@@ -188,12 +284,15 @@ class CacheRegistry:
     def __init__(self) -> None:
         self.caches: OrderedDict[Hashable, MaskCache] = OrderedDict()
 
-    def get(self, key: Hashable, num_samples: int, max_mb: float) -> MaskCache:
+    def get(self, key: Hashable, num_samples: int, max_mb: float,
+            store: Callable[[], tuple[Path, str]] | None = None, device: torch.device | None = None) -> MaskCache:
+        """``store``: called once, when this process first sees ``key``, for the file of its stored masks."""
         max_bytes = int(max_mb * 2**20)
         cache = self.caches.get(key)
         if cache is None or cache.num_samples != num_samples or cache.max_bytes != max_bytes:
-            cache = MaskCache(num_samples, max_bytes, name=str(key)[:80])
+            cache = MaskCache(num_samples, max_bytes, name=str(key)[:80], store=store() if store else None)
             cache.make_room = lambda needed: self._evict(max_bytes, keep=key, reserve=needed)
+            cache.load(device or torch.device("cpu"))
         self.caches[key] = cache
         self.caches.move_to_end(key)
         return cache
@@ -211,6 +310,8 @@ class CacheRegistry:
 REGISTRY = CacheRegistry()
 
 
-def client_cache(key: Hashable, num_samples: int, max_mb: float) -> MaskCache:
-    """This process's cache for one client's data (``key`` must pin S, the data and the input spec)."""
-    return REGISTRY.get(key, num_samples, max_mb)
+def client_cache(key: Hashable, num_samples: int, max_mb: float,
+                 store: Callable[[], tuple[Path, str]] | None = None, device: torch.device | None = None) -> MaskCache:
+    """This process's cache for one client's data (``key`` must pin S, the data and the input spec), loaded
+    from ``store()`` (see ``store_path``) when this process first sees the client."""
+    return REGISTRY.get(key, num_samples, max_mb, store, device)

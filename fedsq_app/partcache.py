@@ -117,15 +117,18 @@ def read(path: Path, key: dict) -> data.TensorData | None:
         return None
 
 
-def write(path: Path, key: dict, part: data.TensorData) -> None:
+def write_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     """Atomically: a temporary file of this process's own next to ``path``, then os.replace."""
     tmp = _temporary(path)
     try:
-        save_file({"images": part.images.contiguous(), "labels": part.labels.contiguous()}, str(tmp),
-                  metadata={"key": json.dumps(key)})
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write(path: Path, key: dict, part: data.TensorData) -> None:
+    write_tensors(path, {"images": part.images, "labels": part.labels}, {"key": json.dumps(key)})
 
 
 def _store(path: Path, what: str, value, save):
