@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                                 "for all; default 1, what a simulated client gets (client-resources-num-cpus=1, "
                                 "for which Ray sets OMP_NUM_THREADS=1); 0: unset (torch takes every core)")
             p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
+            p.add_argument("--trace", default="", help="write the deployment's process and Flower log events to "
+                           "TRACE.<i> (one per --app) and print each deployed round stage by stage")
     from fedsq_app import compat
 
     compat.add_parser(sub)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -30,6 +31,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TRACING = Path(__file__).resolve().parent / "tracing"  # holds the sitecustomize of --trace
 FAB_ID, FAB_VERSION = "fedsq/fedsq", "0.1.0"
 
 # Run in a fresh interpreter: everything it does is timed, so it imports nothing it does not time.
@@ -263,12 +265,14 @@ def _run_and_wait(app: Path, connection: str, run_config: str, env: dict, work: 
 
 
 def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int, superexec_poll: float,
-                limit_s: float, threads_per_node: int = 1) -> dict:
+                limit_s: float, threads_per_node: int = 1, trace: Path | None = None) -> dict:
     """One simulation and one loopback deployment of ``app``, each with ``nodes`` SuperNodes.
 
     ``threads_per_node``: OMP_NUM_THREADS of each SuperNode, hence of its ClientApps (0: unset). The
     simulation gives each client one CPU, for which Ray sets OMP_NUM_THREADS=1; three SuperNodes on a shared
     machine with torch's default (every core each) oversubscribe it, which no real silo does.
+    ``trace``: the deployment's processes write their starts, exits and Flower log records there
+    (``fedsq_app/tracing``), for ``round_breakdown``.
     """
     from fedsq_app import loopback
 
@@ -285,12 +289,14 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
                                                       work / "sim.db", name="sim-superlink",
                                                       tls_args=["--insecure", "--simulation"])
         # Deployment: a SuperLink and `nodes` SuperNodes, each with its own FLWR_HOME and cache copy.
-        link, port = loopback.start_superlink(procs, {**env, "FLWR_HOME": str(work / "home-link")},
+        traced = {"PYTHONPATH": os.pathsep.join([str(TRACING), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                  "FEDSQ_TRACE_FILE": str(trace)} if trace else {}
+        link, port = loopback.start_superlink(procs, {**env, **traced, "FLWR_HOME": str(work / "home-link")},
                                               work / "state.db")
         for i in range(nodes):
             node_cache = work / f"cache-{i}"
             shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions"))
-            node_env = {**env, "FLWR_HOME": str(work / f"home-node-{i}"), "FEDSQ_CACHE_DIR": str(node_cache),
+            node_env = {**env, **traced, "FLWR_HOME": str(work / f"home-node-{i}"), "FEDSQ_CACHE_DIR": str(node_cache),
                         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(superexec_poll)}
             if threads_per_node:
                 node_env["OMP_NUM_THREADS"] = str(threads_per_node)
@@ -320,6 +326,82 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
             print(f"warning: still alive after stop: {survivors}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+STAGES_DEPLOYED = (
+    ("round start → SuperNode has pulled the message (its 3 s poll)", "poll"),
+    ("pulling the message's objects from the SuperLink (41 for the small CNN)", "pull"),
+    ("pull started → ClientApp process started (SuperExec poll + spawn; overlaps the pull)", "spawn"),
+    ("ClientApp process, start → exit (wall)", "clientapp"),
+    ("ClientApp process CPU seconds", "clientapp_cpu"),
+    ("pushing the reply's objects to the SuperLink", "push"),
+    ("last reply at the SuperLink → aggregated (ServerApp pull)", "collect"),
+    ("aggregated → round end (central validation)", "validate"),
+    ("round, in all", "round"),
+)
+
+
+def _port(program: str, flag: str) -> str:
+    words = program.split()
+    if flag in words and words.index(flag) + 1 < len(words):
+        return words[words.index(flag) + 1].rsplit(":", 1)[-1]
+    return ""
+
+
+def round_breakdown(trace: Path, first_round: int = 2) -> dict[str, list[float]]:
+    """Per stage of a deployed round, its seconds for every (silo, round) from ``first_round`` on, read from a
+    ``--trace`` file: the ServerApp's round logs, each SuperNode's receive/send logs, each ClientApp
+    process's start and exit (matched to its SuperNode by the Runtime API port)."""
+    events = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    server = [e for e in events if e["program"].startswith("flwr-serverapp") and e["event"] == "log"]
+    starts = {int(m.group(1)): e["t"] for e in server if (m := re.match(r"\[ROUND (\d+)/", e["message"]))}
+    ends = {int(m.group(1)): e["t"] for e in server if (m := re.match(r"round (\d+): val", e["message"]))}
+    aggregated = sorted(e["t"] for e in server if e["message"].startswith("aggregate_train"))
+    nodes: dict[str, list[dict]] = {}
+    for e in events:
+        if e["program"].startswith("flower-supernode") and e["event"] == "log":
+            nodes.setdefault(_port(e["program"], "--port"), []).append(e)
+    clientapps = {}
+    for e in events:
+        if e["program"].startswith("flwr-clientapp") and e["event"] in ("start", "exit"):
+            clientapps.setdefault(e["pid"], {"port": _port(e["program"], "--runtime-api-address")})[e["event"]] = e
+    stages: dict[str, list[float]] = {key: [] for _, key in STAGES_DEPLOYED}
+    for r in sorted(set(starts) & set(ends)):
+        if r < first_round:
+            continue
+        begin, end = starts[r], ends[r]
+        agg = next((t for t in aggregated if begin <= t <= end), end)
+        sent_times = []
+        for port, logs in nodes.items():
+            window = [e for e in logs if begin <= e["t"] <= end]
+            first = lambda prefix: next((e["t"] for e in window if e["message"].startswith(prefix)), None)  # noqa: E731
+            receiving, received = first("Receiving: train"), first("Received successfully")
+            sending, sent = first("Sending: train"), first("Sent successfully")
+            process = next((c for c in clientapps.values() if c["port"] == port and "start" in c and "exit" in c
+                            and begin <= c["start"]["t"] <= end), None)
+            if None in (receiving, received, sending, sent) or process is None:
+                continue
+            stages["poll"].append(receiving - begin)
+            stages["pull"].append(received - receiving)
+            stages["spawn"].append(process["start"]["t"] - receiving)  # the task exists before the pull ends
+            stages["clientapp"].append(process["exit"]["t"] - process["start"]["t"])
+            stages["clientapp_cpu"].append(process["exit"]["cpu_s"])
+            stages["push"].append(sent - sending)
+            sent_times.append(sent)
+        if sent_times:
+            stages["collect"].append(agg - max(sent_times))
+            stages["validate"].append(end - agg)
+            stages["round"].append(end - begin)
+    return stages
+
+
+def print_breakdown(stages: dict[str, list[float]]) -> None:
+    print("\nDeployed round, stage by stage (seconds; per silo and round from round 2 on: median [min–max])")
+    print("| stage | median | range |\n|---|---|---|")
+    for label, key in STAGES_DEPLOYED:
+        values = stages.get(key) or []
+        if values:
+            print(f"| {label} | {statistics.median(values):.2f} | {min(values):.2f}–{max(values):.2f} |")
 
 
 def print_deploy(rows: dict) -> None:
@@ -375,7 +457,16 @@ def main(args) -> None:
         rows = {}
         for i, (app, poll, threads) in enumerate(zip(apps, per_app(args.superexec_poll, "--superexec-poll"),
                                                      per_app(args.threads_per_node, "--threads-per-node"))):
-            row = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, poll, args.limit, threads)
+            trace = Path(f"{args.trace}.{i}") if args.trace else None
+            if trace:
+                trace.unlink(missing_ok=True)
+            row = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, poll, args.limit, threads, trace)
             rows[f"{i}: {app}"] = {**row, "superexec_poll_s": poll, "threads_per_node": threads or "unset"}
+            if trace:
+                rows[f"{i}: {app}"]["stages"] = round_breakdown(trace)
         print(json.dumps(rows), flush=True)
         print_deploy(rows)
+        for name, row in rows.items():
+            if "stages" in row:
+                print(f"\n{name} (trace: {args.trace}.{name.split(':')[0]})")
+                print_breakdown(row["stages"])

@@ -1,0 +1,59 @@
+"""The deployment diagnostics: the --trace hook writes what round_breakdown reads, and round_breakdown
+attributes a round's seconds to the right stages and silos."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fedsq_app.perf_cold import TRACING, round_breakdown
+
+
+def _line(t, pid, program, event="log", **fields):
+    return json.dumps({"t": t, "pid": pid, "program": program, "event": event, **fields})
+
+
+def test_round_breakdown_splits_a_round_into_its_stages(tmp_path):
+    server, node_a, node_b = "flwr-serverapp --runtime-api-address 127.0.0.1:9", "flower-supernode --port 7001", \
+        "flower-supernode --port 7002"
+    lines = [
+        _line(100.0, 1, server, message="[ROUND 2/2]"),
+        _line(101.0, 2, node_a, message="Receiving: train message (ID: a)"),
+        _line(101.5, 2, node_a, message="Received successfully"),
+        _line(102.5, 3, node_b, message="Receiving: train message (ID: b)"),
+        _line(102.7, 3, node_b, message="Received successfully"),
+        _line(101.6, 10, "flwr-clientapp --runtime-api-address 127.0.0.1:7001", "start"),
+        _line(102.8, 11, "flwr-clientapp --runtime-api-address 127.0.0.1:7002", "start"),
+        _line(105.6, 10, "flwr-clientapp --runtime-api-address 127.0.0.1:7001", "exit", cpu_s=3.5),
+        _line(107.8, 11, "flwr-clientapp --runtime-api-address 127.0.0.1:7002", "exit", cpu_s=4.5),
+        _line(105.7, 2, node_a, message="Sending: train message (ID: c)"),
+        _line(106.2, 2, node_a, message="Sent successfully"),
+        _line(107.9, 3, node_b, message="Sending: train message (ID: d)"),
+        _line(108.9, 3, node_b, message="Sent successfully"),
+        _line(109.4, 1, server, message="aggregate_train: 2 replies accepted, 0 rejected"),
+        _line(110.0, 1, server, message="round 2: val_accuracy=0.5 ..."),
+    ]
+    trace = tmp_path / "trace"
+    trace.write_text("\n".join(lines) + "\n")
+    stages = round_breakdown(trace)
+    expect = {"poll": [1.0, 2.5], "pull": [0.5, 0.2], "spawn": [0.6, 0.3], "clientapp": [4.0, 5.0],
+              "clientapp_cpu": [3.5, 4.5], "push": [0.5, 1.0], "collect": [0.5], "validate": [0.6], "round": [10.0]}
+    for key, values in expect.items():
+        assert stages[key] == pytest.approx(values), key
+
+
+def test_trace_hook_records_start_logs_and_exit_with_cpu(tmp_path):
+    trace = tmp_path / "trace"
+    script = "import logging; logging.getLogger('flwr').warning('hello %s', 'there')"
+    env = {**os.environ, "PYTHONPATH": str(TRACING), "FEDSQ_TRACE_FILE": str(trace)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "log", "exit"]
+    assert events[1]["message"] == "hello there" and events[2]["cpu_s"] > 0
+    untraced = {k: v for k, v in env.items() if k != "FEDSQ_TRACE_FILE"}
+    subprocess.run([sys.executable, "-c", script], env=untraced, check=True, timeout=60, capture_output=True)
+    assert len(trace.read_text().splitlines()) == 3  # inert without FEDSQ_TRACE_FILE
