@@ -5,7 +5,8 @@
     fedsq-perf scale    [--clients 20 100] [--rounds 3]
     fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (fedsq_app/compat.py; docs/LIBRARY.md)
     fedsq-perf coldstart [--app DIR ...] [--runs 4]      (fedsq_app/perf_cold.py)
-    fedsq-perf deploy    [--app DIR ...] [--rounds 5]    (fedsq_app/perf_cold.py)
+    fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE]
+                                                         (fedsq_app/perf_cold.py)
 
 ``steps`` times one full training step (forward, loss, backward, SGD step; batch 32, fp32) of each
 configuration, interleaved (one step of each configuration per round, rotating the order) and reports
