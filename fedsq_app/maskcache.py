@@ -238,16 +238,21 @@ def store_path(structural_sha256: str, spec, images: torch.Tensor, *, fold_bn: b
 
 
 def _trim_folder(folder: Path, budget: int, keep: Path) -> None:
-    """Delete the least recently used mask files until the others fit ``budget`` bytes."""
-    try:
-        files = sorted((p for p in folder.glob("*.safetensors") if p != keep), key=lambda p: p.stat().st_mtime)
-    except OSError:
-        return
-    total = sum(p.stat().st_size for p in files)
-    for path in files:
+    """Delete the least recently used mask files until the others fit ``budget`` bytes. Other processes may
+    read, write or trim the folder at the same time: a file gone meanwhile is simply not counted."""
+    sizes = {}
+    for path in folder.glob("*.safetensors"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if path != keep:
+            sizes[path] = (stat.st_mtime, stat.st_size)
+    total = sum(size for _, size in sizes.values())
+    for path in sorted(sizes, key=lambda p: sizes[p][0]):
         if total <= budget:
             break
-        total -= path.stat().st_size
+        total -= sizes[path][1]
         path.unlink(missing_ok=True)
 
 
