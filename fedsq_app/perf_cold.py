@@ -165,7 +165,7 @@ def coldstart(apps: list[Path], runs: int, cache: Path, overrides: dict, node_co
     for i, app in enumerate(apps):
         fab, digest = build_fab(app, work)
         node_cache = work / f"cache-{i}"
-        shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions"))
+        shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions", "masks"))
         base = {"fab": str(fab), "fab_id": FAB_ID, "fab_version": FAB_VERSION, "fab_hash": digest,
                 "run_config": app_run_config(app, overrides)}
         setups.append((app, base, _child_env(work / f"home-{i}", node_cache, threads)))
@@ -288,14 +288,15 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
         sim_link, sim_port = loopback.start_superlink(procs, {**env, "FLWR_HOME": str(work / "home-sim")},
                                                       work / "sim.db", name="sim-superlink",
                                                       tls_args=["--insecure", "--simulation"])
-        # Deployment: a SuperLink and `nodes` SuperNodes, each with its own FLWR_HOME and cache copy.
+        # Deployment: a SuperLink and `nodes` SuperNodes, each with its own FLWR_HOME and cache copy (without
+        # partitions and masks: each node starts as a new silo).
         traced = {"PYTHONPATH": os.pathsep.join([str(TRACING), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                   "FEDSQ_TRACE_FILE": str(trace)} if trace else {}
         link, port = loopback.start_superlink(procs, {**env, **traced, "FLWR_HOME": str(work / "home-link")},
                                               work / "state.db")
         for i in range(nodes):
             node_cache = work / f"cache-{i}"
-            shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions"))
+            shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions", "masks"))
             node_env = {**env, **traced, "FLWR_HOME": str(work / f"home-node-{i}"), "FEDSQ_CACHE_DIR": str(node_cache),
                         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(superexec_poll)}
             if threads_per_node:
