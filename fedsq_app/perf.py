@@ -5,7 +5,7 @@
     fedsq-perf scale    [--clients 20 100] [--rounds 3]
     fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (fedsq_app/compat.py; docs/LIBRARY.md)
     fedsq-perf coldstart [--app DIR ...] [--runs 4]      (fedsq_app/perf_cold.py)
-    fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE]
+    fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE] [--flower-floor]
                                                          (fedsq_app/perf_cold.py)
 
 ``steps`` times one full training step (forward, loss, backward, SGD step; batch 32, fp32) of each
@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                                 "for all; default 1, what a simulated client gets (client-resources-num-cpus=1, "
                                 "for which Ray sets OMP_NUM_THREADS=1); 0: unset (torch takes every core)")
             p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
+            p.add_argument("--flower-floor", action="store_true",
+                           help="also run fedsq_app/flower_floor.py, a ClientApp that echoes arrays shaped like the "
+                                "small CNN's: what Flower alone costs per round, simulated and deployed")
             p.add_argument("--trace", default="", help="write the deployment's process and Flower log events to "
                            "TRACE.<i> (one per --app) and print each deployed round stage by stage")
     from fedsq_app import compat

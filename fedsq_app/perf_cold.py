@@ -455,9 +455,15 @@ def main(args) -> None:
                 raise SystemExit(f"{flag} takes one value, or one per --app")
             return values
 
+        polls, threads_each = per_app(args.superexec_poll, "--superexec-poll"), \
+            per_app(args.threads_per_node, "--threads-per-node")
+        if args.flower_floor:  # the no-op app, with the last app's settings
+            from fedsq_app import flower_floor
+
+            apps.append(flower_floor.make_app(Path(tempfile.mkdtemp(prefix="fedsq-floor-")) / "flower-floor"))
+            polls, threads_each = [*polls, polls[-1]], [*threads_each, threads_each[-1]]
         rows = {}
-        for i, (app, poll, threads) in enumerate(zip(apps, per_app(args.superexec_poll, "--superexec-poll"),
-                                                     per_app(args.threads_per_node, "--threads-per-node"))):
+        for i, (app, poll, threads) in enumerate(zip(apps, polls, threads_each)):
             trace = Path(f"{args.trace}.{i}") if args.trace else None
             if trace:
                 trace.unlink(missing_ok=True)

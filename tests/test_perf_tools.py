@@ -57,3 +57,27 @@ def test_trace_hook_records_start_logs_and_exit_with_cpu(tmp_path):
     untraced = {k: v for k, v in env.items() if k != "FEDSQ_TRACE_FILE"}
     subprocess.run([sys.executable, "-c", script], env=untraced, check=True, timeout=60, capture_output=True)
     assert len(trace.read_text().splitlines()) == 3  # inert without FEDSQ_TRACE_FILE
+
+
+def test_flower_floor_app_builds_and_its_client_echoes_without_torch(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedsq_app import flower_floor
+
+    app = flower_floor.make_app(tmp_path / "floor")
+    assert len(build_fab_from_disk(app)) > 0  # a valid Flower app: pyproject and components resolve
+    script = (
+        "import sys, time, numpy as np\n"
+        "from flwr.app import Array, ArrayRecord, Context, Message, Metadata, RecordDict\n"
+        "import flower_floor\n"
+        "arrays = ArrayRecord({'a': Array(np.ones((3, 2), dtype=np.float32))})\n"
+        "meta = Metadata(run_id=1, message_id='m', src_node_id=0, dst_node_id=1, reply_to_message_id='',\n"
+        "                group_id='', created_at=time.time(), ttl=60.0, message_type='train')\n"
+        "context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})\n"
+        "reply = flower_floor.echo(Message(RecordDict({'arrays': arrays}), metadata=meta), context)\n"
+        "assert (reply.content['arrays']['a'].numpy() == 1).all()\n"
+        "assert 'torch' not in sys.modules, 'the floor ClientApp must not import torch'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=app, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
