@@ -11,8 +11,6 @@ only (the ServerApp reuses FedSQ's reply polling).
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ SMALL_CNN_SHAPES = [(32, 1, 3, 3), (32,), (32,), (32,), (32,), (), (64, 32, 3, 3
                     (128, 64, 3, 3), (128,), (128,), (128,), (128,), (), (128, 512), (128,), (10, 128), (10,)]
 
 client = ClientApp()
+server = ServerApp()
 
 
 def _array(shape: tuple, seed: int) -> np.ndarray:
@@ -34,8 +33,6 @@ def _array(shape: tuple, seed: int) -> np.ndarray:
     if shape == ():
         return np.array(0, dtype=np.int64)
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-server = ServerApp()
 
 
 @client.train()
@@ -46,7 +43,8 @@ def echo(msg: Message, context: Context) -> Message:
 
 @server.main()
 def rounds(grid: Grid, context: Context) -> None:
-    from fedsq_app.server_app import send_and_receive  # FedSQ's own reply polling (this import brings torch)
+    # FedSQ's own reply polling and results writer (this import brings torch into the ServerApp only)
+    from fedsq_app.server_app import send_and_receive, write_json_atomic
 
     config = context.run_config
     nodes_needed = int(config["min-train-nodes"])
@@ -65,9 +63,7 @@ def rounds(grid: Grid, context: Context) -> None:
         results["rounds"].append({"round": server_round, "wall_time_s": time.time() - start})
     results["test_accuracy"] = None  # the mark of a finished run that fedsq-perf waits for
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".results.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(results))
-    os.replace(tmp, out_dir / "results.json")
+    write_json_atomic(out_dir / "results.json", results)
 
 
 PYPROJECT = """[build-system]

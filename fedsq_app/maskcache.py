@@ -38,6 +38,7 @@ from safetensors import safe_open
 
 from fedsq_app.config import cache_dir
 from fedsq_app.dualcopy import DualCopy
+from fedsq_app.partcache import code_hash, write_tensors
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -197,9 +198,10 @@ class MaskCache:
                 or any(p.dtype != torch.uint8 or p.shape != (self.num_samples, w) for p, w in zip(packed, widths))):
             log.warning("mask cache: ignoring %s (unexpected tensor shapes)", path)
             return 0
-        if self.needed_bytes(shapes) > self.max_bytes:
+        needed = self.needed_bytes(shapes)
+        if needed > self.max_bytes:
             return 0  # _allocate says why at the first S pass
-        self.make_room(self.needed_bytes(shapes))
+        self.make_room(needed)
         self.shapes, self.packed, self.filled = shapes, [p.to(device) for p in packed], filled
         os.utime(path)  # recently used: the folder's cap drops the oldest files first
         self.loaded = int(filled.sum())
@@ -209,8 +211,6 @@ class MaskCache:
         """Store what this process added (a no-op without a store, new masks or room)."""
         if self.store is None or not self._unsaved or self.disabled_reason or not self.packed:
             return
-        from fedsq_app.partcache import write_tensors
-
         path, digest = self.store
         tensors = {f"layer{i}": p.cpu() for i, p in enumerate(self.packed)}
         tensors["filled"] = self.filled
@@ -227,9 +227,7 @@ def store_path(structural_sha256: str, spec, images: torch.Tensor, *, fold_bn: b
                device: torch.device) -> tuple[Path, str]:
     """(file, digest) of one client's stored masks: the digest covers everything its masks depend on."""
     digest = hashlib.sha256()
-    for name in _MASK_CODE:
-        digest.update((Path(__file__).parent / name).read_bytes())
-    digest.update(json.dumps({"format": FORMAT, "structural-sha256": structural_sha256, "fold-bn": fold_bn,
+    digest.update(json.dumps({"format": FORMAT, "code": code_hash(_MASK_CODE), "structural-sha256": structural_sha256, "fold-bn": fold_bn,
                               "spec": repr(spec), "device": device.type, "torch": torch.__version__,
                               "images": [list(images.shape), str(images.dtype)]}).encode())
     digest.update(images.detach().cpu().contiguous().numpy())

@@ -49,10 +49,11 @@ def _version(package: str) -> str:
         return "none"
 
 
-@functools.lru_cache(maxsize=1)
-def _code_hash() -> str:
+@functools.lru_cache(maxsize=8)
+def code_hash(names: tuple[str, ...] = _CODE) -> str:
+    """SHA-256 (16 hex digits) of these modules' source files: a cache keyed by it is rebuilt when they change."""
     digest = hashlib.sha256()
-    for name in _CODE:
+    for name in names:
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -78,7 +79,7 @@ def source_fingerprint(spec: str, config_key: str = "dataset") -> list:
 
 def entry_key(what: dict, spec: str, config_key: str = "dataset") -> dict:
     """``what`` (the settings that select the data) plus the source's files, the code and the libraries."""
-    return {"format": FORMAT, **what, "source": source_fingerprint(spec, config_key), "code": _code_hash(),
+    return {"format": FORMAT, **what, "source": source_fingerprint(spec, config_key), "code": code_hash(),
             "versions": {p: _version(p) for p in ("datasets", "flwr-datasets", "numpy")}}
 
 
@@ -184,4 +185,4 @@ def clear_memory() -> None:
     """Forget what this process has read (tests)."""
     node_partition.cache_clear()
     pool_info.cache_clear()
-    _code_hash.cache_clear()
+    code_hash.cache_clear()
