@@ -247,7 +247,7 @@ def _final_results(path: Path) -> bool:
 def _run_and_wait(app: Path, connection: str, run_config: str, env: dict, work: Path, limit_s: float,
                   extra: list[str] = (), done_file: Path | None = None) -> tuple[str, float]:
     """Start a run and wait for its end. ``flwr ls`` costs ~1 CPU-s (a fresh CLI process): asked every second
-    it took ~8 of the ~30 CPU-s of a deployed round on two cores. So the run's own ``done_file`` (the
+    it took ~6 of the ~30 CPU-s of a deployed round on two cores. So the run's own ``done_file`` (the
     ServerApp's results.json, final once it holds the test accuracy) is watched instead, and ``flwr ls`` asked
     every 15 s or once the file is final."""
     start = time.time()
