@@ -480,9 +480,13 @@ def check_structural(model: DualCopy, config: Mapping) -> None:
     """On a node: raise ``StructuralMismatchError`` unless ``config`` (the train config a ``FedSQ`` server
     sends, key ``structural-sha256``) names this DualCopy's S. Averaging Q trained under different gates
     would mix different functions; every node must build S from the same start weights. A config without
-    the key (not a FedSQ server) passes."""
+    the key (a server that is not FedSQ) is refused too: the node cannot know which S the server gates with."""
     expected = config.get(STRUCTURAL_SHA256_KEY)
-    if expected is not None and expected != model.structural_sha256():
+    if expected is None:
+        raise StructuralMismatchError(
+            f"the server's train config names no structural copy ('{STRUCTURAL_SHA256_KEY}' missing): a DualCopy "
+            "node trains only under a FedSQ server, which names its S every round")
+    if expected != model.structural_sha256():
         raise StructuralMismatchError(
             f"structural copy mismatch: server S sha256={expected}, this node's S sha256="
             f"{model.structural_sha256()}; build S from the same pretrained weights as the server")

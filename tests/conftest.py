@@ -4,6 +4,7 @@ in-process Flower simulation that can take run-config overrides (``run_simulatio
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,31 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SYSTEM_PACKAGES_FILE = Path(__file__).resolve().parents[1] / "requirements" / "system-tests.txt"
+
+
+def system_packages() -> dict[str, str]:
+    """requirements/system-tests.txt as {command: Debian package}."""
+    lines = (line.split("#", 1)[0].split() for line in SYSTEM_PACKAGES_FILE.read_text().splitlines())
+    return {fields[0]: fields[1] for fields in lines if fields}
+
+
+def require_system(*commands: str) -> None:
+    """Skip (fail under CI=true, so CI never goes green by skipping) unless every command is installed."""
+    packages = system_packages()
+    unknown = set(commands) - set(packages)
+    assert not unknown, f"{sorted(unknown)} not listed in {SYSTEM_PACKAGES_FILE.name}"
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = sorted({packages[c] for c in commands if shutil.which(c, path=path) is None})
+    if not missing:
+        return
+    reason = (f"missing system package(s) {', '.join(missing)}: install with `apt-get install -y {' '.join(missing)}` "
+              "(`bash scripts/setup.sh --tests` does this as root)")
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
 
 # Small and fast, but the real code path: 3 clients, 600 training samples, 2 rounds.
 TINY_RUN = {"num-server-rounds": 2, "max-train-samples": 600, "batch-size": 32, "lr": 0.05}

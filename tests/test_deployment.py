@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import require_system
 
 # Process, port and health helpers shared with the dropped-silo test (tests/loopback.py).
 from loopback import any_alive as _any_alive, descendants as _descendants, free_port as _free_port  # noqa: E402
@@ -58,8 +59,7 @@ def _require_tools() -> dict[str, str]:
     if missing:
         pytest.skip(f"Flower CLI(s) {', '.join(missing)} not found next to {sys.executable} or on PATH; "
                     "install flwr (>=1.42,<1.43; bash scripts/setup.sh) into this environment to run the deployment test")
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not found: deploy/make-certs.sh needs it to make the test certificates")
+    require_system("openssl")  # deploy/make-certs.sh makes the test certificates with it
     if not (REPO / "fedsq_app" / "server_app.py").is_file():
         pytest.skip("the FedSQ app (fedsq_app/server_app.py) is not in this checkout")
     return tools  # type: ignore[return-value]

@@ -11,8 +11,9 @@ Static (no engine needed, nothing is pulled or run):
 
 End to end (`test_compose_demo_runs_for_real`): scripts/docker_e2e.sh starts its own dockerd, builds the
 images offline, brings the demo up with TLS + SuperNode authentication, runs 2 FedSQ rounds, copies
-results.json out and brings it down. It skips only where the OS forbids an engine (not root, no overlay
-filesystem, no cgroups); anywhere else an engine that cannot start is a failure.
+results.json out and brings it down. It skips where the OS forbids an engine (not root, no overlay
+filesystem, no cgroups) and, outside CI, where a package of requirements/system-tests.txt is missing (the
+reason names the install command); anywhere else an engine that cannot start is a failure.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from conftest import require_system
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -210,8 +212,7 @@ def test_compose_combination_validates(files: tuple[str, ...]) -> None:
 
 def test_fallback_merge_agrees_with_compose() -> None:
     """The pyyaml fallback (used where no compose binary exists) reads our files as compose does."""
-    if _compose_binary() is None:
-        pytest.skip("no docker-compose / docker compose binary to compare the fallback with")
+    require_system("docker-compose")
     for files in COMBINATIONS:
         by_compose = merged_config(files)["services"]
         by_fallback = merged_config(files, use_binary=False)["services"]
@@ -340,6 +341,8 @@ def test_base_demo_wiring() -> None:
         assert _arg(executor["command"], "--runtime-api-address") == f"{node}:{port}"
         volumes = [str(v) for v in executor.get("volumes", [])]
         assert any(f"silo-{index}" in v for v in volumes), f"silo {index} has no data volume of its own"
+        # Each silo's ClientApps get their share of the host's cores, not a thread per core each.
+        assert str((executor.get("environment") or {}).get("OMP_NUM_THREADS")) == "1", executor.get("environment")
     assert len(partitions) == len(nodes), "every SuperNode needs its own partition/node config"
     assert not [p for s in services.values() for p in s.get("ports", [])], "ports belong in with-ports.yml"
     services = _services(("compose.yml", "with-ports.yml"))
@@ -502,6 +505,7 @@ def test_compose_demo_runs_for_real(docker_work: Path) -> None:
     if reason:
         print(f"docker e2e skipped: {reason}")
         pytest.skip(reason)
+    require_system("dockerd", "docker-compose", "debootstrap", "curl")
     log = docker_work / "docker_e2e.log"
     env = _env(FEDSQ_DOCKER_WORK=str(docker_work), PYTHON=sys.executable)
     with log.open("w") as out:
