@@ -4,7 +4,7 @@
 directly, one node after another, each node with its own persistent ``Context`` (partition id, state).
 The code that runs is exactly the apps' own; only the transport is gone, so a small-model run on a
 CPU does not pay Ray's start-up (several seconds per run) or its actors' competition for cores.
-Use ``fedsq_app.simulation.simulate`` for Flower's own simulation engine.
+Use ``fedsq_app.harness.simulation.simulate`` for Flower's own simulation engine.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class InProcessGrid(Grid):
 
 
 def simulate_in_process(run_config: Mapping[str, Any], num_supernodes: int, **_ignored) -> dict:
-    """Same contract as ``fedsq_app.simulation.simulate`` (resource arguments are ignored): run one
+    """Same contract as ``fedsq_app.harness.simulation.simulate`` (resource arguments are ignored): run one
     federation in this process; returns its parsed results.json."""
     config = RunConfig.from_mapping(run_config)
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"

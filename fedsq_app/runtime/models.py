@@ -8,13 +8,16 @@ S and Q, and every baseline start from the same function.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-MODEL_NAMES = ("smallcnn", "resnet18", "alexnet")
+from fedsq_app.util import write_atomic
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -57,26 +60,55 @@ def _resnet18(num_classes: int, small_stem: bool) -> nn.Module:
     return model
 
 
+def _alexnet(num_classes: int, small_stem: bool) -> nn.Module:
+    return _torchvision_models().alexnet(num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One backbone: how to build it, where its task head is, and how it is fed."""
+
+    build: Callable[[int, int, bool], nn.Module]  # (num classes, input channels, small stem) -> random weights
+    head: Callable[[nn.Module], nn.Linear]  # the task head: the last Linear layer, which no ReLU follows
+    imagenet_weights: str | None  # torchvision's ImageNet weights enum, None: there are none
+    any_channels: bool  # takes the data's channel count (grey stays 1 channel); else always 3 (torchvision)
+    small_stem_max: int  # from scratch, inputs up to this size get a CIFAR-style stem (0: no such stem)
+    min_size: int  # smallest input that survives the network's pooling (0: any)
+    min_size_imagenet_only: bool  # min_size applies only with ImageNet weights (their native scale)
+
+    def native_size(self, image_size: int, imagenet_style: bool) -> int:
+        """The input size to resize to (0: the data's own)."""
+        if self.min_size and (imagenet_style or not self.min_size_imagenet_only):
+            return max(image_size, self.min_size)
+        return 0
+
+
+# The one registry of models (run config ``model``).
+MODELS: dict[str, ModelEntry] = {
+    "smallcnn": ModelEntry(lambda n, c, stem: SmallCNN(n, in_channels=c), lambda m: m.head, None,
+                           any_channels=True, small_stem_max=0, min_size=0, min_size_imagenet_only=False),
+    "resnet18": ModelEntry(lambda n, c, stem: _resnet18(n, stem), lambda m: m.fc, "ResNet18_Weights",
+                           any_channels=False, small_stem_max=32, min_size=64, min_size_imagenet_only=True),
+    # torchvision's AlexNet needs >= 63 px to survive its last max-pool
+    "alexnet": ModelEntry(lambda n, c, stem: _alexnet(n, stem), lambda m: m.classifier[6], "AlexNet_Weights",
+                          any_channels=False, small_stem_max=0, min_size=64, min_size_imagenet_only=False),
+}
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    return MODELS[name]
+
+
 def build_model(name: str, num_classes: int, *, in_channels: int = 3, small_stem: bool = False) -> nn.Module:
     """An architecture with random weights. torchvision models always take 3-channel input."""
-    if name == "smallcnn":
-        return SmallCNN(num_classes, in_channels=in_channels)
-    if name == "resnet18":
-        return _resnet18(num_classes, small_stem)
-    if name == "alexnet":
-        return _torchvision_models().alexnet(num_classes=num_classes)
-    raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODEL_NAMES)}")
+    return model_entry(name).build(num_classes, in_channels, small_stem)
 
 
 def head_module(model: nn.Module, name: str) -> nn.Linear:
     """The task head: the last Linear layer, which no ReLU follows (so it is never gated)."""
-    if name == "smallcnn":
-        return model.head
-    if name == "resnet18":
-        return model.fc
-    if name == "alexnet":
-        return model.classifier[6]
-    raise ValueError(f"unknown model '{name}'")
+    return model_entry(name).head(model)
 
 
 def head_prefix(model: nn.Module, name: str) -> str:
@@ -96,13 +128,11 @@ def reset_head(model: nn.Module, name: str, head_seed: int) -> None:
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights (downloads once into TORCH_HOME; needs the internet the first time)."""
-    tv_models = _torchvision_models()
-    weights = {"resnet18": tv_models.ResNet18_Weights.IMAGENET1K_V1,
-               "alexnet": tv_models.AlexNet_Weights.IMAGENET1K_V1}.get(name)
-    if weights is None:
+    enum = model_entry(name).imagenet_weights
+    if enum is None:
         raise ValueError(f"no ImageNet weights for model '{name}': use pretrained='none' or a checkpoint file")
     try:
-        return weights.get_state_dict(progress=False)
+        return getattr(_torchvision_models(), enum).IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception as error:  # URLError, SSL, timeouts: all mean "not reachable"
         raise RuntimeError(
             f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). Offline, "
@@ -116,10 +146,8 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], metad
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-    Path(f"{path}.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    write_atomic(f"{path}.json", json.dumps(metadata, indent=2, sort_keys=True))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

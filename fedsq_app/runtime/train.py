@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsq_app import maskcache
-from fedsq_app.data import InputSpec, TensorData
+from fedsq_app.data.tensors import InputSpec, TensorData
+from fedsq_app.runtime import maskcache
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def train_local(
     """SGD on ``data`` for ``schedule.epochs``; only parameters with ``requires_grad`` are trained.
 
     For a DualCopy those are Q's: S is frozen. The optimiser (and its momentum) is fresh each call,
-    the usual stateless-client choice. ``mask_cache``: S's masks by sample index (``fedsq_app.maskcache``);
+    the usual stateless-client choice. ``mask_cache``: S's masks by sample index (``fedsq_app.runtime.maskcache``);
     ``amp``: see ``autocast``.
     """
     drop_single = has_batchnorm(model)

@@ -38,6 +38,8 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.overrides import TorchFunctionMode
 
+from fedsq_app.core.wire import check_structural_sha256, named_structural_sha256
+
 log = logging.getLogger(__name__)
 
 # Activations that are not a 0/1 gate on their input: DualCopy cannot freeze their "regime".
@@ -69,10 +71,6 @@ class UnsupportedActivationError(ValueError):
     """The model cannot be gated: an activation other than ``nn.ReLU``/``nn.ReLU6``, an activation
     function called in a forward (``F.relu``, ``x.relu()``, ...), or no ReLU at all. The message names the
     layer or module and the reason."""
-
-
-class StructuralMismatchError(ValueError):
-    """The server's structural copy S (its SHA-256, sent by ``FedSQ`` each round) is not this node's S."""
 
 
 def _module_refusal(name: str, module: nn.Module) -> str | None:
@@ -463,9 +461,6 @@ class DualCopy(nn.Module):
         return self._sha256[1]
 
 
-STRUCTURAL_SHA256_KEY = "structural-sha256"  # the train-config key FedSQ sends S's hash under
-
-
 def travelling_module(model: nn.Module) -> nn.Module:
     """What goes over the wire: Q (``model.quantitative``) for a DualCopy, the whole network otherwise.
 
@@ -481,8 +476,4 @@ def check_structural(model: DualCopy, config: Mapping) -> None:
     sends, key ``structural-sha256``) names this DualCopy's S. Averaging Q trained under different gates
     would mix different functions; every node must build S from the same start weights. A config without
     the key (not a FedSQ server) passes."""
-    expected = config.get(STRUCTURAL_SHA256_KEY)
-    if expected is not None and expected != model.structural_sha256():
-        raise StructuralMismatchError(
-            f"structural copy mismatch: server S sha256={expected}, this node's S sha256="
-            f"{model.structural_sha256()}; build S from the same pretrained weights as the server")
+    check_structural_sha256(named_structural_sha256(config), model.structural_sha256())

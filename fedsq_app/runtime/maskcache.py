@@ -25,10 +25,12 @@ recently used files first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Hashable
@@ -36,13 +38,16 @@ from typing import Callable, Hashable
 import torch
 from safetensors import safe_open
 
-from fedsq_app.config import cache_dir
-from fedsq_app.dualcopy import DualCopy
-from fedsq_app.partcache import code_hash, write_tensors
+from safetensors.torch import save_file
+
+from fedsq_app.core import dualcopy
+from fedsq_app.core.dualcopy import DualCopy
+from fedsq_app.core.wire import STRUCTURAL_SHA256
+from fedsq_app.data import tensors as input_pipeline
+from fedsq_app.util import cache_dir, source_digest, write_atomic
 
 log = logging.getLogger(__name__)
 FORMAT = 1
-_MASK_CODE = ("dualcopy.py", "maskcache.py", "data.py")  # how an image becomes S's masks
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 # Packing 8 masks (bytes of 0/1, little-endian in one int64) into one byte in one multiply: the product puts
 # byte j's bit at position 63 - j (no two partial products share a bit, so nothing carries), and the top byte
@@ -216,18 +221,26 @@ class MaskCache:
         tensors["filled"] = self.filled
         try:
             _trim_folder(path.parent, self.max_bytes - self.nbytes, keep=path)
-            write_tensors(path, tensors, {"digest": digest, "num_samples": str(self.num_samples),
-                                          "shapes": json.dumps([list(s) for s in self.shapes])})
+            metadata = {"digest": digest, "num_samples": str(self.num_samples),
+                        "shapes": json.dumps([list(s) for s in self.shapes])}
+            write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
             self._unsaved = False
         except OSError as error:  # a read-only cache still trains; the next process fills again
             log.warning("mask cache: cannot write %s (%s)", path, error)
+
+
+@functools.lru_cache(maxsize=1)
+def mask_code_hash() -> str:
+    """Digest of the code that turns an image into S's masks: DualCopy, this cache and the input pipeline."""
+    return source_digest(dualcopy, sys.modules[__name__], input_pipeline)
 
 
 def store_path(structural_sha256: str, spec, images: torch.Tensor, *, fold_bn: bool,
                device: torch.device) -> tuple[Path, str]:
     """(file, digest) of one client's stored masks: the digest covers everything its masks depend on."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": FORMAT, "code": code_hash(_MASK_CODE), "structural-sha256": structural_sha256, "fold-bn": fold_bn,
+    digest.update(json.dumps({"format": FORMAT, "code": mask_code_hash(), STRUCTURAL_SHA256: structural_sha256,
+                              "fold-bn": fold_bn,
                               "spec": repr(spec), "device": device.type, "torch": torch.__version__,
                               "images": [list(images.shape), str(images.dtype)]}).encode())
     digest.update(images.detach().cpu().contiguous().numpy())

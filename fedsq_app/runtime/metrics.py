@@ -17,7 +17,8 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedsq_app.dualcopy import DualCopy
+from fedsq_app.core.dualcopy import DualCopy
+from fedsq_app.util import write_atomic
 
 WITHIN_PP = 0.005  # "within 0.5 pp of the best" for the second rounds-to-best definition
 LAST_K = 5  # rounds over which the end-of-run std of validation accuracy is taken
@@ -76,14 +77,14 @@ ROUND_COLUMNS = ("round", "val_accuracy", "val_loss", "train_loss", "best_val_ac
 
 def write_rounds_csv(path: str | Path, rounds: list[dict]) -> None:
     """One row per round, the scalar columns of results.json's ``rounds``."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ROUND_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for record in rounds:
-            writer.writerow({k: record.get(k, "") for k in ROUND_COLUMNS})
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=ROUND_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for record in rounds:
+                writer.writerow({k: record.get(k, "") for k in ROUND_COLUMNS})
+
+    write_atomic(path, write)
 
 
 # ---------------------------------------------------------------------------------------------- drift

@@ -11,7 +11,6 @@ Nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load as load_bytes
 from safetensors.numpy import save as save_bytes
+
+from fedsq_app.util import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedsq-checkpoint-v1"
@@ -93,15 +94,7 @@ def save_run_state(folder: Path, state: RunState) -> Path:
     }
     blob = save_bytes({k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in tensors.items()},
                       metadata={"format": FORMAT, "state": json.dumps(header)})
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CHECKPOINT_FILE
-    tmp = folder / f".{CHECKPOINT_FILE}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(blob)
-        handle.flush()
-        os.fsync(handle.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-    tmp.replace(path)
-    return path
+    return write_atomic(folder / CHECKPOINT_FILE, blob)
 
 
 def load_run_state(folder: str | Path) -> RunState:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-from fedsq_app.config import ConfigError, RunConfig, parse_classes
-from fedsq_app.data import DataError, load_dataset_split, parse_source, parse_split, slice_range
+from fedsq_app.data.sources import DataError, parse_source
+from fedsq_app.data.splits import load_dataset_split, parse_classes, parse_split, slice_range
+from fedsq_app.util import ConfigError
 
 
 def same_dataset(a: str, b: str) -> bool:
@@ -77,9 +78,10 @@ def overlaps(checkpoint: str, dataset: str, splits: dict[str, str], *, image_col
     return found
 
 
-def check_pretrain_overlap(config: RunConfig, checkpoint: str) -> list[str]:
+def check_pretrain_overlap(config, checkpoint: str) -> list[str]:
     """Stop a run whose train or test split overlaps the backbone's pretraining data (``ConfigError``
-    naming both), unless ``allow-pretrain-overlap``; returns the overlaps that were allowed."""
+    naming both), unless ``allow-pretrain-overlap``; returns the overlaps that were allowed. ``config``: the
+    RunConfig."""
     found = overlaps(checkpoint, config.dataset, {"train-split": config.train_split, "test-split": config.test_split},
                      image_column=config.image_column, label_column=config.label_column, classes=config.classes)
     if found and not config.allow_pretrain_overlap:

@@ -10,10 +10,10 @@ later processes read those files (milliseconds).
 The key holds everything that decides the partition: every ``DataKey`` field (dataset, partitioner, alpha,
 seed, splits, columns, ...), the partition id and count (or the silo's ``data-path`` and columns), a
 fingerprint of the source files (names, sizes, modification times), the versions of datasets/flwr-datasets
-and a hash of the code that splits (data.py, config.py). The file name carries the key's hash and the file
+and a digest of the code that splits (the ``fedsq_app.data`` modules). The file name carries the key's hash and the file
 repeats the key in its metadata: a different key never reads another key's file, and a file whose stored key
 differs (or that cannot be read) is rebuilt. Writes go to a temporary file in the same directory, then
-``os.replace``: two processes building at once each write their own temporary file and the rename is atomic,
+``os.replace`` (``write_atomic``): two processes building at once each write their own temporary file and the rename is atomic,
 so a reader sees a whole file or none. Hub datasets are keyed by their id (the Hub copy in ``$HF_HOME`` is
 not fingerprinted). safetensors only: no pickle.
 """
@@ -26,20 +26,20 @@ import glob
 import hashlib
 import json
 import logging
-import os
-import uuid
 from importlib import metadata
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedsq_app import data
-from fedsq_app.config import NodeConfig, cache_dir
+from fedsq_app.data import partitions, sources, splits, tensors
+from fedsq_app.data.partitions import DataKey, DatasetInfo, client_partition, dataset_info, silo_partition
+from fedsq_app.data.sources import embedded_dir, parse_source, source_slug
+from fedsq_app.data.tensors import TensorData
+from fedsq_app.util import cache_dir, source_digest, write_atomic
 
 log = logging.getLogger(__name__)
 FORMAT = 1
-_CODE = ("data.py", "config.py")  # the code that loads, filters, splits and partitions
 
 
 def _version(package: str) -> str:
@@ -49,24 +49,21 @@ def _version(package: str) -> str:
         return "none"
 
 
-@functools.lru_cache(maxsize=8)
-def code_hash(names: tuple[str, ...] = _CODE) -> str:
-    """SHA-256 (16 hex digits) of these modules' source files: a cache keyed by it is rebuilt when they change."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update((Path(__file__).parent / name).read_bytes())
-    return digest.hexdigest()[:16]
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """Digest of the code that loads, filters, splits and partitions (by module, wherever its files are)."""
+    return source_digest(sources, splits, partitions, tensors)
 
 
 def source_files(spec: str, config_key: str = "dataset") -> list[Path]:
     """The files a local source reads (empty for a Hub id, whose copy lives in $HF_HOME). ``config_key``
     names the setting in errors (``dataset`` or a silo's ``data-path``)."""
-    source = data.parse_source(spec, key=config_key)
+    source = parse_source(spec, key=config_key)
     if source.kind == "hub":
         return []
     if source.kind == "parquet" and glob.has_magic(source.location):
         return sorted(Path(p) for p in glob.glob(source.location))
-    root = data.embedded_dir() if source.kind == "embedded" else Path(source.location)
+    root = embedded_dir() if source.kind == "embedded" else Path(source.location)
     if root.is_file():
         return [root]
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
@@ -83,7 +80,7 @@ def entry_key(what: dict, spec: str, config_key: str = "dataset") -> dict:
             "versions": {p: _version(p) for p in ("datasets", "flwr-datasets", "numpy")}}
 
 
-def partition_key(key: data.DataKey, node: NodeConfig) -> dict:
+def partition_key(key: DataKey, node) -> dict:
     """Everything that decides this node's training data (JSON-able)."""
     if node.data_path:
         return entry_key({"data-path": node.data_path, "image-column": key.image_column,
@@ -99,36 +96,27 @@ def cache_path(key: dict, suffix: str = ".safetensors") -> Path:
     which = "silo" if "data-path" in key else \
         f"p{key['partition-id']}of{key['num-partitions']}" if "partition-id" in key else "info"
     return cache_dir() / "partitions" / \
-        f"{data.source_slug(name)[:40]}-{which}-{hashlib.sha256(text.encode()).hexdigest()[:16]}{suffix}"
+        f"{source_slug(name)[:40]}-{which}-{hashlib.sha256(text.encode()).hexdigest()[:16]}{suffix}"
 
 
-def _temporary(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def read(path: Path, key: dict) -> data.TensorData | None:
+def read(path: Path, key: dict) -> TensorData | None:
     """The cached tensors if ``path`` holds them for exactly ``key``, else None."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             if json.loads((handle.metadata() or {}).get("key", "null")) != key:
                 return None
-            return data.TensorData(handle.get_tensor("images"), handle.get_tensor("labels"))
+            return TensorData(handle.get_tensor("images"), handle.get_tensor("labels"))
     except Exception:  # missing, truncated or foreign file: rebuild
         return None
 
 
 def write_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
-    """Atomically: a temporary file of this process's own next to ``path``, then os.replace."""
-    tmp = _temporary(path)
-    try:
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomically (``write_atomic``): a reader sees the whole file or none."""
+    write_atomic(path, lambda tmp: save_file({name: tensor.contiguous() for name, tensor in tensors.items()},
+                                             str(tmp), metadata=metadata))
 
 
-def write(path: Path, key: dict, part: data.TensorData) -> None:
+def write(path: Path, key: dict, part: TensorData) -> None:
     write_tensors(path, {"images": part.images, "labels": part.labels}, {"key": json.dumps(key)})
 
 
@@ -143,42 +131,50 @@ def _store(path: Path, what: str, value, save):
 
 
 @functools.lru_cache(maxsize=4)
-def node_partition(key: data.DataKey, node: NodeConfig) -> data.TensorData:
-    """This node's training data: from its on-disk cache, else built (data.py) and cached."""
+def node_partition(key: DataKey, node) -> TensorData:
+    """This node's training data: from its on-disk cache, else built (``partitions``) and cached."""
     entry = partition_key(key, node)
     path = cache_path(entry)
     cached = read(path, entry)
     if cached is not None:
         return cached
     if node.data_path:
-        part = data.silo_partition(node.data_path, key.image_column, key.label_column)
+        part = silo_partition(node.data_path, key.image_column, key.label_column)
     else:
-        part = data.client_partition(key, node.partition_id, node.num_partitions)
+        part = client_partition(key, node.partition_id, node.num_partitions)
     return _store(path, f"{len(part)} samples", part, lambda: write(path, entry, part))
 
 
 @functools.lru_cache(maxsize=4)
-def pool_info(key: data.DataKey) -> data.DatasetInfo:
+def pool_info(key: DataKey) -> DatasetInfo:
     """Classes, channels and image size of the run's dataset (what a ClientApp builds its model from)."""
     entry = entry_key({"data-key": dataclasses.asdict(key)}, key.dataset)
     path = cache_path(entry, ".json")
     try:
         stored = json.loads(path.read_text())
         if stored["key"] == entry:
-            return data.DatasetInfo(**stored["info"])
+            return DatasetInfo(**stored["info"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    info = data.dataset_info(key)
+    info = dataset_info(key)
 
-    def save() -> None:
-        tmp = _temporary(path)
-        try:
-            tmp.write_text(json.dumps({"key": entry, "info": dataclasses.asdict(info)}))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    return _store(path, "dataset facts", info,
+                  lambda: write_atomic(path, json.dumps({"key": entry, "info": dataclasses.asdict(info)})))
 
-    return _store(path, "dataset facts", info, save)
+
+def node_data(config, node) -> TensorData:
+    """A ClientApp's training data (``config``: its RunConfig; ``node``: its NodeConfig): its silo's own data
+    (``data-path``), else its partition of ``dataset``. Read from the node's on-disk cache when it holds this
+    exact partition: a fresh ClientApp process then never imports datasets."""
+    return node_partition(DataKey.of(config), node)
+
+
+def node_info(config, node) -> DatasetInfo:
+    """What a ClientApp needs to build its model; a silo never reads the run's (server's) dataset."""
+    if node.data_path:  # channels and size of the silo's own images; classes from the run config or backbone
+        images = node_data(config, node).images
+        return DatasetInfo(0, images.shape[1], images.shape[-1])
+    return pool_info(DataKey.of(config))
 
 
 def clear_memory() -> None:
