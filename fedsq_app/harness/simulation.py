@@ -19,7 +19,7 @@ from fedsq_app import client_app, server_app
 from fedsq_app.config import RunConfig
 
 
-def _with_run_config(context: Context, run_config: Mapping[str, Any]) -> Context:
+def with_run_config(context: Context, run_config: Mapping[str, Any]) -> Context:
     return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
                    state=context.state, run_config={**context.run_config, **run_config})
 
@@ -33,16 +33,16 @@ def apps_with_run_config(run_config: Mapping[str, Any], main: Callable, train: C
 
     @server.main()
     def _main(grid, context):
-        main(grid, _with_run_config(context, run_config))
+        main(grid, with_run_config(context, run_config))
 
     @client.train()
     def _train(msg, context):
-        return train(msg, _with_run_config(context, run_config))
+        return train(msg, with_run_config(context, run_config))
 
     if evaluate is not None:
         @client.evaluate()
         def _evaluate(msg, context):
-            return evaluate(msg, _with_run_config(context, run_config))
+            return evaluate(msg, with_run_config(context, run_config))
 
     return server, client
 

@@ -1,2 +1,2 @@
-"""Command-line tools above the apps: the benchmark grid, performance probes, the defenses bench, the
-architecture-compatibility table and the pretraining CLIs."""
+"""Command-line tools above the apps: the benchmark grid, performance probes (with the compatibility table),
+the defenses bench and the pretraining CLIs."""

@@ -1,6 +1,6 @@
 """``fedsq-defenses``: what the default server defenses cost, and what they and the robust aggregators stop.
 
-Two experiments on the real ServerApp and ClientApp, run in this process (``fedsq_app.inprocess``: no Ray,
+Two experiments on the real ServerApp and ClientApp, run in this process (``fedsq_app.harness.inprocess``: no Ray,
 so many short runs fit on a small CPU machine):
 
 1. **Cost.** Honest federations with the defaults (distance guard, num-examples clip) and with them off,
@@ -33,11 +33,12 @@ from flwr.app import Array, Context, Message, RecordDict
 from tqdm import tqdm
 
 from fedsq_app import server_app
-from fedsq_app.bench import paired_test
 from fedsq_app.config import RunConfig
-from fedsq_app.inprocess import FIRST_NODE_ID, InProcessGrid
-from fedsq_app.metrics import mean_std
-from fedsq_app.strategy import parameter_keys
+from fedsq_app.core import wire
+from fedsq_app.core.strategy import parameter_keys
+from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
+from fedsq_app.runtime.metrics import mean_std
+from fedsq_app.tools.bench.stats import paired_test
 
 OFF = {"max-update-norm-ratio": 0.0, "max-num-examples-ratio": 0.0}
 DEFENSES = {  # name -> run-config keys on top of the run's
@@ -61,11 +62,11 @@ class HostileGrid(InProcessGrid):
         replies = list(super().send_and_receive(messages, timeout=timeout))
         if self.factor is None:
             return replies
-        sent = {m.metadata.dst_node_id: m.content["arrays"] for m in messages}
+        sent = {m.metadata.dst_node_id: m.content[wire.ARRAYS] for m in messages}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if node_id == ATTACKER and node_id in sent and not reply.has_error():
-                arrays = reply.content["arrays"]
+                arrays = reply.content[wire.ARRAYS]
                 start = {k: a.numpy() for k, a in sent[node_id].items()}
                 for key in parameter_keys(start):
                     trained = arrays[key].numpy()

@@ -27,13 +27,15 @@ from datasets import ClassLabel
 from tqdm import tqdm
 
 from fedsq_app.config import RunConfig
-from fedsq_app.data import (DatasetInfo, InputSpec, TensorData, channel_stats, decode, install_embedded_data,
-                            load_dataset_split, select_classes)
-from fedsq_app.dualcopy import state_dict_sha256
-from fedsq_app.leakage import overlaps
-from fedsq_app.models import MODEL_NAMES, build_model, save_checkpoint
+from fedsq_app.core.dualcopy import state_dict_sha256
+from fedsq_app.data.leakage import overlaps
+from fedsq_app.data.partitions import DatasetInfo
+from fedsq_app.data.sources import install_embedded_data
+from fedsq_app.data.splits import load_dataset_split, select_classes
+from fedsq_app.data.tensors import InputSpec, TensorData, channel_stats, decode
+from fedsq_app.runtime.models import MODELS, build_model, model_entry, save_checkpoint
+from fedsq_app.runtime.train import LocalSchedule, evaluate, pick_device, train_local
 from fedsq_app.task import build_start_model, default_backbone_path
-from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
 
 
 def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[TensorData, TensorData]:
@@ -64,8 +66,8 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     ``classes`` ("0-4", "0,1,2"): pretrain on these labels only, renumbered 0..k-1 as the run config's
     ``classes`` does; a run on a disjoint set of classes is then a cross-domain transfer with a new head.
     """
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model '{model_name}'; choose one of {', '.join(MODEL_NAMES)}")
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model '{model_name}'; choose one of {', '.join(MODELS)}")
     if classes and out is None:
         raise ValueError("a backbone pretrained on a subset of the classes needs its own --out path "
                          "(pretrained='auto' stands for the backbone of all classes)")
@@ -74,13 +76,15 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     train_data, holdout = split_holdout(data, holdout_fraction, seed)
 
     channels, size = data.images.shape[1], data.images.shape[-1]
-    in_channels = channels if model_name == "smallcnn" else 3
+    entry = model_entry(model_name)
+    in_channels = channels if entry.any_channels else 3
     mean, std = channel_stats(train_data)
     if in_channels != channels:  # grey images fed to a 3-channel network: same statistics per channel
         mean, std = mean * in_channels, std * in_channels
-    spec = InputSpec(in_channels, 64 if model_name == "alexnet" and size < 64 else 0, mean, std)
+    native = entry.native_size(size, imagenet_style=False)
+    spec = InputSpec(in_channels, native if native != size else 0, mean, std)
     num_classes = len(class_names) if class_names else int(data.labels.max()) + 1
-    small_stem = model_name == "resnet18" and size <= 32
+    small_stem = size <= entry.small_stem_max
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes, in_channels=in_channels, small_stem=small_stem)
     device = pick_device()
@@ -164,7 +168,7 @@ def calibrate(model_name: str, pretrained: str, dataset: str, proxy_split: str, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsq-pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smallcnn", choices=MODEL_NAMES)
+    parser.add_argument("--model", default="smallcnn", choices=list(MODELS))
     parser.add_argument("--dataset", default="embedded",
                         help="embedded | Hub id | imagefolder:<dir> | parquet:<dir> | idx:<dir> (as run config)")
     parser.add_argument("--split", default="pretrain",

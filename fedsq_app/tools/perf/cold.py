@@ -10,7 +10,7 @@ what every round pays, so both are shown. Compared against a bare ``import torch
 
 deploy: the same run config as a simulation (``flower-superlink --simulation``, ``num-supernodes=3``) and as
 a loopback deployment (SuperLink + 3 SuperNodes, TLS off), each started by this command on 127.0.0.1, one
-after the other, and stopped by PID (``fedsq_app.loopback``). Round times are the ServerApp's
+after the other, and stopped by PID (``fedsq_app.harness.loopback``). Round times are the ServerApp's
 ``rounds[].wall_time_s``; steady = median of rounds 2..R.
 """
 
@@ -30,7 +30,7 @@ import time
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 TRACING = Path(__file__).resolve().parent / "tracing"  # holds the sitecustomize of --trace
 FAB_ID, FAB_VERSION = "fedsq/fedsq", "0.1.0"
 
@@ -57,18 +57,18 @@ from flwr.clientapp.utils import get_load_client_app_fn
 get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(args["fab_id"], args["fab_version"],
                                                                          args["fab_hash"])
 T["imports"] = time.time()
-mods = {name: sys.modules[name] for name in ("fedsq_app.client_app", "fedsq_app.config", "fedsq_app.data",
-                                             "fedsq_app.train")}
+mods = {name: sys.modules[name] for name in ("fedsq_app.client_app", "fedsq_app.config", "fedsq_app.data.cache",
+                                             "fedsq_app.data.tensors", "fedsq_app.runtime.train")}
 config = mods["fedsq_app.config"].RunConfig.from_mapping(args["run_config"])
 node = mods["fedsq_app.config"].NodeConfig.from_mapping(args["node_config"])
-data = mods["fedsq_app.data"]
+data = mods["fedsq_app.data.cache"]
 data.node_info(config, node)
 part = data.node_data(config, node)
 T["data"] = time.time()
 model, spec, _ = mods["fedsq_app.client_app"].local_model(config, node.data_path)
 T["model"] = time.time()
-train = mods["fedsq_app.train"]
-first = data.TensorData(part.images[: config.batch_size], part.labels[: config.batch_size])
+train = mods["fedsq_app.runtime.train"]
+first = mods["fedsq_app.data.tensors"].TensorData(part.images[: config.batch_size], part.labels[: config.batch_size])
 train.train_local(model, first, spec, train.LocalSchedule(1, config.batch_size, config.lr, config.momentum,
                   config.weight_decay), device=train.pick_device(config.device), seed=0)  # the ClientApp's loop
 T["step"] = time.time()
@@ -86,8 +86,8 @@ start = task.build_start_model(config, info)
 model = task.trainable_model(config, start)
 start.sha256
 T["model"] = time.time()
-sys.modules["fedsq_app.data"].partition_report(data_key, args["num_nodes"], args["out_dir"])
-sys.modules["fedsq_app.train"].evaluate(model, validation, start.spec, device=server_app.pick_device(config.device))
+sys.modules["fedsq_app.data.partitions"].partition_report(data_key, args["num_nodes"], args["out_dir"])
+sys.modules["fedsq_app.runtime.train"].evaluate(model, validation, start.spec, device=server_app.pick_device(config.device))
 T["step"] = time.time()
 """
 _CLIENT_CHILD = _PROLOGUE.replace("RUNTIME", "flwr.supernode.runtime.run_clientapp") + _CLIENT_BODY + _EPILOGUE
@@ -226,7 +226,7 @@ def print_coldstart(results: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- deploy
 def _flwr_json(argv: list[str], env: dict, cwd: Path) -> dict:
-    from fedsq_app.loopback import tool
+    from fedsq_app.harness.loopback import tool
 
     proc = subprocess.run([tool("flwr"), *argv, "--format", "json"], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=120)
@@ -272,9 +272,9 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
     simulation gives each client one CPU, for which Ray sets OMP_NUM_THREADS=1; three SuperNodes on a shared
     machine with torch's default (every core each) oversubscribe it, which no real silo does.
     ``trace``: the deployment's processes write their starts, exits and Flower log records there
-    (``fedsq_app/tracing``), for ``round_breakdown``.
+    (``fedsq_app/tools/perf/tracing``), for ``round_breakdown``.
     """
-    from fedsq_app import loopback
+    from fedsq_app.harness import loopback
 
     work = Path(tempfile.mkdtemp(prefix="fedsq-deploy-"))
     env = loopback.clean_env(work, FEDSQ_CACHE_DIR=str(cache), RAY_TMPDIR=str(work / "ray"),
@@ -426,7 +426,7 @@ def print_deploy(rows: dict) -> None:
 
 
 def default_cache() -> Path:
-    from fedsq_app.config import cache_dir
+    from fedsq_app.util import cache_dir
 
     return cache_dir()
 
@@ -458,7 +458,7 @@ def main(args) -> None:
         polls, threads_each = per_app(args.superexec_poll, "--superexec-poll"), \
             per_app(args.threads_per_node, "--threads-per-node")
         if args.flower_floor:  # the no-op app, with the last app's settings
-            from fedsq_app import flower_floor
+            from fedsq_app.tools.perf import floor as flower_floor
 
             apps.append(flower_floor.make_app(Path(tempfile.mkdtemp(prefix="fedsq-floor-")) / "flower-floor"))
             polls, threads_each = [*polls, polls[-1]], [*threads_each, threads_each[-1]]

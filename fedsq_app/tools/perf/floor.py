@@ -44,7 +44,10 @@ def echo(msg: Message, context: Context) -> Message:
 @server.main()
 def rounds(grid: Grid, context: Context) -> None:
     # FedSQ's own reply polling and results writer (this import brings torch into the ServerApp only)
-    from fedsq_app.server_app import send_and_receive, write_json_atomic
+    import json
+
+    from fedsq_app.server_app import send_and_receive
+    from fedsq_app.util import write_atomic
 
     config = context.run_config
     nodes_needed = int(config["min-train-nodes"])
@@ -63,7 +66,7 @@ def rounds(grid: Grid, context: Context) -> None:
         results["rounds"].append({"round": server_round, "wall_time_s": time.time() - start})
     results["test_accuracy"] = None  # the mark of a finished run that fedsq-perf waits for
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "results.json", results)
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=2))
 
 
 PYPROJECT = """[build-system]

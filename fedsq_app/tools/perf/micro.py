@@ -1,12 +1,4 @@
-"""``fedsq-perf``: what FedSQ costs per training step, and what Flower costs per round. Prints figures.
-
-    fedsq-perf steps    [--models ...] [--rounds 15] [--threads N] [--variants ...]
-    fedsq-perf overhead [--clients 4] [--rounds 3] [--samples 2000]
-    fedsq-perf scale    [--clients 20 100] [--rounds 3]
-    fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (fedsq_app/compat.py; docs/LIBRARY.md)
-    fedsq-perf coldstart [--app DIR ...] [--runs 4]      (fedsq_app/perf_cold.py)
-    fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE] [--flower-floor]
-                                                         (fedsq_app/perf_cold.py)
+"""What FedSQ costs per training step: the ``fedsq-perf steps`` micro-benchmark. Prints figures.
 
 ``steps`` times one full training step (forward, loss, backward, SGD step; batch 32, fp32) of each
 configuration, interleaved (one step of each configuration per round, rotating the order) and reports
@@ -31,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsq_app import maskcache
-from fedsq_app.dualcopy import DualCopy
-from fedsq_app.models import build_model
-from fedsq_app.train import MomentumSGD
+from fedsq_app.core.dualcopy import DualCopy
+from fedsq_app.runtime import maskcache
+from fedsq_app.runtime.models import build_model
+from fedsq_app.runtime.train import MomentumSGD
 
 # name -> (architecture, build kwargs, input shape without batch)
 MODELS = {
@@ -104,7 +96,7 @@ class Case:
     step: Callable[[], None]
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None) -> Callable[[], None]:
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None) -> Callable[[], None]:
     model.train()
     optimizer = MomentumSGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
                             weight_decay=0.0)  # train_local's optimiser
@@ -130,7 +122,7 @@ def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: in
     for variant in variants:
         model = copy.deepcopy(base)
         if variant == "plain":
-            cases.append(Case(variant, _train_step(model, x, y)))
+            cases.append(Case(variant, train_step(model, x, y)))
         elif variant == "s-forward":
             model.eval()
 
@@ -141,15 +133,15 @@ def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: in
             cases.append(Case(variant, s_forward))
         elif variant == "channels-last":
             dual = DualCopy(model, fast=True).to(memory_format=torch.channels_last)
-            cases.append(Case(variant, _train_step(dual, x.contiguous(memory_format=torch.channels_last), y)))
+            cases.append(Case(variant, train_step(dual, x.contiguous(memory_format=torch.channels_last), y)))
         elif variant == "cache":
             dual = DualCopy(model, fast=True)
             cache = maskcache.MaskCache(batch, max_bytes=2**40)
             indices = torch.arange(batch)  # CPU: the cache's bookkeeping lives there
             cache.gates(dual, x, indices)  # fill once, as the first epoch does
-            cases.append(Case(variant, _train_step(dual, x, y, lambda x: maskcache.forward(dual, x, indices, cache))))
+            cases.append(Case(variant, train_step(dual, x, y, lambda x: maskcache.forward(dual, x, indices, cache))))
         else:
-            cases.append(Case(variant, _train_step(_dualcopy(variant, model), x, y)))
+            cases.append(Case(variant, train_step(_dualcopy(variant, model), x, y)))
     return cases
 
 
@@ -216,84 +208,3 @@ def print_step_markdown(rows: list[dict]) -> None:
         ms = " | ".join(str(r["ms"].get(v, "")) for v in variants)
         ratios = " | ".join(str(r.get("ratio", {}).get(v, "")) for v in variants if v not in ("plain", "s-forward"))
         print(f"| {r['model']} | {ms} | {r.get('floor', '')} | {ratios} |")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fedsq-perf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    steps = sub.add_parser("steps", help="step ratio FedSQ/FedAvg per model and optimisation")
-    steps.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    steps.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
-    steps.add_argument("--rounds", type=int, default=15)
-    steps.add_argument("--batch", type=int, default=32)
-    steps.add_argument("--device", default="cpu", help="cpu | cuda (a GPU: images/s under 'images_per_s')")
-    steps.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    for name in ("overhead", "scale"):
-        p = sub.add_parser(name)
-        p.add_argument("--clients", type=int, nargs="+", default=[4] if name == "overhead" else [20, 100])
-        p.add_argument("--sampled", type=int, default=10)
-        p.add_argument("--rounds", type=int, default=3)
-        p.add_argument("--samples", type=int, default=2000, help="overhead: training samples over all clients")
-        p.add_argument("--actors", type=int, default=1 if name == "overhead" else 2,
-                       help="Ray CPUs = clients training at once (1 thread each)")
-        p.add_argument("--per-client", type=int, default=60, help="scale: training samples per client")
-        p.add_argument("--strategy", default="fedsq")
-        p.add_argument("--mask-cache", default="auto", choices=("auto", "off", "on"))
-    for name in ("coldstart", "deploy"):  # fedsq_app/perf_cold.py
-        p = sub.add_parser(name, help="ClientApp/ServerApp start per stage" if name == "coldstart" else
-                           "deployment vs simulation steady rounds, same config")
-        p.add_argument("--app", action="append", default=[],
-                       help="app directory (repeat to compare, e.g. a checkout of an older commit); default: this repo")
-        p.add_argument("--cache", default="", help="a prepared FEDSQ_CACHE_DIR (default: this one); copied per node")
-        p.add_argument("--nodes", type=int, default=3)
-        p.add_argument("--run-config", default="max-train-samples=3000 device='cpu'" if name == "deploy" else "",
-                       help="run-config overrides, as for flwr run")
-        if name == "coldstart":
-            p.add_argument("--runs", type=int, default=4, help="processes per app (the first fills the caches)")
-            p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the processes (0: unset)")
-        else:
-            p.add_argument("--rounds", type=int, default=5)
-            p.add_argument("--superexec-poll", type=float, nargs="+", default=[0.1],
-                           help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL on the SuperNodes, one per --app or one for "
-                                "all (Flower's default: 1.0)")
-            p.add_argument("--threads-per-node", type=int, nargs="+", default=[1],
-                           help="OMP_NUM_THREADS of each SuperNode (its ClientApps inherit it), one per --app or one "
-                                "for all; default 1, what a simulated client gets (client-resources-num-cpus=1, "
-                                "for which Ray sets OMP_NUM_THREADS=1); 0: unset (torch takes every core)")
-            p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
-            p.add_argument("--flower-floor", action="store_true",
-                           help="also run fedsq_app/flower_floor.py, a ClientApp that echoes arrays shaped like the "
-                                "small CNN's: what Flower alone costs per round, simulated and deployed")
-            p.add_argument("--trace", default="", help="write the deployment's process and Flower log events to "
-                           "TRACE.<i> (one per --app) and print each deployed round stage by stage")
-    from fedsq_app import compat
-
-    compat.add_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command in ("coldstart", "deploy"):
-        from fedsq_app import perf_cold
-
-        perf_cold.main(args)
-        return
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    print(f"# machine: {machine()}", flush=True)
-    if args.command == "steps":
-        if "plain" not in args.variants:
-            args.variants.insert(0, "plain")
-        rows = step_table(args.models, tuple(args.variants), args.rounds, args.batch, args.device)
-        print_step_markdown(rows)
-        for name in args.models:
-            print(f"mask cache bytes/sample {name}: {mask_bytes_per_sample(name)} "
-                  f"({mask_bytes_per_sample(name) / 1024:.1f} KiB)")
-    elif args.command == "compat":
-        compat.main(args)
-    else:
-        from fedsq_app import perf_sim
-
-        perf_sim.main(args)
-
-
-if __name__ == "__main__":
-    main()

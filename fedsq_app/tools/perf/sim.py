@@ -1,6 +1,6 @@
 """``fedsq-perf overhead`` and ``fedsq-perf scale``: Flower simulation vs a bare loop, and 100 clients.
 
-overhead: the real ServerApp/ClientApp in Flower's in-process simulation (``fedsq_app.simulation``'s way of
+overhead: the real ServerApp/ClientApp in Flower's in-process simulation (``fedsq_app.harness.simulation``'s way of
 injecting a run config) vs a bare PyTorch loop doing the same per-round work with the same functions
 (``client_partition``, ``train_local``, ``weighted_average``, ``evaluate``) on the same partitions.
 Both report start-up (everything before round 1's training starts, plus round 1 itself, which pays for
@@ -98,23 +98,24 @@ def flower_run(config: dict, clients: int, stats_file: Path, actors: int = 2) ->
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedsq_app import client_app, data, server_app
-    from fedsq_app.simulation import _with_run_config
+    from fedsq_app import client_app, server_app
+    from fedsq_app.data import partitions
+    from fedsq_app.harness.simulation import with_run_config
 
     server, client = ServerApp(), ClientApp()
 
     @server.main()
     def _main(grid, context):
-        server_app.main(grid, _with_run_config(context, config))
+        server_app.main(grid, with_run_config(context, config))
 
     @client.train()
     def _train(msg, context):
-        reply = client_app.train(msg, _with_run_config(context, config))
+        reply = client_app.train(msg, with_run_config(context, config))
         # Are models and partitions really built once per process? lru_cache statistics per actor.
         with open(stats_file, "a") as handle:
             handle.write(json.dumps({"pid": os.getpid(), "partition": context.node_config.get("partition-id"),
                                      "local_model": client_app.local_model.cache_info()._asdict(),
-                                     "client_partition": data.client_partition.cache_info()._asdict()}) + "\n")
+                                     "client_partition": partitions.client_partition.cache_info()._asdict()}) + "\n")
         return reply
 
     results_file = Path(config["out-dir"]) / config["run-name"] / "results.json"
@@ -131,11 +132,12 @@ def flower_run(config: dict, clients: int, stats_file: Path, actors: int = 2) ->
 
 def bare_run(config_map: dict, clients: int) -> dict:
     """The same rounds without Flower: one process, the same functions, no messages, no Ray."""
-    from fedsq_app.data import client_partition
+    from fedsq_app.core.aggregation import weighted_average
+    from fedsq_app.core.replies import CheckedReply
+    from fedsq_app.data.partitions import client_partition
+    from fedsq_app.runtime.train import LocalSchedule, evaluate, train_local
     from fedsq_app.server_app import load_data
-    from fedsq_app.strategy import CheckedReply, weighted_average
     from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
-    from fedsq_app.train import LocalSchedule, evaluate, train_local
 
     start = time.perf_counter()
     config = RunConfig.from_mapping(config_map)

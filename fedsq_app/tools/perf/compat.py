@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from fedsq_app.dualcopy import DualCopy, UnsupportedActivationError
-from fedsq_app.perf import Case, _train_step, time_cases
+from fedsq_app.core.dualcopy import DualCopy, UnsupportedActivationError
+from fedsq_app.tools.perf.micro import Case, time_cases, train_step
 
 # name -> build kwargs. ViT's default image_size is 224 (its position embedding fixes the input size):
 # built for the benchmark's input size instead. GoogLeNet: no auxiliary heads, no scipy-based init.
@@ -65,7 +65,7 @@ def compat_row(name: str, *, size: int, batch: int, rounds: int) -> dict:
     row.update(accepted=True, identity_max_abs=float((plain_logits - gated_logits).abs().max()),
                logit_scale=float(plain_logits.abs().max()), gates=len(dual.structural_activations(x[:1])),
                mask_bits_per_sample=dual.mask_bits_per_sample(x))
-    cases = [Case("plain", _train_step(copy.deepcopy(model), x, y)), Case("fedsq", _train_step(dual, x, y))]
+    cases = [Case("plain", train_step(copy.deepcopy(model), x, y)), Case("fedsq", train_step(dual, x, y))]
     times = time_cases(cases, rounds)
     plain, fedsq = statistics.median(times["plain"]), statistics.median(times["fedsq"])
     # Median of per-round ratios: the two steps of a round run back to back, so load changes cancel.
@@ -88,7 +88,7 @@ def markdown(rows: list[dict], batch: int) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    """``fedsq-perf compat`` (arguments parsed in fedsq_app/perf.py)."""
+    """``fedsq-perf compat`` (arguments parsed in fedsq_app/tools/perf/cli.py)."""
     from tqdm import tqdm
 
     rows = []
