@@ -24,9 +24,9 @@ import importlib
 
 _EXPORTS = {
     "DualCopy": "fedsq_app.core.dualcopy",
-    "UnsupportedActivationError": "fedsq_app.core.dualcopy",
+    "UnsupportedActivationError": "fedsq_app.core.gateable",
     "StructuralMismatchError": "fedsq_app.core.wire",
-    "check_gateable": "fedsq_app.core.dualcopy",
+    "check_gateable": "fedsq_app.core.gateable",
     "check_structural": "fedsq_app.core.dualcopy",
     "travelling_module": "fedsq_app.core.dualcopy",
     "FedSQ": "fedsq_app.core.strategy",

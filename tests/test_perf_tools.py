@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedsq_app.tools.perf.cold import TRACING, round_breakdown
+from fedsq_app.tools.perf.deploy import TRACING, round_breakdown
 
 
 def _line(t, pid, program, event="log", **fields):

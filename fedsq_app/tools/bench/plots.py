@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fedsq_app.runtime.metrics import mean_std
 from fedsq_app.runtime.strategies import STRATEGIES
 from fedsq_app.tools.bench.grid import partition_label, partition_title
 from fedsq_app.tools.bench.presets import Preset

@@ -9,7 +9,6 @@ Never a test: numbers depend on the machine; wrap runs in ``flock /tmp/fedsq-ben
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
