@@ -1,5 +1,5 @@
-"""``fedsq-perf coldstart`` and ``fedsq-perf deploy``: where a ClientApp/ServerApp process spends its start,
-and deployment rounds against simulation rounds on the same config.
+"""``fedsq-perf coldstart`` (and the entry of ``fedsq-perf deploy``, whose probe is ``deploy.py``): where a
+ClientApp/ServerApp process spends its start.
 
 coldstart: in deployment Flower starts a fresh ``flwr-clientapp`` process for every message, so its start
 is paid every round. This replays that process's steps in a fresh interpreter, stage by stage, with the real
@@ -7,11 +7,6 @@ FAB (built from ``--app``, installed with Flower's own ``install_from_fab`` into
 loaded with Flower's own loader), then data, model and one training step; and the same for the ServerApp
 (data, model, up to round 1). The first process on a node fills its on-disk caches; the ones after it are
 what every round pays, so both are shown. Compared against a bare ``import torch`` in a fresh interpreter.
-
-deploy: the same run config as a simulation (``flower-superlink --simulation``, ``num-supernodes=3``) and as
-a loopback deployment (SuperLink + 3 SuperNodes, TLS off), each started by this command on 127.0.0.1, one
-after the other, and stopped by PID (``fedsq_app.harness.loopback``). Round times are the ServerApp's
-``rounds[].wall_time_s``; steady = median of rounds 2..R.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
-"""``fedsq-perf deploy``: one config as a simulation and as a local deployment (SuperLink, SuperNodes and
-ClientApps as processes on 127.0.0.1, stopped by PID: ``fedsq_app.harness.loopback``), steady-state rounds
-side by side; with ``--trace``, each deployed round stage by stage (``tracing/sitecustomize.py``).
+"""``fedsq-perf deploy``: deployment rounds against simulation rounds on the same config.
+
+The same run config as a simulation (``flower-superlink --simulation``, ``num-supernodes=3``) and as a
+loopback deployment (SuperLink + 3 SuperNodes, TLS off), each started by this command on 127.0.0.1, one
+after the other, and stopped by PID (``fedsq_app.harness.loopback``). Round times are the ServerApp's
+``rounds[].wall_time_s``; steady = median of rounds 2..R. With ``--trace``, each deployed round stage by
+stage (``tracing/sitecustomize.py``).
 """
 
 from __future__ import annotations
