@@ -1,6 +1,5 @@
-"""Where data comes from: datasets (embedded, Hugging Face Hub, local files) loaded as ``datasets.Dataset``.
-
-Where data comes from (run config ``dataset``, or node config ``data-path`` for a silo's own data):
+"""Where data comes from: the run config's ``dataset`` or a silo's node config ``data-path``, loaded as
+``datasets.Dataset`` splits.
 
     embedded                      the Fashion-MNIST subset shipped with the package (offline default)
     uoft-cs/cifar10               a Hugging Face Hub id, loaded through flwr-datasets' FederatedDataset
@@ -9,14 +8,8 @@ Where data comes from (run config ``dataset``, or node config ``data-path`` for 
     idx:/usr/share/datasets/fashion-mnist   MNIST-style (gzip) IDX files: train-*, t10k-* or test-*
     /data/anything                a bare path: the kind is detected from the files in it
 
-Every process (the ServerApp and each ClientApp) derives the same splits from the same seed:
-
-    train split ──► held-out validation (server only, ``val-fraction``, stratified)
-                └─► federated pool ──► partitioner (iid | dirichlet | pathological) ──► one partition per node
-    test split  ──► touched once, by the server, at the end
-
-A silo (node config ``data-path``) trains on its own data as is: the silo *is* the partition.
-Partitions are decoded once per process into uint8 tensors; per-batch preprocessing is a tensor op.
+Columns, slices and label subsets: ``splits.py``; decoding: ``tensors.py``; the run's splits and
+partitions: ``partitions.py``.
 """
 
 from __future__ import annotations
