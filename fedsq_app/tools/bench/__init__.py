@@ -1,2 +1,3 @@
-"""``fedsq-bench``: the grid (``grid.py``), its statistics (``stats.py``), tables and plots (``report.py``),
-and the experiment presets as TOML files (``conf/``)."""
+"""``fedsq-bench`` (``cli.py``): experiment presets as TOML files (``conf/``, read by ``presets.py``), the grid
+of simulated runs (``grid.py``), its paired statistics (``stats.py``), tables (``report.py``) and plots
+(``plots.py``)."""
