@@ -2,7 +2,7 @@
 # Measure FedSQ round times in a loopback deployment (TLS + SuperNode auth, 2 SuperNodes) and in a Flower
 # simulation with the same app, data split and run config, one after the other on this machine.
 # The deployment-vs-simulation benchmark (3 SuperNodes, TLS off, ratio printed, several app versions side by
-# side) is `fedsq-perf deploy` (fedsq_app/perf_cold.py); this script is its TLS + node-auth variant, and
+# side) is `fedsq-perf deploy` (fedsq_app/tools/perf/deploy.py); this script is its TLS + node-auth variant, and
 # the recipe for silos with their own data (SILO_NODE_CONFIGS).
 #
 #   deploy/measure-rounds.sh [RUN_CONFIG_OVERRIDES]

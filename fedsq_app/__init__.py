@@ -23,13 +23,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DualCopy": "fedsq_app.dualcopy",
-    "UnsupportedActivationError": "fedsq_app.dualcopy",
-    "StructuralMismatchError": "fedsq_app.dualcopy",
-    "check_gateable": "fedsq_app.dualcopy",
-    "check_structural": "fedsq_app.dualcopy",
-    "travelling_module": "fedsq_app.dualcopy",
-    "FedSQ": "fedsq_app.strategy",
+    "DualCopy": "fedsq_app.core.dualcopy",
+    "UnsupportedActivationError": "fedsq_app.core.gateable",
+    "StructuralMismatchError": "fedsq_app.core.wire",
+    "check_gateable": "fedsq_app.core.gateable",
+    "check_structural": "fedsq_app.core.dualcopy",
+    "travelling_module": "fedsq_app.core.dualcopy",
+    "FedSQ": "fedsq_app.core.strategy",
 }
 __all__ = sorted(_EXPORTS)
 

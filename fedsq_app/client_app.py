@@ -11,18 +11,23 @@ import traceback
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import nn
 
-from fedsq_app import warmup
 from fedsq_app.config import NodeConfig, RunConfig
-from fedsq_app.data import DataKey, InputSpec, node_data, node_info
-from fedsq_app.dualcopy import DualCopy
-from fedsq_app.maskcache import choose_mask_cache, client_cache, store_path
+from fedsq_app.core import wire
+from fedsq_app.core.dualcopy import DualCopy
+from fedsq_app.core.wire import StructuralMismatchError, check_structural_sha256
+from fedsq_app.data.cache import node_data, node_info
+from fedsq_app.data.partitions import DataKey
+from fedsq_app.data.tensors import InputSpec
+from fedsq_app.runtime import warmup
+from fedsq_app.runtime.maskcache import choose_mask_cache, client_cache, store_path
+from fedsq_app.runtime.strategies import STRATEGIES
+from fedsq_app.runtime.train import LocalSchedule, evaluate, pick_device, train_local
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
-from fedsq_app.train import LocalSchedule, evaluate, pick_device, train_local
 
 app = ClientApp()
 CLIENT_ERROR_CODE = 2  # same as Flower's CLIENT_APP_RAISED_EXCEPTION
@@ -69,24 +74,25 @@ def train(msg: Message, context: Context) -> Message:
         config = RunConfig.from_mapping(context.run_config)
         node = NodeConfig.from_mapping(context.node_config)
         model, spec, structural_sha256 = local_model(config, node.data_path)
-        server_config = msg.content.config_records.get("config", {})
-        expected_sha = server_config.get("structural-sha256")
-        if config.strategy == "fedsq-warmup":  # plain during the warm-up, then gated by the S the server names
-            model, structural_sha256 = warmup.client_model(model, structural_sha256, expected_sha, msg, context.state)
-        if expected_sha is not None and expected_sha != structural_sha256:
-            return _error_reply(msg, f"structural copy mismatch: server S sha256={expected_sha}, "
-                                     f"this node's S sha256={structural_sha256}; use the same pretrained backbone")
+        server_config = msg.content.config_records.get(wire.CONFIG, {})
+        expected_sha = wire.named_structural_sha256(server_config)
+        try:
+            if STRATEGIES[config.strategy].switches:  # plain during the warm-up, then gated by the S the server names
+                model, structural_sha256 = warmup.client_model(model, structural_sha256, expected_sha, msg,
+                                                               context.state)
+            check_structural_sha256(expected_sha, structural_sha256, required=isinstance(model, DualCopy))
+        except StructuralMismatchError as error:
+            return _error_reply(msg, str(error))
         data = node_data(config, node)
-        load_global_arrays(model, msg.content["arrays"])
-        server_round = int(server_config.get("server-round", 0))
+        load_global_arrays(model, msg.content[wire.ARRAYS])
+        server_round = int(server_config.get(wire.SERVER_ROUND, 0))
         # FedProx's mu comes from the server, as Flower's FedProx sends it (absent: plain local SGD).
         schedule = LocalSchedule(config.local_epochs, config.batch_size, config.lr, config.momentum,
-                                 config.weight_decay, proximal_mu=float(server_config.get("proximal-mu", 0.0)),
+                                 config.weight_decay, proximal_mu=float(server_config.get(wire.PROXIMAL_MU, 0.0)),
                                  augment=config.augment)
         seed = config.seed * 100_003 + server_round * 1_009 + node_salt(node, context)
         torch.manual_seed(seed)  # dropout etc.: a node's update depends only on (seed, round, partition)
-        use_cache, why = choose_mask_cache(config.mask_cache, config.augment,
-                                           isinstance(model, DualCopy))
+        use_cache, why = choose_mask_cache(config.mask_cache, config.augment, isinstance(model, DualCopy))
         # Per client: its S, its data, its inputs. A new S (sha) or input spec is a new key, never old masks.
         key = (structural_sha256, spec, node, DataKey.of(config), config.device)
         device = pick_device(config.device)
@@ -100,11 +106,11 @@ def train(msg: Message, context: Context) -> Message:
         if cache is not None:
             cache.save()
         _log_mask_cache_once(key, cache, why)
-        metrics = {"train_loss": result.train_loss, "num-examples": result.num_examples}
+        metrics = {wire.TRAIN_LOSS: result.train_loss, wire.NUM_EXAMPLES: result.num_examples}
         if node.data_path:
-            metrics["silo"] = 1  # the server then writes no label distribution of its own pool for this run
+            metrics[wire.SILO] = 1  # the server then writes no label distribution of its own pool for this run
         metrics = MetricRecord(metrics)
-        return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({wire.ARRAYS: global_arrays(model), wire.METRICS: metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
         return _error_reply(msg, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
 
@@ -117,9 +123,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         node = NodeConfig.from_mapping(context.node_config)
         model, spec, _ = local_model(config, node.data_path)
         data = node_data(config, node)
-        load_global_arrays(model, msg.content["arrays"])
+        load_global_arrays(model, msg.content[wire.ARRAYS])
         loss, accuracy = evaluate(model, data, spec, device=pick_device(config.device), amp=config.amp)
-        metrics = MetricRecord({"eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data)})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        metrics = MetricRecord({wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy, wire.NUM_EXAMPLES: len(data)})
+        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
     except Exception as error:
         return _error_reply(msg, f"{type(error).__name__}: {error}")

@@ -7,21 +7,20 @@ Flower hands apps a flat ``{"key-name": value}`` mapping (``[tool.flwr.app.confi
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-# Beyond the paper: fedsq-adam (FedAdam's server step on Q), fedsq-m (FedAvgM's server momentum on Q),
-# fedsq-warmup (warmup-rounds of FedAvg, then S frozen at that global model and FedSQ from there).
-STRATEGIES = ("fedsq", "fedavg", "fedprox", "fedadam", "fedsq-adam", "fedsq-m", "fedsq-warmup")
-PARTITIONERS = ("iid", "dirichlet", "pathological")
-MODELS = ("smallcnn", "resnet18", "alexnet")
+from fedsq_app.core.aggregation import AGGREGATIONS
+from fedsq_app.data.partitions import PARTITIONERS
+from fedsq_app.data.splits import parse_classes
+from fedsq_app.runtime.checkpoint import CHECKPOINT_FILE
+from fedsq_app.runtime.models import MODELS
+from fedsq_app.runtime.strategies import STRATEGIES
+from fedsq_app.util import ConfigError
 
-
-class ConfigError(ValueError):
-    """A run-config or node-config value is missing, of the wrong type, or out of range."""
+__all__ = ["ConfigError", "NodeConfig", "RunConfig"]
 
 
 @dataclass(frozen=True)
@@ -103,8 +102,8 @@ class RunConfig:
         return config
 
     def validate(self) -> None:
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("model", self.model, MODELS)
+        _choice("strategy", self.strategy, tuple(STRATEGIES))
+        _choice("model", self.model, tuple(MODELS))
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         for key in ("num-server-rounds", "local-epochs", "batch-size", "min-train-nodes", "min-available-nodes",
@@ -118,7 +117,7 @@ class RunConfig:
         if self.max_num_examples_ratio != 0 and self.max_num_examples_ratio < 1:
             raise ConfigError(f"max-num-examples-ratio must be 0 (off) or >= 1 (a multiple of the round's median "
                               f"num-examples claim), got {self.max_num_examples_ratio}")
-        _choice("aggregation", self.aggregation, ("mean", "median", "trimmed-mean"))
+        _choice("aggregation", self.aggregation, tuple(AGGREGATIONS))
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.batch_size < 2 and self.model != "alexnet":
@@ -170,9 +169,10 @@ class RunConfig:
         _at_least("patience", self.patience, 0)
         _at_least("val-seed", self.val_seed, -1)
         _at_least("input-size", self.input_size, 0)
-        if self.input_size and self.model == "smallcnn":
-            raise ConfigError("input-size is for resnet18/alexnet (ImageNet weights); smallcnn's head is sized for "
-                              "its data's native resolution: leave input-size = 0")
+        if self.input_size and MODELS[self.model].imagenet_weights is None:
+            with_weights = "/".join(name for name, entry in MODELS.items() if entry.imagenet_weights)
+            raise ConfigError(f"input-size is for {with_weights} (ImageNet weights); {self.model}'s head is sized "
+                              "for its data's native resolution: leave input-size = 0")
         parse_classes(self.classes)  # raises on a malformed list
 
     def check_server_paths(self) -> None:
@@ -180,8 +180,6 @@ class RunConfig:
         if self.pretrained not in ("auto", "imagenet", "none") and not Path(self.pretrained).expanduser().is_file():
             raise ConfigError(f"pretrained='{self.pretrained}': no such checkpoint file")
         if self.resume_from:
-            from fedsq_app.checkpoint import CHECKPOINT_FILE  # the one place that names the file
-
             folder = Path(self.resume_from).expanduser()
             if not (folder / CHECKPOINT_FILE).is_file():
                 raise ConfigError(f"resume-from='{self.resume_from}': no {CHECKPOINT_FILE} there "
@@ -190,7 +188,7 @@ class RunConfig:
     @property
     def uses_dualcopy(self) -> bool:
         """FedSQ from round 1 (fedsq-warmup starts as a plain network and gates only after its switch)."""
-        return self.strategy in ("fedsq", "fedsq-adam", "fedsq-m")
+        return STRATEGIES[self.strategy].gated
 
     def resolved_run_name(self) -> str:
         dataset = re.sub(r"[^A-Za-z0-9.-]+", "_", self.dataset).strip("_")  # paths and Hub ids -> file name
@@ -231,29 +229,6 @@ class NodeConfig:
         if not 0 <= partition_id < num_partitions:
             raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
         return cls(partition_id, num_partitions)
-
-
-def cache_dir() -> Path:
-    """Where prepared data and pretrained backbones live (``$FEDSQ_CACHE_DIR``, else ~/.cache/fedsq)."""
-    if os.environ.get("FEDSQ_CACHE_DIR"):
-        return Path(os.environ["FEDSQ_CACHE_DIR"]).expanduser().resolve()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return (base / "fedsq").resolve()
-
-
-def parse_classes(text: str) -> tuple[int, ...]:
-    """``classes``: "" (all), "5-9", "5,6,7,8,9" or a mix ("0-2,7"); sorted labels, each once."""
-    labels: set[int] = set()
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        low, dash, high = item.partition("-")
-        try:
-            values = range(int(low), int(high) + 1) if dash else [int(item)]
-        except ValueError:
-            raise ConfigError(f"classes='{text}': '{item}' is not a label or a range like 5-9") from None
-        if not values or min(values) < 0:
-            raise ConfigError(f"classes='{text}': '{item}' is an empty range or a negative label")
-        labels.update(values)
-    return tuple(sorted(labels))
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

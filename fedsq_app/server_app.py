@@ -4,53 +4,36 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
-from fedsq_app.checkpoint import RunState, capture_rng, load_run_state, restore_rng, save_run_state, seed_everything
-from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.data import (DataKey, dataset_info, partition_report, partitioned_pool, pool_and_validation,
-                            server_split)
-from fedsq_app.leakage import check_pretrain_overlap
-from fedsq_app.metrics import DriftProbe, run_summary, write_rounds_csv
-from fedsq_app.models import save_checkpoint
-from fedsq_app.strategy import (FedSQ, FedSQAdam, FedSQMomentum, FedSQWarmup, ReplyOutcome, ValidatedFedAdam,
-                                ValidatedFedAvg, ValidatedFedProx)
-from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, trainable_model
-from fedsq_app.train import evaluate, pick_device
-from fedsq_app.warmup import switch_to_structural
+from fedsq_app.config import RunConfig
+from fedsq_app.core import wire
+from fedsq_app.core.replies import ReplyOutcome
+from fedsq_app.core.strategy import FedSQWarmup, ValidatedFedAvg
+from fedsq_app.data.leakage import check_pretrain_overlap
+from fedsq_app.data.partitions import (DataKey, DatasetInfo, dataset_info, partition_report, partitioned_pool,
+                                       pool_and_validation, server_split)
+from fedsq_app.data.tensors import TensorData
+from fedsq_app.runtime.checkpoint import (RunState, capture_rng, load_run_state, restore_rng, save_run_state,
+                                          seed_everything)
+from fedsq_app.runtime.metrics import DriftProbe, run_summary, write_rounds_csv
+from fedsq_app.runtime.models import save_checkpoint
+from fedsq_app.runtime.strategies import make_strategy
+from fedsq_app.runtime.train import evaluate, pick_device
+from fedsq_app.runtime.warmup import switch_to_structural
+from fedsq_app.task import StartModel, build_start_model, global_arrays, load_global_arrays, trainable_model
+from fedsq_app.util import ConfigError, write_atomic
 
 app = ServerApp()
-
-
-def make_strategy(config: RunConfig, structural_sha256: str, max_examples: int | None = None) -> ValidatedFedAvg:
-    """``max_examples``: a fixed bound on num-examples when the run config sets none (None: no bound; a
-    silo's data is its own, so the server's pool says nothing about it; claims are clipped instead)."""
-    common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
-                  min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
-                  min_valid_replies=config.min_valid_replies, max_update_norm_ratio=config.max_update_norm_ratio,
-                  max_num_examples_ratio=config.max_num_examples_ratio, aggregation=config.aggregation,
-                  trim_fraction=config.trim_fraction, max_examples=config.max_num_examples or max_examples)
-    adam = dict(server_lr=config.server_lr, beta_1=config.server_beta1, beta_2=config.server_beta2,
-                tau=config.server_tau)
-    if config.strategy == "fedsq":
-        return FedSQ(structural_sha256=structural_sha256, **common)
-    if config.strategy == "fedsq-adam":  # an extension beyond the paper: Adam's server step on Q
-        return FedSQAdam(structural_sha256=structural_sha256, **adam, **common)
-    if config.strategy == "fedsq-m":  # beyond the paper: FedAvgM's server momentum on Q
-        return FedSQMomentum(structural_sha256=structural_sha256, server_momentum=config.server_momentum, **common)
-    if config.strategy == "fedsq-warmup":  # beyond the paper: FedAvg first, then S frozen at the global model
-        return FedSQWarmup(structural_sha256=structural_sha256, warmup_rounds=config.warmup_rounds, **common)
-    if config.strategy == "fedprox":
-        return ValidatedFedProx(proximal_mu=config.proximal_mu, **common)
-    if config.strategy == "fedadam":
-        return ValidatedFedAdam(**adam, **common)
-    return ValidatedFedAvg(**common)
 
 
 def reply_record(outcome: ReplyOutcome, round_start: float) -> dict:
@@ -65,17 +48,11 @@ def reply_record(outcome: ReplyOutcome, round_start: float) -> dict:
 def label_report(data_key: DataKey, accepted: list, num_nodes: int, out_dir: Path) -> dict:
     """How the server's pool splits over the nodes, unless the nodes are silos: a silo (``data-path``)
     trains on its own data, which the server's pool says nothing about, so nothing is written for it."""
-    silos = sum(1 for reply in accepted if reply.metrics.get("silo"))
+    silos = sum(1 for reply in accepted if reply.metrics.get(wire.SILO))
     if silos:
         return {"skipped": f"{silos} of {len(accepted)} accepted replies came from silos training on their own "
                            "data (data-path): the server's pool split does not describe them"}
     return partition_report(data_key, num_nodes, out_dir)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
 
 
 def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -138,144 +115,210 @@ def resume_state(config: RunConfig, structural_sha256: str, arrays: ArrayRecord)
     return state
 
 
+@dataclass
+class Run:
+    """What the round loop carries: the model being evaluated, the global arrays, the best round so far,
+    and results.json as it grows."""
+
+    config: RunConfig
+    out_dir: Path
+    data_key: DataKey
+    info: DatasetInfo
+    validation: TensorData
+    start: StartModel
+    model: nn.Module  # the DualCopy for FedSQ (what is evaluated), never Q alone
+    device: torch.device
+    strategy: ValidatedFedAvg
+    drift: DriftProbe | None
+    arrays: ArrayRecord = None
+    results: dict = field(default_factory=dict)
+    best_acc: float = 0.0
+    best_round: int = 0
+    best_arrays: ArrayRecord = None
+    first_round: int = 1
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = RunConfig.from_mapping(context.run_config)  # every key checked before any work
+    run = set_up(context)
+    if run.config.resume_from:
+        resume(run)
+    else:
+        start_fresh(run, grid)
+    run_start = time.time()
+    train_config = ConfigRecord({wire.LR: run.config.lr, wire.LOCAL_EPOCHS: run.config.local_epochs})
+    for server_round in range(run.first_round, run.config.num_server_rounds + 1):
+        round_start = time.time()
+        log(INFO, "[ROUND %d/%d]", server_round, run.config.num_server_rounds)
+        messages = list(run.strategy.configure_train(server_round, run.arrays, train_config, grid))
+        named_sha256 = getattr(run.strategy, "structural_sha256", None)  # the S this round's config names (FedSQ)
+        replies = send_and_receive(grid, messages, timeout=run.config.round_timeout)
+        new_arrays, train_metrics = run.strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            run.arrays = new_arrays
+        load_global_arrays(run.model, run.arrays)
+        maybe_switch(run, server_round)
+        val_loss, val_acc = evaluate(run.model, run.validation, run.start.spec, device=run.device)
+        record = round_record(run, server_round, messages, replies, new_arrays is not None, train_metrics,
+                              val_loss, val_acc, round_start)
+        if named_sha256 is not None:
+            record["structural_sha256"] = named_sha256
+        note_label_distribution(run, server_round, grid)
+        record["bytes_per_client"] = run.arrays.count_bytes()  # each way: replies carry the same keys and shapes
+        record.update(run.drift.measure(run.arrays) if run.drift else {})
+        if val_acc > run.best_acc:
+            run.best_acc, run.best_round, run.best_arrays = val_acc, server_round, run.arrays
+        record["best_val_accuracy_so_far"] = run.best_acc
+        run.results["rounds"].append(record)
+        log(INFO, "round %d: val_accuracy=%.4f val_loss=%.4f train_loss=%s, %d/%d replies, %d accepted (%.1fs)",
+            server_round, val_acc, val_loss, record["train_loss"], len(replies), len(messages),
+            record["accepted"], record["wall_time_s"])
+        save_round(run, server_round)
+        if run.config.patience and server_round - run.best_round >= run.config.patience:
+            # Uncensored rounds-to-best: the best round is followed by `patience` rounds that did not beat it.
+            run.results["stopped_early"] = {"after_round": server_round, "patience": run.config.patience}
+            log(INFO, "no new best validation accuracy for %d rounds: stopping after round %d",
+                run.config.patience, server_round)
+            break
+    finish(run, run_start)
+
+
+def set_up(context: Context) -> Run:
+    """The run config (every key checked before any work), the data, the start model and the strategy."""
+    config = RunConfig.from_mapping(context.run_config)
     config.check_server_paths()
     out_dir = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name()
     out_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "FedSQ app: strategy=%s model=%s dataset=%s -> %s", config.strategy, config.model,
         config.dataset, out_dir)
-
     data_key, info, _, validation = load_data(config)
     try:
         start = build_start_model(config, info)
     except FileNotFoundError as error:  # e.g. pretrained='auto' before `fedsq-prepare` ran
         raise ConfigError(f"pretrained='{config.pretrained}': {error}") from error
     check_pretrain_overlap(config, start.pretrained_from)  # leakage: stops here, before any training
-    structural_sha256 = start.sha256
-    model = trainable_model(config, start)  # what is evaluated: the DualCopy for FedSQ, never Q alone
-    device = pick_device(config.device)
-    # The paper's premise, measured each round (fedsq_app/metrics.py): gates and weights vs the pretrained.
+    model = trainable_model(config, start)
+    # The paper's premise, measured each round (runtime/metrics.py): gates and weights vs the pretrained.
     drift = DriftProbe(start.model, start.spec.prepare(validation.images[: config.probe_size])) \
         if config.probe_size else None
+    run = Run(config, out_dir, data_key, info, validation, start, model, pick_device(config.device),
+              make_strategy(config, start.sha256), drift)
+    run.arrays = global_arrays(model)
+    return run
 
-    strategy = make_strategy(config, structural_sha256)
-    arrays = global_arrays(model)
-    train_config = ConfigRecord({"lr": config.lr, "local-epochs": config.local_epochs})
-    config_json = {k.replace("_", "-"): v for k, v in vars(config).items()}
 
-    if config.resume_from:
-        state = resume_state(config, structural_sha256, arrays)
-        results = state.results
-        results["config"] = config_json
-        results.setdefault("resumed", []).append({"from": str(Path(config.resume_from).expanduser().resolve()),
+def config_json(config: RunConfig) -> dict:
+    return {k.replace("_", "-"): v for k, v in vars(config).items()}
+
+
+def resume(run: Run) -> None:
+    """Continue from ``resume-from``'s checkpoint: the global and best models, the strategy's state, the RNGs."""
+    config, strategy = run.config, run.strategy
+    state = resume_state(config, run.start.sha256, run.arrays)
+    run.results = state.results
+    run.results["config"] = config_json(config)
+    run.results.setdefault("resumed", []).append({"from": str(Path(config.resume_from).expanduser().resolve()),
                                                   "after_round": state.round})
-        results["rounds"] = [r for r in results["rounds"] if r["round"] <= state.round]
-        arrays = _to_record(state.arrays)
-        best_acc, best_round, best_arrays = state.best_val_accuracy, state.best_round, _to_record(state.best_arrays)
-        strategy.load_state_dict(state.strategy_arrays, state.strategy_info)
-        if isinstance(strategy, FedSQWarmup) and strategy.structural is not None:  # resumed after the switch
-            load_global_arrays(model, strategy.structural)
-            model = switch_to_structural(model)[0]
-        restore_rng(state.rng["info"], state.rng["arrays"])  # last: the setup above must not move the RNGs
-        first_round = state.round + 1
-        log(INFO, "resuming from %s after round %d", config.resume_from, state.round)
-    else:
-        results = {"config": config_json, "structural_sha256": structural_sha256,
-                   "pretrained_from": start.pretrained_from, "num_classes": info.num_classes,
-                   "validation_size": len(validation), "max_num_examples": strategy.max_examples, "rounds": []}
-        num_nodes = len(list(grid.get_node_ids()))
-        if num_nodes:
-            partitioned_pool(data_key, num_nodes)  # an impossible split stops the run before any training
-        # Written once the first accepted replies tell partitions (demo mode) from silos (data-path).
-        results["label_distribution"] = {"pending": "written after the first round with accepted replies"}
-        val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
-        results["initial"] = {"val_accuracy": val_acc, "val_loss": val_loss}
-        log(INFO, "round 0: val_accuracy=%.4f val_loss=%.4f", val_acc, val_loss)
-        best_acc, best_round, best_arrays = val_acc, 0, arrays  # round 0 competes: training may only hurt
-        seed_everything(config.seed)  # node sampling (random.sample) is reproducible, and resumable
-        first_round = 1
+    run.results["rounds"] = [r for r in run.results["rounds"] if r["round"] <= state.round]
+    run.arrays = _to_record(state.arrays)
+    run.best_acc, run.best_round = state.best_val_accuracy, state.best_round
+    run.best_arrays = _to_record(state.best_arrays)
+    strategy.load_state_dict(state.strategy_arrays, state.strategy_info)
+    if isinstance(strategy, FedSQWarmup) and strategy.structural is not None:  # resumed after the switch
+        load_global_arrays(run.model, strategy.structural)
+        run.model = switch_to_structural(run.model)[0]
+    restore_rng(state.rng["info"], state.rng["arrays"])  # last: the setup above must not move the RNGs
+    run.first_round = state.round + 1
+    log(INFO, "resuming from %s after round %d", config.resume_from, state.round)
 
-    run_start = time.time()
-    for server_round in range(first_round, config.num_server_rounds + 1):
-        round_start = time.time()
-        log(INFO, "[ROUND %d/%d]", server_round, config.num_server_rounds)
-        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        named_sha256 = getattr(strategy, "structural_sha256", None)  # the S this round's config names (FedSQ)
-        replies = send_and_receive(grid, messages, timeout=config.round_timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        load_global_arrays(model, arrays)
-        if isinstance(strategy, FedSQWarmup) and server_round == config.warmup_rounds:
-            model, structural, sha = switch_to_structural(model)  # S changes here, and only here
-            strategy.switch(structural, sha)
-            log(INFO, "fedsq-warmup: S frozen at the global model of round %d (sha256 %s...)", server_round, sha[:12])
-        val_loss, val_acc = evaluate(model, validation, start.spec, device=device)
-        checked = strategy.round_replies.get(server_round)
-        train_loss = train_metrics.get("train_loss") if train_metrics else None
-        sent_to = sorted({m.metadata.dst_node_id for m in messages})
-        replied = {_src_node(m) for m in replies}
-        record = {
-            "round": server_round, "val_accuracy": val_acc, "val_loss": val_loss,
-            "train_loss": float(train_loss) if train_loss is not None else None,
-            "expected": len(messages), "received": len(replies), "missing": max(len(messages) - len(replies), 0),
-            "missing_nodes": [n for n in sent_to if n not in replied],
-            "accepted": len(checked.accepted) if checked else 0,
-            "rejected": len(checked.rejected) if checked else 0,
-            "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
-            "replies": [reply_record(o, round_start) for o in _content_order(checked.outcomes)] if checked else [],
-            "aggregated": new_arrays is not None, "wall_time_s": time.time() - round_start,
-        }
-        if named_sha256 is not None:
-            record["structural_sha256"] = named_sha256
-        if "pending" in results.get("label_distribution", {}) and checked and checked.accepted:
-            results["label_distribution"] = label_report(data_key, checked.accepted, len(list(grid.get_node_ids())),
-                                                         out_dir)
-        record["bytes_per_client"] = arrays.count_bytes()  # each way: replies carry the same keys and shapes
-        record.update(drift.measure(arrays) if drift else {})
-        if val_acc > best_acc:
-            best_acc, best_round, best_arrays = val_acc, server_round, arrays
-        record["best_val_accuracy_so_far"] = best_acc
-        results["rounds"].append(record)
-        log(INFO, "round %d: val_accuracy=%.4f val_loss=%.4f train_loss=%s, %d/%d replies, %d accepted (%.1fs)",
-            server_round, val_acc, val_loss, record["train_loss"], len(replies), len(messages),
-            record["accepted"], record["wall_time_s"])
-        # A finished round is never lost: the checkpoint first (what a resume needs), then results.json.
-        strategy_arrays, strategy_info = strategy.state_dict()
-        rng_info, rng_arrays = capture_rng()
-        save_run_state(out_dir, RunState(
-            round=server_round, arrays=_to_numpy(arrays), best_round=best_round, best_val_accuracy=best_acc,
-            best_arrays=_to_numpy(best_arrays), results=results, structural_sha256=structural_sha256,
-            strategy_arrays=strategy_arrays, strategy_info=strategy_info,
-            rng={"info": rng_info, "arrays": rng_arrays}))
-        write_json_atomic(out_dir / "results.json", results)
-        if config.patience and server_round - best_round >= config.patience:
-            # Uncensored rounds-to-best: the best round is followed by `patience` rounds that did not beat it.
-            results["stopped_early"] = {"after_round": server_round, "patience": config.patience}
-            log(INFO, "no new best validation accuracy for %d rounds: stopping after round %d",
-                config.patience, server_round)
-            break
 
+def start_fresh(run: Run, grid: Grid) -> None:
+    """Round 0: check the split, evaluate the start model (it competes: training may only hurt), seed."""
+    config = run.config
+    run.results = {"config": config_json(config), "structural_sha256": run.start.sha256,
+                   "pretrained_from": run.start.pretrained_from, "num_classes": run.info.num_classes,
+                   "validation_size": len(run.validation), "max_num_examples": run.strategy.max_examples,
+                   "rounds": []}
+    num_nodes = len(list(grid.get_node_ids()))
+    if num_nodes:
+        partitioned_pool(run.data_key, num_nodes)  # an impossible split stops the run before any training
+    # Written once the first accepted replies tell partitions (demo mode) from silos (data-path).
+    run.results["label_distribution"] = {"pending": "written after the first round with accepted replies"}
+    val_loss, val_acc = evaluate(run.model, run.validation, run.start.spec, device=run.device)
+    run.results["initial"] = {"val_accuracy": val_acc, "val_loss": val_loss}
+    log(INFO, "round 0: val_accuracy=%.4f val_loss=%.4f", val_acc, val_loss)
+    run.best_acc, run.best_round, run.best_arrays = val_acc, 0, run.arrays
+    seed_everything(config.seed)  # node sampling (random.sample) is reproducible, and resumable
+    run.first_round = 1
+
+
+def maybe_switch(run: Run, server_round: int) -> None:
+    """fedsq-warmup: S changes here, and only here."""
+    if isinstance(run.strategy, FedSQWarmup) and server_round == run.config.warmup_rounds:
+        run.model, structural, sha = switch_to_structural(run.model)
+        run.strategy.switch(structural, sha)
+        log(INFO, "fedsq-warmup: S frozen at the global model of round %d (sha256 %s...)", server_round, sha[:12])
+
+
+def round_record(run: Run, server_round: int, messages: list, replies: list, aggregated: bool,
+                 train_metrics, val_loss: float, val_acc: float, round_start: float) -> dict:
+    """One round in results.json: validation, who was asked, who replied, and what became of each reply."""
+    checked = run.strategy.round_replies.get(server_round)
+    train_loss = train_metrics.get(wire.TRAIN_LOSS) if train_metrics else None
+    sent_to = sorted({m.metadata.dst_node_id for m in messages})
+    replied = {_src_node(m) for m in replies}
+    return {
+        "round": server_round, "val_accuracy": val_acc, "val_loss": val_loss,
+        "train_loss": float(train_loss) if train_loss is not None else None,
+        "expected": len(messages), "received": len(replies), "missing": max(len(messages) - len(replies), 0),
+        "missing_nodes": [n for n in sent_to if n not in replied],
+        "accepted": len(checked.accepted) if checked else 0,
+        "rejected": len(checked.rejected) if checked else 0,
+        "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
+        "replies": [reply_record(o, round_start) for o in _content_order(checked.outcomes)] if checked else [],
+        "aggregated": aggregated, "wall_time_s": time.time() - round_start,
+    }
+
+
+def note_label_distribution(run: Run, server_round: int, grid: Grid) -> None:
+    """Once the first accepted replies tell partitions from silos: the pool's split over the nodes."""
+    checked = run.strategy.round_replies.get(server_round)
+    if "pending" in run.results.get("label_distribution", {}) and checked and checked.accepted:
+        run.results["label_distribution"] = label_report(run.data_key, checked.accepted,
+                                                         len(list(grid.get_node_ids())), run.out_dir)
+
+
+def save_round(run: Run, server_round: int) -> None:
+    """A finished round is never lost: the checkpoint first (what a resume needs), then results.json."""
+    strategy_arrays, strategy_info = run.strategy.state_dict()
+    rng_info, rng_arrays = capture_rng()
+    save_run_state(run.out_dir, RunState(
+        round=server_round, arrays=_to_numpy(run.arrays), best_round=run.best_round,
+        best_val_accuracy=run.best_acc, best_arrays=_to_numpy(run.best_arrays), results=run.results,
+        structural_sha256=run.start.sha256, strategy_arrays=strategy_arrays, strategy_info=strategy_info,
+        rng={"info": rng_info, "arrays": rng_arrays}))
+    write_atomic(run.out_dir / "results.json", json.dumps(run.results, indent=2))
+
+
+def finish(run: Run, run_start: float) -> None:
+    """The test split, touched exactly once (with the best round's model), the best model and the summary."""
+    results, config = run.results, run.config
     if "pending" in results.get("label_distribution", {}):
         results["label_distribution"] = {"skipped": "no round had an accepted reply"}
-    # The test split is touched exactly once: with the best round's model.
-    load_global_arrays(model, best_arrays)
-    test_loss, test_acc = evaluate(model, server_split(data_key, "test"), start.spec, device=device)
+    load_global_arrays(run.model, run.best_arrays)
+    test_loss, test_acc = evaluate(run.model, server_split(run.data_key, "test"), run.start.spec, device=run.device)
     results.update(run_summary(results["rounds"]))
-    results.update(best_val_accuracy=best_acc, best_round=best_round,
-                   rounds_to_best=best_round,
+    results.update(best_val_accuracy=run.best_acc, best_round=run.best_round, rounds_to_best=run.best_round,
                    test_accuracy=test_acc, test_loss=test_loss, total_wall_time_s=time.time() - run_start)
-    save_checkpoint(out_dir / "best_model.safetensors", best_arrays.to_torch_state_dict(),
-                    {"model": config.model, "strategy": config.strategy, "round": best_round,
-                     "val_accuracy": best_acc, "structural_sha256": structural_sha256,
+    save_checkpoint(run.out_dir / "best_model.safetensors", run.best_arrays.to_torch_state_dict(),
+                    {"model": config.model, "strategy": config.strategy, "round": run.best_round,
+                     "val_accuracy": run.best_acc, "structural_sha256": run.start.sha256,
                      "note": "Q's weights (the travelling arrays). FedSQ evaluates them gated by S: "
                              "load them into DualCopy(start model).quantitative."})
-    write_json_atomic(out_dir / "results.json", results)
-    write_rounds_csv(out_dir / "rounds.csv", results["rounds"])
-    log(INFO, "best val_accuracy=%.4f at round %d; test_accuracy=%.4f; results in %s", best_acc, best_round,
-        test_acc, out_dir / "results.json")
+    write_atomic(run.out_dir / "results.json", json.dumps(results, indent=2))
+    write_rounds_csv(run.out_dir / "rounds.csv", results["rounds"])
+    log(INFO, "best val_accuracy=%.4f at round %d; test_accuracy=%.4f; results in %s", run.best_acc,
+        run.best_round, test_acc, run.out_dir / "results.json")
 
 
 def _content_order(outcomes: list) -> list:

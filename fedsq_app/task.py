@@ -13,11 +13,14 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedsq_app.config import ConfigError, RunConfig, cache_dir
-from fedsq_app.data import DatasetInfo, InputSpec, source_slug
-from fedsq_app.dualcopy import DualCopy, state_dict_sha256, travelling_module
-from fedsq_app.models import (IMAGENET_MEAN, IMAGENET_STD, build_model, imagenet_state_dict,
-                              load_backbone, load_checkpoint, reset_head)
+from fedsq_app.config import RunConfig
+from fedsq_app.core.dualcopy import DualCopy, state_dict_sha256, travelling_module
+from fedsq_app.data.partitions import DatasetInfo
+from fedsq_app.data.sources import source_slug
+from fedsq_app.data.tensors import InputSpec
+from fedsq_app.runtime.models import (IMAGENET_MEAN, IMAGENET_STD, MODELS, imagenet_state_dict, load_backbone,
+                                      load_checkpoint, model_entry, reset_head)
+from fedsq_app.util import ConfigError, cache_dir
 
 
 @dataclass
@@ -36,14 +39,6 @@ class StartModel:
 
 def default_backbone_path(model: str, dataset: str) -> Path:
     return cache_dir() / "backbones" / f"{model}-{source_slug(dataset)}.safetensors"
-
-
-def _native_size_for(model: str, size: int, pretrained: str) -> int:
-    if model == "alexnet":
-        return max(size, 64)  # torchvision's AlexNet needs >= 63 px to survive its last max-pool
-    if model == "resnet18" and pretrained == "imagenet":
-        return max(size, 64)
-    return 0
 
 
 def resolve_pretrained(config: RunConfig) -> str:
@@ -77,39 +72,32 @@ def resolve_num_classes(config: RunConfig, info: DatasetInfo, metadata: dict) ->
 
 def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
     """Architecture + pretrained backbone (per ``config.pretrained``) + head seeded by ``config.seed``."""
-    channels, image_size = info.channels, info.image_size
+    entry = model_entry(config.model)
     source = resolve_pretrained(config)
     state_dict, meta = load_checkpoint(source) if source not in ("none", "imagenet") else (None, {})
     num_classes = resolve_num_classes(config, info, meta)
     torch.manual_seed(config.seed)  # random init (pretrained='none') is reproducible too
-    if source == "none":
-        in_channels = channels if config.model == "smallcnn" else 3
-        small_stem = config.model == "resnet18" and image_size <= 32
-        model = build_model(config.model, num_classes, in_channels=in_channels, small_stem=small_stem)
-        mean, std = (0.5,) * in_channels, (0.5,) * in_channels
-        spec = InputSpec(in_channels, _native_size_for(config.model, image_size, source), mean, std)
-    elif source == "imagenet":
-        if config.model == "smallcnn":
-            raise ConfigError("pretrained='imagenet' needs model='resnet18' or 'alexnet'")
-        model = build_model(config.model, num_classes)
+    data_channels = info.channels if entry.any_channels else 3
+    if source == "imagenet" and entry.imagenet_weights is None:
+        with_weights = " or ".join(f"'{name}'" for name, e in MODELS.items() if e.imagenet_weights)
+        raise ConfigError(f"pretrained='imagenet' needs model={with_weights}")
+    if source != "none" and meta.get("model", config.model) != config.model:
+        raise ConfigError(f"checkpoint {source} holds a '{meta['model']}', but model='{config.model}'")
+    # ImageNet weights, or a checkpoint without a JSON sidecar (most likely a torchvision file saved by
+    # torch.save): fed as ImageNet weights expect; fedsq-pretrain checkpoints carry their own input spec.
+    imagenet_style = source == "imagenet" or (source != "none" and not meta and entry.imagenet_weights is not None)
+    inputs = meta.get("input", {})
+    in_channels = 3 if source == "imagenet" else int(inputs.get("channels", data_channels))
+    small_stem = bool(meta.get("small_stem", False)) if source not in ("none", "imagenet") else \
+        source == "none" and info.image_size <= entry.small_stem_max
+    model = entry.build(num_classes, in_channels, small_stem)
+    if source == "imagenet":
         load_backbone(model, config.model, imagenet_state_dict(config.model))
-        spec = InputSpec(3, _native_size_for(config.model, image_size, source), IMAGENET_MEAN, IMAGENET_STD)
-    else:
-        if meta.get("model", config.model) != config.model:
-            raise ConfigError(f"checkpoint {source} holds a '{meta['model']}', but model='{config.model}'")
-        # No JSON sidecar: most likely a torchvision file (e.g. ImageNet weights saved by torch.save), so
-        # feed it as ImageNet weights expect; fedsq-pretrain checkpoints always carry their own input spec.
-        imagenet_style = not meta and config.model != "smallcnn"
-        inputs = meta.get("input", {})
-        in_channels = int(inputs.get("channels", channels if config.model == "smallcnn" else 3))
-        model = build_model(config.model, num_classes, in_channels=in_channels,
-                            small_stem=bool(meta.get("small_stem", False)))
+    elif source != "none":
         load_backbone(model, config.model, state_dict)
-        default_size = _native_size_for(config.model, image_size, "imagenet" if imagenet_style else source)
-        default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet_style else \
-            ((0.5,) * in_channels, (0.5,) * in_channels)
-        spec = InputSpec(in_channels, int(inputs.get("size", default_size)),
-                         tuple(inputs.get("mean", default_mean)), tuple(inputs.get("std", default_std)))
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet_style else ((0.5,) * in_channels, (0.5,) * in_channels)
+    spec = InputSpec(in_channels, int(inputs.get("size", entry.native_size(info.image_size, imagenet_style))),
+                     tuple(inputs.get("mean", mean)), tuple(inputs.get("std", std)))
     if config.input_size:  # e.g. 224: ImageNet weights at the resolution they were trained at
         spec = replace(spec, size=config.input_size)
     reset_head(model, config.model, head_seed=config.seed)

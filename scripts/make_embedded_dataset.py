@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsq_app.data import read_idx, write_idx
+from fedsq_app.data.sources import read_idx, write_idx
 
 PER_CLASS = {"pretrain": 300, "train": 900, "test": 200}
 

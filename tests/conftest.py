@@ -50,8 +50,8 @@ def fedsq_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("fedsq-cache")
     previous = os.environ.get("FEDSQ_CACHE_DIR")
     os.environ["FEDSQ_CACHE_DIR"] = str(cache)
-    from fedsq_app.data import install_embedded_data
-    from fedsq_app.pretrain import pretrain
+    from fedsq_app.data.sources import install_embedded_data
+    from fedsq_app.tools.pretrain import pretrain
 
     install_embedded_data()
     pretrain("smallcnn", "embedded", "pretrain", epochs=1)
@@ -63,8 +63,8 @@ def fedsq_cache(tmp_path_factory) -> Path:
 
 
 def simulate(run_config: dict, num_supernodes: int = 3) -> dict:
-    """The real apps in Flower's in-process simulation (see fedsq_app.simulation); returns results.json."""
-    from fedsq_app.simulation import simulate as run
+    """The real apps in Flower's in-process simulation (see fedsq_app.harness.simulation); returns results.json."""
+    from fedsq_app.harness.simulation import simulate as run
 
     return run(run_config, num_supernodes)
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 from flwr.app import Context, Message, RecordDict
 
 from fedsq_app import server_app
-from fedsq_app.inprocess import FIRST_NODE_ID, InProcessGrid  # noqa: F401 (FIRST_NODE_ID: tests import it here)
+from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid  # noqa: F401 (FIRST_NODE_ID: tests import it here
 
 
 class ServerKilled(BaseException):

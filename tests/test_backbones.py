@@ -11,8 +11,9 @@ from torchvision import models as tv_models
 
 from fedsq_app import task
 from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.data import DatasetInfo, InputSpec
-from fedsq_app.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
+from fedsq_app.data.partitions import DatasetInfo
+from fedsq_app.data.tensors import InputSpec
+from fedsq_app.runtime.models import IMAGENET_MEAN, IMAGENET_STD, build_model, save_checkpoint
 
 GREY_28 = DatasetInfo(num_classes=10, channels=1, image_size=28)
 

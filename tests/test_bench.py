@@ -11,8 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from flwr.serverapp.strategy import FedAdam
 
 from conftest import TINY_RUN
-from fedsq_app.bench import Cell, Preset, Setup, main_cells, run_grid, write_report
-from fedsq_app.strategy import ValidatedFedAdam, ValidatedFedProx, parameter_keys
+from fedsq_app.tools.bench.grid import Cell, main_cells, run_grid
+from fedsq_app.tools.bench.presets import Preset, Setup
+from fedsq_app.tools.bench.report import write_report
+from fedsq_app.core.strategy import ValidatedFedAdam, ValidatedFedProx, parameter_keys
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +92,7 @@ def _client_weights(client_app, strategy, run_config: dict, arrays: ArrayRecord)
 def test_fedprox_with_mu_zero_equals_fedavg(fedsq_cache):
     from fedsq_app import client_app
     from fedsq_app.config import RunConfig
-    from fedsq_app.strategy import ValidatedFedAvg
+    from fedsq_app.core.strategy import ValidatedFedAvg
     from fedsq_app.task import global_arrays
 
     fedavg_config = {"strategy": "fedavg", "max-train-samples": 300}
@@ -194,7 +196,7 @@ def test_fedprox_mu_is_tuned_then_used_on_every_seed(tmp_path):
 
 
 def test_fedsq_adam_sends_the_structural_hash_and_steps_q():
-    from fedsq_app.strategy import FedSQAdam
+    from fedsq_app.core.strategy import FedSQAdam
 
     current = {"w": np.ones((2, 2), np.float32), "bn.running_var": np.ones(2, np.float32)}
     strategy = FedSQAdam(structural_sha256="ab" * 32, server_lr=0.1, min_train_nodes=2, min_available_nodes=2)
@@ -210,12 +212,12 @@ def test_fedsq_adam_sends_the_structural_hash_and_steps_q():
 
 # ---------------------------------------------------------------------------------------------- statistics
 def test_paired_t_matches_the_t_table_and_the_verdicts_follow_the_ci():
-    from fedsq_app.bench import paired_test, student_t_cdf, student_t_quantile, verdict
+    from fedsq_app.tools.bench.stats import paired_test, t_interval, verdict
 
-    # Two-sided 95 % critical values of Student's t (any table): df 1, 2, 4, 9, 30.
+    # Two-sided 95 % critical values of Student's t (any table): df 1, 2, 4, 9, 30 (n = df + 1, std = √n).
     for df, expected in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
-        assert student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
-    assert student_t_cdf(0.0, 7) == pytest.approx(0.5) and student_t_cdf(-2.7764, 4) == pytest.approx(0.025, abs=1e-5)
+        low, high, _ = t_interval(0.0, (df + 1) ** 0.5, df + 1)
+        assert high == pytest.approx(expected, abs=1e-4) and low == pytest.approx(-expected, abs=1e-4)
     test = paired_test([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, sd √2.5, t = 4.243 on 4 df
     assert test["n"] == 5 and test["mean"] == pytest.approx(3.0)
     assert (test["low"], test["high"]) == pytest.approx((3 - 2.7764 * 2.5 ** 0.5 / 5 ** 0.5,
@@ -255,7 +257,9 @@ def test_claims_come_from_paired_cis_over_seeds(tmp_path):
     }
     run_grid(preset, tmp_path, simulate_fn=_curve_simulation(curves))
     write_report(preset, tmp_path)
-    from fedsq_app.bench import add_time_to_accuracy, cell_row, claim_checks, main_cells, paired_comparisons
+    from fedsq_app.tools.bench.grid import main_cells
+    from fedsq_app.tools.bench.report import cell_row
+    from fedsq_app.tools.bench.stats import add_time_to_accuracy, claim_checks, paired_comparisons
 
     rows = [cell_row(c, json.loads((tmp_path / "cells" / c.name / "results.json").read_text()), 5)
             for c in main_cells(preset, tmp_path / "cells")]
@@ -279,7 +283,7 @@ def test_claims_come_from_paired_cis_over_seeds(tmp_path):
 
 
 def test_still_improving_and_time_to_accuracy():
-    from fedsq_app.bench import rounds_to_reach, still_improving
+    from fedsq_app.tools.bench.stats import rounds_to_reach, still_improving
 
     assert rounds_to_reach([0.5, 0.7, 0.9], 0.7) == 2 and rounds_to_reach([0.5], 0.9) is None
     assert still_improving([0.5, 0.6, 0.7], {"config": {"patience": 3}})  # best in the last 3 rounds, no stop
@@ -290,7 +294,7 @@ def test_still_improving_and_time_to_accuracy():
 
 # ---------------------------------------------------------------------------------------------- --set
 def _args(*argv):
-    from fedsq_app.bench import main  # noqa: F401 (the parser lives in main; build it the same way)
+    from fedsq_app.tools.bench.cli import main  # noqa: F401 (the parser lives in main; build it the same way)
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -307,7 +311,7 @@ def _args(*argv):
 
 
 def test_set_takes_toml_values_and_wins_over_the_preset(fedsq_cache, tmp_path):
-    from fedsq_app.bench import build_preset, parse_set
+    from fedsq_app.tools.bench.cli import build_preset, parse_set
 
     assert parse_set(["pretrained='/a b/c.safetensors'", "lr=0.01", "classes=5", "augment=true",
                       "dataset=idx:/data/fm", 'run-name-x="q"']) == {
@@ -330,7 +334,7 @@ def test_set_takes_toml_values_and_wins_over_the_preset(fedsq_cache, tmp_path):
     ("seed=3", "use --seeds"),
 ])
 def test_bad_settings_are_refused_once_before_the_grid(fedsq_cache, tmp_path, setting, message):
-    from fedsq_app.bench import build_preset
+    from fedsq_app.tools.bench.cli import build_preset
 
     with pytest.raises(SystemExit, match=re.escape(message)):
         build_preset(_args("--preset", "fmnist-paired", "--out", str(tmp_path), "--set", setting))
@@ -338,7 +342,7 @@ def test_bad_settings_are_refused_once_before_the_grid(fedsq_cache, tmp_path, se
 
 
 def test_every_preset_builds_valid_run_configs():
-    from fedsq_app.bench import PRESETS
+    from fedsq_app.tools.bench.presets import PRESETS
     from fedsq_app.config import RunConfig
 
     for name, preset in PRESETS.items():
@@ -358,7 +362,7 @@ def test_every_preset_builds_valid_run_configs():
 def test_fedsq_momentum_steps_q_with_flowers_fedavgm_maths():
     from flwr.serverapp.strategy import FedAvgM
 
-    from fedsq_app.strategy import FedSQMomentum
+    from fedsq_app.core.strategy import FedSQMomentum
 
     rng = np.random.default_rng(1)
     current = {"conv.weight": rng.normal(size=(3, 2)).astype(np.float32),
@@ -393,9 +397,10 @@ def test_fedsq_momentum_steps_q_with_flowers_fedavgm_maths():
 def test_fedsq_warmup_switches_s_exactly_once(fedsq_cache, tmp_path):
     """2 warm-up rounds of FedAvg, then S = that global model: its hash travels and changes once; S's arrays
     go to each node once; from then on the nodes gate with it (their S hash matches the server's)."""
-    from fedsq_app import warmup
-    from fedsq_app.dualcopy import DualCopy
-    from fedsq_app.inprocess import InProcessGrid
+    from fedsq_app.core import wire
+    from fedsq_app.core.dualcopy import DualCopy
+    from fedsq_app.harness.inprocess import InProcessGrid
+    from fedsq_app.runtime import warmup
     from fedsq_app.server_app import main as server_main
 
     sent = []
@@ -403,7 +408,7 @@ def test_fedsq_warmup_switches_s_exactly_once(fedsq_cache, tmp_path):
     class Recording(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
             messages = list(messages)
-            sent.append([(m.content["config"]["structural-sha256"], warmup.STRUCTURAL_RECORD in m.content)
+            sent.append([(m.content["config"]["structural-sha256"], wire.STRUCTURAL in m.content)
                          for m in messages])
             return super().send_and_receive(messages, timeout=timeout)
 
@@ -425,7 +430,7 @@ def test_fedsq_warmup_switches_s_exactly_once(fedsq_cache, tmp_path):
 
 
 def test_patience_stops_a_run_and_records_it(fedsq_cache, tmp_path):
-    from fedsq_app.inprocess import simulate_in_process
+    from fedsq_app.harness.inprocess import simulate_in_process
 
     results = simulate_in_process({**TINY_RUN, "num-server-rounds": 6, "patience": 2, "lr": 1e-6, "probe-size": 0,
                                    "max-train-samples": 200, "out-dir": str(tmp_path), "run-name": "p"}, 2)
@@ -439,7 +444,8 @@ def test_patience_stops_a_run_and_records_it(fedsq_cache, tmp_path):
 # ---------------------------------------------------------------------------------------------- classes
 def test_classes_filters_and_renumbers_labels(fedsq_cache):
     from fedsq_app.config import ConfigError, RunConfig, parse_classes
-    from fedsq_app.data import DataKey, dataset_info, load_split, pool_and_validation
+    from fedsq_app.data.partitions import DataKey, dataset_info, pool_and_validation
+    from fedsq_app.data.splits import load_split
 
     assert parse_classes("5-9") == parse_classes("5,6,7,8,9") == parse_classes("9, 5-8") == (5, 6, 7, 8, 9)
     with pytest.raises(ConfigError, match="classes"):
@@ -455,7 +461,7 @@ def test_classes_filters_and_renumbers_labels(fedsq_cache):
 
 def test_val_seed_fixes_the_validation_split_across_seeds(fedsq_cache):
     from fedsq_app.config import RunConfig
-    from fedsq_app.data import DataKey, pool_and_validation, server_split
+    from fedsq_app.data.partitions import DataKey, pool_and_validation, server_split
 
     def validation(seed, val_seed):
         return server_split(DataKey.of(RunConfig(seed=seed, val_seed=val_seed, max_train_samples=300)), "validation")
@@ -471,8 +477,8 @@ def torch_equal(a, b) -> bool:
 
 
 def test_pretrain_on_a_class_subset(fedsq_cache, tmp_path):
-    from fedsq_app.models import load_checkpoint
-    from fedsq_app.pretrain import main as pretrain_main
+    from fedsq_app.runtime.models import load_checkpoint
+    from fedsq_app.tools.pretrain import main as pretrain_main
 
     out = tmp_path / "b.safetensors"
     pretrain_main(["--classes", "0-4", "--epochs", "1", "--max-samples", "500", "--out", str(out)])
@@ -485,7 +491,7 @@ def test_pretrain_on_a_class_subset(fedsq_cache, tmp_path):
 def test_augmentation_crops_and_flips_reproducibly():
     import torch
 
-    from fedsq_app.train import augment_batch
+    from fedsq_app.runtime.train import augment_batch
 
     x = torch.randn(16, 3, 8, 8)
     out = augment_batch(x, torch.Generator().manual_seed(3))
@@ -500,7 +506,7 @@ def test_augmentation_crops_and_flips_reproducibly():
 
 def test_input_size_sets_the_backbones_resolution():
     from fedsq_app.config import ConfigError, RunConfig
-    from fedsq_app.data import DatasetInfo
+    from fedsq_app.data.partitions import DatasetInfo
     from fedsq_app.task import build_start_model
 
     start = build_start_model(RunConfig(model="resnet18", pretrained="none", input_size=48), DatasetInfo(10, 3, 32))

@@ -280,7 +280,7 @@ def _bring_up(fed: Federation, prepared_cache: Path | None) -> None:
     if prepared_cache is None:
         prepare = _tool("fedsq-prepare")
         argv = [prepare] if prepare else [sys.executable, "-c",
-                                          "from fedsq_app.pretrain import prepare_main; prepare_main()"]
+                                          "from fedsq_app.tools.pretrain import prepare_main; prepare_main()"]
         made = fed.run(argv, fed.env("prepare"), timeout=240)
         assert made.returncode == 0, f"fedsq-prepare failed:\n{made.stdout[-3000:]}\n{made.stderr[-3000:]}"
         prepared_cache = tmp / "cache-prepare"

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import randomise_bn
-from fedsq_app.dualcopy import DualCopy, UnsupportedActivationError, state_dict_sha256
-from fedsq_app.models import build_model, reset_head
+from fedsq_app.core.dualcopy import DualCopy, UnsupportedActivationError, state_dict_sha256
+from fedsq_app.runtime.models import build_model, reset_head
 
 
 @pytest.mark.parametrize("name,kwargs,shape", [

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import randomise_bn
-from fedsq_app import maskcache
-from fedsq_app.data import InputSpec, TensorData
-from fedsq_app.dualcopy import DualCopy
-from fedsq_app.models import build_model, reset_head
-from fedsq_app.train import LocalSchedule, autocast, train_local
+from fedsq_app.runtime import maskcache
+from fedsq_app.data.tensors import InputSpec, TensorData
+from fedsq_app.core.dualcopy import DualCopy
+from fedsq_app.runtime.models import build_model, reset_head
+from fedsq_app.runtime.train import LocalSchedule, autocast, train_local
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

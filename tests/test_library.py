@@ -138,7 +138,7 @@ def test_example_app_runs_two_rounds_in_simulation(tmp_path, monkeypatch):
     from flwr.simulation import run_simulation
     from safetensors.torch import load_file
 
-    from fedsq_app.simulation import apps_with_run_config
+    from fedsq_app.harness.simulation import apps_with_run_config
 
     files = example_files()
     for path, (_, fedsq) in files.items():

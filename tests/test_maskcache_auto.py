@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedsq_app import maskcache
+from fedsq_app.runtime import maskcache
 from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.dualcopy import DualCopy
-from fedsq_app.models import build_model
+from fedsq_app.core.dualcopy import DualCopy
+from fedsq_app.runtime.models import build_model
 
 
 def _dual(seed: int = 0) -> DualCopy:
@@ -159,7 +159,7 @@ def _stored(dual, images, spec, device="cpu"):
 
 
 def test_anything_a_mask_depends_on_names_another_file(fedsq_cache):
-    from fedsq_app.data import InputSpec
+    from fedsq_app.data.tensors import InputSpec
 
     spec = InputSpec(1, 0, (0.5,), (0.5,))
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))

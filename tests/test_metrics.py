@@ -9,8 +9,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedsq_app.metrics import (DriftProbe, gate_disagreement, gate_masks, l2_distance, last_k_std, mean_std,
-                               rounds_to_best, rounds_to_within, run_summary, write_rounds_csv)
+from fedsq_app.runtime.metrics import DriftProbe, gate_disagreement, gate_masks, l2_distance, last_k_std, mean_std, rounds_to_best, rounds_to_within, run_summary, write_rounds_csv
 
 
 def test_rounds_to_best_is_the_first_round_reaching_the_best():

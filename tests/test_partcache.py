@@ -1,4 +1,4 @@
-"""The per-node on-disk partition cache (fedsq_app/partcache.py): exact hits, rebuilt when its key changes,
+"""The per-node on-disk partition cache (fedsq_app/data/cache.py): exact hits, rebuilt when its key changes,
 never a torn file, and a ClientApp start that imports no datasets once the cache holds the partition."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from fedsq_app import data, partcache
+from fedsq_app.data import cache, partitions, tensors
 from fedsq_app.config import NodeConfig, RunConfig
 
 CONFIG = RunConfig(max_train_samples=600, seed=3)
@@ -24,73 +24,73 @@ def fresh(fedsq_cache):
     """An empty partitions/ folder and no in-memory copies."""
     for path in (fedsq_cache / "partitions").glob("*") if (fedsq_cache / "partitions").is_dir() else []:
         path.unlink()
-    partcache.clear_memory()
+    cache.clear_memory()
     yield fedsq_cache
-    partcache.clear_memory()
+    cache.clear_memory()
 
 
 def _no_rebuild(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("rebuilt although the cache holds this partition")
 
-    monkeypatch.setattr(data, "client_partition", refuse)
-    monkeypatch.setattr(data, "dataset_info", refuse)
+    monkeypatch.setattr(cache, "client_partition", refuse)
+    monkeypatch.setattr(cache, "dataset_info", refuse)
 
 
 def test_hit_is_exactly_the_built_partition(fresh, monkeypatch):
-    built, info = data.node_data(CONFIG, NODE), data.node_info(CONFIG, NODE)
-    key = data.DataKey.of(CONFIG)
-    assert torch.equal(built.images, data.client_partition(key, 1, 3).images)
-    assert info == data.dataset_info(key)
-    partcache.clear_memory()  # as a fresh process: only the files are left
+    built, info = cache.node_data(CONFIG, NODE), cache.node_info(CONFIG, NODE)
+    key = partitions.DataKey.of(CONFIG)
+    assert torch.equal(built.images, partitions.client_partition(key, 1, 3).images)
+    assert info == partitions.dataset_info(key)
+    cache.clear_memory()  # as a fresh process: only the files are left
     _no_rebuild(monkeypatch)
-    hit = data.node_data(CONFIG, NODE)
+    hit = cache.node_data(CONFIG, NODE)
     assert torch.equal(hit.images, built.images) and torch.equal(hit.labels, built.labels)
     assert hit.images.dtype == torch.uint8 and hit.labels.dtype == torch.int64
-    assert data.node_info(CONFIG, NODE) == info
+    assert cache.node_info(CONFIG, NODE) == info
 
 
 def test_rebuilt_when_its_key_changes(fresh, monkeypatch):
-    first = data.node_data(CONFIG, NODE)
+    first = cache.node_data(CONFIG, NODE)
     other_seed = RunConfig(max_train_samples=600, seed=4)
-    second = data.node_data(other_seed, NODE)  # another Dirichlet draw: another file, other samples
+    second = cache.node_data(other_seed, NODE)  # another Dirichlet draw: another file, other samples
     assert not torch.equal(first.labels, second.labels) or len(first) != len(second)
     assert len(list((fresh / "partitions").glob("*p1of3*.safetensors"))) == 2
     # The partition count and the source's files are part of the key too.
-    assert partcache.partition_key(data.DataKey.of(CONFIG), NodeConfig(1, 4)) != \
-        partcache.partition_key(data.DataKey.of(CONFIG), NODE)
-    before = partcache.partition_key(data.DataKey.of(CONFIG), NODE)
+    assert cache.partition_key(partitions.DataKey.of(CONFIG), NodeConfig(1, 4)) != \
+        cache.partition_key(partitions.DataKey.of(CONFIG), NODE)
+    before = cache.partition_key(partitions.DataKey.of(CONFIG), NODE)
     source = sorted((fresh / "data").rglob("train-labels*"))[0]
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 1))
-    assert partcache.partition_key(data.DataKey.of(CONFIG), NODE) != before
+    assert cache.partition_key(partitions.DataKey.of(CONFIG), NODE) != before
 
 
 def test_a_file_holding_another_key_or_garbage_is_rebuilt(fresh):
-    built = data.node_data(CONFIG, NODE)
-    key = partcache.partition_key(data.DataKey.of(CONFIG), NODE)
-    path = partcache.cache_path(key)
+    built = cache.node_data(CONFIG, NODE)
+    key = cache.partition_key(partitions.DataKey.of(CONFIG), NODE)
+    path = cache.cache_path(key)
     # Same file name, but the stored key says it was written for something else: not used.
     stale = {**key, "partition-id": 2}
-    partcache.write(path, stale, data.TensorData(built.images[:5], built.labels[:5]))
-    assert partcache.read(path, key) is None
-    partcache.clear_memory()
-    assert torch.equal(data.node_data(CONFIG, NODE).images, built.images)
-    assert partcache.read(path, key) is not None  # rewritten for the right key
+    cache.write(path, stale, tensors.TensorData(built.images[:5], built.labels[:5]))
+    assert cache.read(path, key) is None
+    cache.clear_memory()
+    assert torch.equal(cache.node_data(CONFIG, NODE).images, built.images)
+    assert cache.read(path, key) is not None  # rewritten for the right key
     path.write_bytes(path.read_bytes()[:100])  # torn file (cannot happen with os.replace, but be safe)
-    assert partcache.read(path, key) is None
+    assert cache.read(path, key) is None
 
 
 def test_concurrent_writers_leave_one_whole_file(fresh):
-    built = data.node_data(CONFIG, NODE)
-    key = partcache.partition_key(data.DataKey.of(CONFIG), NODE)
-    path = partcache.cache_path(key)
+    built = cache.node_data(CONFIG, NODE)
+    key = cache.partition_key(partitions.DataKey.of(CONFIG), NODE)
+    path = cache.cache_path(key)
     path.unlink()
     errors = []
 
     def writer():
         try:
             for _ in range(5):
-                partcache.write(path, key, built)
+                cache.write(path, key, built)
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
 
@@ -100,23 +100,24 @@ def test_concurrent_writers_leave_one_whole_file(fresh):
     for thread in threads:
         thread.join()
     assert not errors
-    assert torch.equal(partcache.read(path, key).images, built.images)
+    assert torch.equal(cache.read(path, key).images, built.images)
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_cached_client_start_imports_no_datasets_nor_dynamo(fresh):
-    data.node_data(CONFIG, NODE), data.node_info(CONFIG, NODE)  # fills the cache
+    cache.node_data(CONFIG, NODE), cache.node_info(CONFIG, NODE)  # fills the cache
     script = (
         "import sys, json\n"
-        "from fedsq_app import client_app, data\n"
+        "from fedsq_app import client_app\n"
+        "from fedsq_app.data import cache, tensors\n"
         "from fedsq_app.config import RunConfig, NodeConfig\n"
         f"config, node = RunConfig(**json.loads({json.dumps(json.dumps({'max_train_samples': 600, 'seed': 3}))})), "
         "NodeConfig(1, 3)\n"
         "model, spec, _ = client_app.local_model(config)\n"
-        "part = data.node_data(config, node)\n"
+        "part = cache.node_data(config, node)\n"
         "print(len(part))\n"
-        "from fedsq_app import train\n"  # one training step: torch.optim's would import torch._dynamo
-        "train.train_local(model, data.TensorData(part.images[:32], part.labels[:32]), spec, "
+        "from fedsq_app.runtime import train\n"  # one training step: torch.optim's would import torch._dynamo
+        "train.train_local(model, tensors.TensorData(part.images[:32], part.labels[:32]), spec, "
         "train.LocalSchedule(1, 32, 0.01, 0.9, 5e-4), device=train.pick_device('cpu'), seed=0)\n"
         "print(json.dumps(sorted(m for m in ('datasets', 'flwr_datasets', 'matplotlib', 'pandas', 'pyarrow', "
         "'torchvision', 'ray', 'torch._dynamo') if m in sys.modules)))\n"
@@ -125,5 +126,5 @@ def test_cached_client_start_imports_no_datasets_nor_dynamo(fresh):
                          env={**os.environ, "FEDSQ_CACHE_DIR": str(fresh)})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
-    assert int(lines[0]) == len(data.node_data(CONFIG, NODE))
+    assert int(lines[0]) == len(cache.node_data(CONFIG, NODE))
     assert json.loads(lines[1]) == []

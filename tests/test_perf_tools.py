@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedsq_app.perf_cold import TRACING, round_breakdown
+from fedsq_app.tools.perf.deploy import TRACING, round_breakdown
 
 
 def _line(t, pid, program, event="log", **fields):
@@ -62,7 +62,7 @@ def test_trace_hook_records_start_logs_and_exit_with_cpu(tmp_path):
 def test_flower_floor_app_builds_and_its_client_echoes_without_torch(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
-    from fedsq_app import flower_floor
+    from fedsq_app.tools.perf import floor as flower_floor
 
     app = flower_floor.make_app(tmp_path / "floor")
     assert len(build_fab_from_disk(app)) > 0  # a valid Flower app: pyproject and components resolve

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from fedsq_app import client_app, server_app
 from fedsq_app.config import RunConfig
-from fedsq_app.data import write_idx
-from fedsq_app.dualcopy import state_dict_sha256
-from fedsq_app.pretrain import calibrate, main as pretrain_main, pretrain
-from fedsq_app.simulation import simulate
+from fedsq_app.data.sources import write_idx
+from fedsq_app.core.dualcopy import state_dict_sha256
+from fedsq_app.tools.pretrain import calibrate, main as pretrain_main, pretrain
+from fedsq_app.harness.simulation import simulate
 
 
 def _learnable_images(count: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
-from fedsq_app.strategy import CheckedReply, array_specs, split_replies, weighted_average
+from fedsq_app.core.aggregation import weighted_average
+from fedsq_app.core.replies import CheckedReply, array_specs, split_replies
 
 
 def _message(content: RecordDict, node_id: int = 7, message_type: str = "train") -> Message:

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedsq_app.strategy import ValidatedFedAvg, distance_outliers, screen_replies
+from fedsq_app.core.defenses import distance_outliers
+from fedsq_app.core.replies import screen_replies
+from fedsq_app.core.strategy import ValidatedFedAvg
 from local_grid import FIRST_NODE_ID, LocalGrid, run_server
 
 MAX_EXAMPLES = 1000

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fedsq_app.checkpoint import CHECKPOINT_FILE, load_run_state
+from fedsq_app.runtime.checkpoint import CHECKPOINT_FILE, load_run_state
 from fedsq_app.config import ConfigError
 from local_grid import LocalGrid, ServerKilled, run_server
 
@@ -84,8 +84,8 @@ def test_server_optimiser_state_survives_a_checkpoint(tmp_path):
 
     from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-    from fedsq_app.checkpoint import RunState, save_run_state
-    from fedsq_app.strategy import ValidatedFedAdam
+    from fedsq_app.runtime.checkpoint import RunState, save_run_state
+    from fedsq_app.core.strategy import ValidatedFedAdam
 
     rng = np.random.default_rng(0)
     template = {"w": rng.normal(size=(3, 4)).astype(np.float32), "bn.running_mean": np.zeros(4, np.float32),

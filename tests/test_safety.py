@@ -18,9 +18,12 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from torch import nn
 
 from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.data import InputSpec, TensorData, write_idx
-from fedsq_app.strategy import FedSQ, ValidatedFedAvg, aggregate, screen_replies
-from fedsq_app.train import LocalSchedule, step_plan, train_local
+from fedsq_app.data.sources import write_idx
+from fedsq_app.data.tensors import InputSpec, TensorData
+from fedsq_app.core.aggregation import aggregate
+from fedsq_app.core.replies import screen_replies
+from fedsq_app.core.strategy import FedSQ, ValidatedFedAvg
+from fedsq_app.runtime.train import LocalSchedule, step_plan, train_local
 from local_grid import FIRST_NODE_ID, LocalGrid, run_server
 
 GLOBAL = {
@@ -55,7 +58,7 @@ def _scaled(arrays: dict, factor: float) -> dict:
 
 def _defaults() -> ValidatedFedAvg:
     """The strategy exactly as a default run config makes it."""
-    from fedsq_app.server_app import make_strategy
+    from fedsq_app.runtime.strategies import make_strategy
 
     strategy = make_strategy(RunConfig(strategy="fedavg"), structural_sha256="x")
     strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
@@ -145,7 +148,7 @@ def test_robust_aggregation_uses_flowers_maths_and_resists_one_attacker(method):
     attacker = _scaled(_update(rng), -1000.0)  # within the magnitude bounds, far beyond any honest one
     replies = [_reply(a, n) for n, a in enumerate(honest + [attacker], start=1)]
     config = RunConfig(strategy="fedsq", aggregation=method, max_update_norm_ratio=0, max_num_examples_ratio=0)
-    from fedsq_app.server_app import make_strategy
+    from fedsq_app.runtime.strategies import make_strategy
 
     strategy = make_strategy(config, structural_sha256="x")  # FedSQ: the robust average applies to Q
     strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
@@ -213,7 +216,7 @@ def _backbone_sidecar(tmp_path, dataset: str, split: str) -> str:
 
 
 def test_overlap_with_the_pretraining_split_stops_the_run_unless_allowed(idx_dataset, tmp_path):
-    from fedsq_app.leakage import check_pretrain_overlap
+    from fedsq_app.data.leakage import check_pretrain_overlap
 
     backbone = _backbone_sidecar(tmp_path, f"idx:{idx_dataset}", "train[:100]")
     run = {"dataset": str(idx_dataset)}  # the same data, named as a bare path
@@ -257,7 +260,7 @@ def test_server_refuses_an_overlapping_backbone_before_any_training(fedsq_cache,
 
 
 def test_calibration_proxy_split_must_be_disjoint(idx_dataset, tmp_path):
-    from fedsq_app.pretrain import calibrate, main
+    from fedsq_app.tools.pretrain import calibrate, main
 
     backbone = _backbone_sidecar(tmp_path, f"idx:{idx_dataset}", "train[:100]")
     with pytest.raises(ValueError, match="proxy split 'train\\[80:120\\]' overlaps the pretraining split"):
@@ -326,9 +329,9 @@ def test_results_record_every_reply(fedsq_cache, tmp_path):
 
 
 def test_silo_runs_write_no_label_distribution_of_the_servers_pool(fedsq_cache, tmp_path):
-    from fedsq_app.data import DataKey
+    from fedsq_app.data.partitions import DataKey
     from fedsq_app.server_app import label_report
-    from fedsq_app.strategy import CheckedReply
+    from fedsq_app.core.replies import CheckedReply
 
     key = DataKey.of(RunConfig(max_train_samples=300))
     silo = CheckedReply(1, {}, 10, {"train_loss": 0.1, "silo": 1.0})

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsq_app.train import MomentumSGD
+from fedsq_app.runtime.train import MomentumSGD
 
 
 def _net(seed: int) -> nn.Module:

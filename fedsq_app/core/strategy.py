@@ -1,0 +1,305 @@
+"""The thin Flower strategy classes: FedSQ, the validated FedAvg it extends, and the baselines and variants.
+
+Each subclasses Flower's own class and overrides only what FedSQ changes: replies are checked and screened
+(``fedsq_app.core.replies``, ``fedsq_app.core.defenses``) and averaged (``fedsq_app.core.aggregation``)
+by pure functions; the server optimisers (FedAdam, FedAvgM) are Flower's maths fed a validated average.
+Imports numpy and flwr, never torch.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy.fedopt import FedOpt
+
+from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
+from fedsq_app.core.replies import RoundReplies, screen_replies
+from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
+
+
+class ValidatedFedAvg(FedAvg):
+    """FedAvg whose ``aggregate_train`` validates every reply and never lets one bad reply end the run.
+
+    Used as is for the FedAvg baseline. Keeps a per-round log of accepted and rejected replies. The
+    defaults are the run config's: distance guard and weight clip on, plain (weighted) mean;
+    ``aggregation`` 'median' or 'trimmed-mean' makes the average Byzantine-robust.
+    """
+
+    def __init__(self, *, min_valid_replies: int = 1, max_examples: int | None = None,
+                 max_update_norm_ratio: float = 5.0, max_num_examples_ratio: float = 5.0,
+                 aggregation: str = "mean", trim_fraction: float = 0.2, **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
+        check_aggregation(aggregation)
+        self.min_valid_replies = min_valid_replies
+        self.max_examples = max_examples
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self.max_num_examples_ratio = max_num_examples_ratio
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.current_arrays: ArrayRecord | None = None
+        self.round_replies: dict[int, RoundReplies] = {}
+
+    # Server-side state for checkpoints (e.g. a server optimiser's moments). Stateless here; a strategy
+    # with state returns its arrays (saved as safetensors) and JSON-able scalars, and restores them.
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        return {}, {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        if arrays or info:
+            raise ValueError(f"{type(self).__name__} keeps no server state, but the checkpoint holds some "
+                             f"({sorted(arrays)[:3]}, {sorted(info)[:3]}): was it written by another strategy?")
+
+    def extra_train_config(self) -> dict:
+        return {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays  # the template replies are checked against, and the fallback model
+        config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self.current_arrays is not None, "configure_train must run before aggregate_train"
+        template = {k: a.numpy() for k, a in self.current_arrays.items()}
+        checked = screen_replies(list(replies), template, max_examples=self.max_examples,
+                                 max_update_norm_ratio=self.max_update_norm_ratio,
+                                 max_num_examples_ratio=self.max_num_examples_ratio)
+        self.round_replies[server_round] = checked
+        log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
+        for node_id, reason in checked.rejected:
+            log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
+        for outcome in checked.outcomes:
+            if outcome.accepted and outcome.weight != outcome.num_examples:
+                log(INFO, "\t> node %s claims num-examples=%s, weighted as %s (%g x the round's median claim)",
+                    outcome.node_id, outcome.num_examples, outcome.weight, self.max_num_examples_ratio)
+        if len(checked.accepted) < self.min_valid_replies:
+            log(WARNING, "round %d: %d valid replies < minimum %d; keeping the previous global model",
+                server_round, len(checked.accepted), self.min_valid_replies)
+            return None, None
+        averaged = aggregate(checked.accepted, template, self.aggregation, self.trim_fraction)
+        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
+        return arrays, MetricRecord(weighted_metrics(checked.accepted))
+
+
+class FedSQ(ValidatedFedAvg):
+    """FedSQ's server: averages only Q (the travelling arrays) and tells clients which S to gate with.
+
+    Guarantees: S never travels: the arrays this strategy sends, validates and averages are Q's only
+    (``ArrayRecord(travelling_module(dual).state_dict())``), with exactly the plain model's keys. Every
+    reply is validated against them (keys, shapes, dtypes, finite values, a positive integer
+    ``num-examples``); a bad reply is dropped and logged (``round_replies``) and the round goes on, where
+    Flower's FedAvg would end the run. Every client must gate with the same structural copy, or averaging
+    would mix models whose gates disagree: S's SHA-256 (``DualCopy.structural_sha256()``) goes out with each
+    round's train config under ``structural-sha256``, and ``check_structural`` on a node raises
+    ``StructuralMismatchError`` for another S (its error reply is then rejected here).
+    ``structural_sha256`` is required; other keyword arguments are Flower's ``FedAvg``'s.
+    """
+
+    def __init__(self, *, structural_sha256: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.structural_sha256 = structural_sha256
+
+    def extra_train_config(self) -> dict:
+        return {STRUCTURAL_SHA256: self.structural_sha256}
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+# FedProx and FedAdam reuse Flower's classes; only reply validation and "what the update touches" are ours.
+BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def parameter_keys(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The trainable parameters among a state dict's arrays: floating arrays that are not BN buffers.
+
+    A server optimiser must step only these: BN running statistics are data statistics (averaged, not
+    optimised) and ``num_batches_tracked`` is a counter.
+    """
+    return [k for k, v in arrays.items() if v.dtype.kind == "f" and not k.endswith(BN_BUFFER_SUFFIXES)]
+
+
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    # not np.ascontiguousarray: it turns 0-d arrays (BN's num_batches_tracked) into shape (1,)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+class ValidatedFedProx(ValidatedFedAvg, FedProx):
+    """Flower's FedProx (sends ``proximal-mu`` in the train config; the client adds (μ/2)·‖w − w_global‖²
+    on its trained parameters) with validated aggregation. With μ = 0 it is FedAvg."""
+
+
+class _GivenAverage(FedOpt):
+    """Stands in for FedAvg's aggregation inside Flower's FedAdam: hands over an average computed elsewhere."""
+
+    given: ArrayRecord | None = None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return self.given, None
+
+
+class AdamServerUpdate(FedAdam, _GivenAverage):
+    """Flower's own FedAdam update (m_t, v_t, bias-corrected η, τ), fed a validated average.
+
+    ``FedAdam.aggregate_train`` calls ``super().aggregate_train``, which the MRO resolves to
+    ``_GivenAverage``: so every line of Flower's Adam maths runs unchanged on arrays we choose.
+    """
+
+    def step(self, server_round: int, current: dict[str, np.ndarray],
+             averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """x_{t+1} from x_t = ``current`` and the clients' average ``averaged`` (same keys)."""
+        self.current_arrays = current  # FedOpt's x_t: the arrays sent out this round
+        self.given = ArrayRecord({k: Array(_contiguous(v)) for k, v in averaged.items()})
+        stepped, _ = self.aggregate_train(server_round, [])
+        # Flower's bias correction is a float64 scalar: cast back, or the next round's replies (float32)
+        # would no longer match the global model's dtypes.
+        return {k: a.numpy().astype(current[k].dtype) for k, a in stepped.items()}
+
+
+class ValidatedFedAdam(ValidatedFedAvg):
+    """FedAdam (Reddi et al. 2021) on the validated average, applied to trainable parameters only.
+
+    Flower's ``FedAdam`` steps *every* array, BN running statistics and integer counters included. Here
+    the validated, sample-weighted average is computed first; Adam's server step then replaces only the
+    parameter keys, while BN running statistics stay plainly averaged and ``num_batches_tracked`` is kept.
+    """
+
+    def __init__(self, *, server_lr: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99,
+                 tau: float = 1e-3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.adam = AdamServerUpdate(eta=server_lr, beta_1=beta_1, beta_2=beta_2, tau=tau)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        averaged_record, metrics = super().aggregate_train(server_round, replies)
+        if averaged_record is None:  # too few valid replies: the previous global model stays, Adam does not step
+            return averaged_record, metrics
+        current = {k: a.numpy() for k, a in self.current_arrays.items()}
+        averaged = {k: a.numpy() for k, a in averaged_record.items()}
+        keys = parameter_keys(averaged)
+        stepped = self.adam.step(server_round, {k: current[k] for k in keys}, {k: averaged[k] for k in keys})
+        return ArrayRecord({k: Array(_contiguous(stepped.get(k, v))) for k, v in averaged.items()}), metrics
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Adam's moments m_t and v_t (per parameter key), for the server's checkpoint."""
+        arrays = {f"adam-m/{k}": v for k, v in (self.adam.m_t or {}).items()}
+        arrays.update({f"adam-v/{k}": v for k, v in (self.adam.v_t or {}).items()})
+        return arrays, {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        unknown = sorted(k for k in arrays if not k.startswith(("adam-m/", "adam-v/")))
+        if unknown or info:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's strategy state holds {unknown[:3]} "
+                             f"{sorted(info)[:3]}, not Adam moments: was it written by another strategy?")
+        m_t = {k.removeprefix("adam-m/"): v.copy() for k, v in arrays.items() if k.startswith("adam-m/")}
+        v_t = {k.removeprefix("adam-v/"): v.copy() for k, v in arrays.items() if k.startswith("adam-v/")}
+        self.adam.m_t, self.adam.v_t = m_t or None, v_t or None
+
+
+class FedSQAdam(ValidatedFedAdam, FedSQ):
+    """Extension beyond the paper: FedSQ (S gates, only Q travels) with FedAdam's server step on Q."""
+
+
+# ---------------------------------------------------------------------------------------------- variants
+# Two FedSQ variants beyond the paper, aimed at rounds-to-best (docs/RESULTS.md judges them).
+class MomentumServerUpdate(FedAvgM, _GivenAverage):
+    """Flower's own FedAvgM update (pseudo-gradient, momentum vector, server learning rate), fed a
+    validated average: ``FedAvgM.aggregate_train``'s ``super()`` resolves to ``_GivenAverage``."""
+
+    def step(self, server_round: int, current: dict[str, np.ndarray],
+             averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """x_{t+1} from x_t = ``current`` and the clients' average ``averaged`` (same keys, same order)."""
+        self.current_arrays = ArrayRecord({k: Array(_contiguous(v)) for k, v in current.items()})
+        self.given = ArrayRecord({k: Array(_contiguous(averaged[k])) for k in current})
+        stepped, _ = self.aggregate_train(server_round, [])
+        return {k: a.numpy().astype(current[k].dtype) for k, a in stepped.items()}
+
+
+class FedSQMomentum(FedSQ):
+    """FedSQ with FedAvgM's server momentum on Q: v ← β·v + (x_t − avg), x_{t+1} = x_t − η·v, on Q's
+    trainable parameters only (BN running statistics stay plainly averaged, counters kept), as FedAdam here."""
+
+    def __init__(self, *, server_momentum: float = 0.5, server_lr: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.momentum = MomentumServerUpdate(server_learning_rate=server_lr, server_momentum=server_momentum)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        averaged_record, metrics = super().aggregate_train(server_round, replies)
+        if averaged_record is None:  # too few valid replies: the previous model stays, the momentum too
+            return averaged_record, metrics
+        current = {k: a.numpy() for k, a in self.current_arrays.items()}
+        averaged = {k: a.numpy() for k, a in averaged_record.items()}
+        keys = parameter_keys(averaged)
+        stepped = self.momentum.step(server_round, {k: current[k] for k in keys}, averaged)
+        return ArrayRecord({k: Array(_contiguous(stepped.get(k, v))) for k, v in averaged.items()}), metrics
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        vector = self.momentum.momentum_vector
+        keys = list(self.momentum.current_arrays.keys()) if vector is not None else []
+        return {f"momentum/{k}": v for k, v in zip(keys, vector or [])}, {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        unknown = sorted(k for k in arrays if not k.startswith("momentum/"))
+        if unknown or info:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's strategy state holds {unknown[:3]} "
+                             f"{sorted(info)[:3]}, not a momentum vector: was it written by another strategy?")
+        # Kept in the checkpoint's (= the parameters') key order, as FedAvgM pairs it with x_t's arrays.
+        self.momentum.momentum_vector = [v.copy() for v in arrays.values()] or None
+
+
+class FedSQWarmup(FedSQ):
+    """FedAvg for the first ``warmup_rounds`` rounds, then FedSQ with S frozen at that round's global model.
+
+    Tests the premise that gates settle early. The S hash in the train config names the start model during
+    the warm-up (clients then train the plain network) and S's new hash after ``switch``: it changes exactly
+    once. S's arrays travel once per node, in a second ArrayRecord, until that node's reply is accepted
+    (from then on the node keeps S in its context state); Q's traffic is FedAvg's.
+    """
+
+    def __init__(self, *, warmup_rounds: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.warmup_rounds = warmup_rounds
+        self.structural: ArrayRecord | None = None  # S after the switch
+        self.holders: set[int] = set()  # nodes known to hold it
+
+    def switch(self, structural: ArrayRecord, structural_sha256: str) -> None:
+        self.structural, self.structural_sha256 = structural, structural_sha256
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.structural is not None:
+            for message in messages:
+                if message.metadata.dst_node_id not in self.holders:
+                    message.content[STRUCTURAL] = self.structural
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        result = super().aggregate_train(server_round, replies)
+        if self.structural is not None:
+            self.holders.update(reply.node_id for reply in self.round_replies[server_round].accepted)
+        return result
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        if self.structural is None:
+            return {}, {}
+        arrays = {f"{STRUCTURAL}/{k}": a.numpy() for k, a in self.structural.items()}
+        return arrays, {"structural_sha256": self.structural_sha256, "holders": sorted(self.holders)}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        if not arrays and not info:
+            return  # saved before the switch
+        if any(not k.startswith(f"{STRUCTURAL}/") for k in arrays) or "structural_sha256" not in info:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's strategy state is not a warm-up S: "
+                             "was it written by another strategy?")
+        self.switch(ArrayRecord({k.removeprefix(f"{STRUCTURAL}/"): Array(_contiguous(v))
+                                 for k, v in arrays.items()}), info["structural_sha256"])
+        self.holders = set(info.get("holders", []))
+

@@ -1,0 +1,55 @@
+"""What travels between the ServerApp and the ClientApps: every record, config and metric key, written once,
+and the one check of the structural-copy handshake (S's SHA-256, sent with every FedSQ round).
+
+Pure Python: the server side, the node side and library users import it without torch or flwr.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+# Records of a message's RecordDict.
+ARRAYS = "arrays"  # the travelling arrays (Q for FedSQ, the whole network otherwise)
+METRICS = "metrics"  # a reply's MetricRecord
+CONFIG = "config"  # the train config Flower's strategies send
+STRUCTURAL = "structural"  # the ArrayRecord that carries S to a node, once, after fedsq-warmup's switch
+
+# Train-config keys (server -> node).
+STRUCTURAL_SHA256 = "structural-sha256"  # the S every node must gate with
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+LR = "lr"
+LOCAL_EPOCHS = "local-epochs"
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+
+# Reply metrics (node -> server).
+NUM_EXAMPLES = "num-examples"  # the aggregation weight (as claimed: the server never takes it on trust)
+TRAIN_LOSS = "train_loss"
+SILO = "silo"  # 1: the node trains on its own data (data-path), not on a partition of the server's pool
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+
+
+class StructuralMismatchError(ValueError):
+    """The server's structural copy S (its SHA-256, sent by ``FedSQ`` each round) is not this node's S."""
+
+
+def check_structural_sha256(expected: str | None, actual: str, *, required: bool = True) -> None:
+    """The one S-hash check: raise ``StructuralMismatchError`` unless the S the server names (``expected``)
+    is this node's S (``actual``). Averaging Q trained under different gates would mix different functions.
+    ``expected`` None means the server names no S (a server that is not FedSQ): refused when ``required``
+    (a gated node cannot know which S the server averages under), accepted for a plain model."""
+    if expected is None:
+        if required:
+            raise StructuralMismatchError(
+                f"the server's train config names no structural copy ('{STRUCTURAL_SHA256}' missing): a DualCopy "
+                "node trains only under a FedSQ server, which names its S every round")
+        return
+    if expected != actual:
+        raise StructuralMismatchError(
+            f"structural copy mismatch: server S sha256={expected}, this node's S sha256={actual}; "
+            "build S from the same pretrained weights as the server")
+
+
+def named_structural_sha256(config: Mapping) -> str | None:
+    """The S a train config names (None if it names none)."""
+    return config.get(STRUCTURAL_SHA256)

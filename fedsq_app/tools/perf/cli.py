@@ -1,0 +1,98 @@
+"""``fedsq-perf``: what FedSQ costs per training step, and what Flower costs per round. Prints figures.
+
+    fedsq-perf steps    [--models ...] [--rounds 15] [--threads N] [--variants ...]   (tools/perf/micro.py)
+    fedsq-perf overhead [--clients 4] [--rounds 3] [--samples 2000]                    (tools/perf/sim.py)
+    fedsq-perf scale    [--clients 20 100] [--rounds 3]                                (tools/perf/sim.py)
+    fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (tools/perf/compat.py; docs/LIBRARY.md)
+    fedsq-perf coldstart [--app DIR ...] [--runs 4]      (tools/perf/cold.py)
+    fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE] [--flower-floor]
+                                                         (tools/perf/cold.py)
+
+Never a test: numbers depend on the machine; wrap runs in ``flock /tmp/fedsq-bench.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fedsq_app.tools.perf import compat
+from fedsq_app.tools.perf import cold, sim
+from fedsq_app.tools.perf.micro import (DEFAULT_VARIANTS, MODELS, VARIANTS, machine, mask_bytes_per_sample,
+                                        print_step_markdown, step_table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fedsq-perf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    steps = sub.add_parser("steps", help="step ratio FedSQ/FedAvg per model and optimisation")
+    steps.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    steps.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    steps.add_argument("--rounds", type=int, default=15)
+    steps.add_argument("--batch", type=int, default=32)
+    steps.add_argument("--device", default="cpu", help="cpu | cuda (a GPU: images/s under 'images_per_s')")
+    steps.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    for name in ("overhead", "scale"):
+        p = sub.add_parser(name)
+        p.add_argument("--clients", type=int, nargs="+", default=[4] if name == "overhead" else [20, 100])
+        p.add_argument("--sampled", type=int, default=10)
+        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--samples", type=int, default=2000, help="overhead: training samples over all clients")
+        p.add_argument("--actors", type=int, default=1 if name == "overhead" else 2,
+                       help="Ray CPUs = clients training at once (1 thread each)")
+        p.add_argument("--per-client", type=int, default=60, help="scale: training samples per client")
+        p.add_argument("--strategy", default="fedsq")
+        p.add_argument("--mask-cache", default="auto", choices=("auto", "off", "on"))
+    for name in ("coldstart", "deploy"):  # tools/perf/cold.py
+        p = sub.add_parser(name, help="ClientApp/ServerApp start per stage" if name == "coldstart" else
+                           "deployment vs simulation steady rounds, same config")
+        p.add_argument("--app", action="append", default=[],
+                       help="app directory (repeat to compare, e.g. a checkout of an older commit); default: this repo")
+        p.add_argument("--cache", default="", help="a prepared FEDSQ_CACHE_DIR (default: this one); copied per node")
+        p.add_argument("--nodes", type=int, default=3)
+        p.add_argument("--run-config", default="max-train-samples=3000 device='cpu'" if name == "deploy" else "",
+                       help="run-config overrides, as for flwr run")
+        if name == "coldstart":
+            p.add_argument("--runs", type=int, default=4, help="processes per app (the first fills the caches)")
+            p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the processes (0: unset)")
+        else:
+            p.add_argument("--rounds", type=int, default=5)
+            p.add_argument("--superexec-poll", type=float, nargs="+", default=[0.1],
+                           help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL on the SuperNodes, one per --app or one for "
+                                "all (Flower's default: 1.0)")
+            p.add_argument("--threads-per-node", type=int, nargs="+", default=[1],
+                           help="OMP_NUM_THREADS of each SuperNode (its ClientApps inherit it), one per --app or one "
+                                "for all; default 1, what a simulated client gets (client-resources-num-cpus=1, "
+                                "for which Ray sets OMP_NUM_THREADS=1); 0: unset (torch takes every core)")
+            p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
+            p.add_argument("--flower-floor", action="store_true",
+                           help="also run tools/perf/floor.py, a ClientApp that echoes arrays shaped like the "
+                                "small CNN's: what Flower alone costs per round, simulated and deployed")
+            p.add_argument("--trace", default="", help="write the deployment's process and Flower log events to "
+                           "TRACE.<i> (one per --app) and print each deployed round stage by stage")
+    compat.add_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command in ("coldstart", "deploy"):
+        cold.main(args)
+        return
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    print(f"# machine: {machine()}", flush=True)
+    if args.command == "steps":
+        if "plain" not in args.variants:
+            args.variants.insert(0, "plain")
+        rows = step_table(args.models, tuple(args.variants), args.rounds, args.batch, args.device)
+        print_step_markdown(rows)
+        for name in args.models:
+            print(f"mask cache bytes/sample {name}: {mask_bytes_per_sample(name)} "
+                  f"({mask_bytes_per_sample(name) / 1024:.1f} KiB)")
+    elif args.command == "compat":
+        compat.main(args)
+    else:
+        sim.main(args)
+
+
+if __name__ == "__main__":
+    main()
