@@ -61,9 +61,13 @@ if ! lock_matches; then
     step "installing TORCH_SPEC ($TORCH_SPEC)" .venv/bin/pip install --disable-pip-version-check $TORCH_SPEC
   fi
 fi
-if ! .venv/bin/python -c "import importlib.metadata as m; m.version('fedsq')" 2>/dev/null; then
+# Reinstalled whenever pyproject.toml changes: its [project.scripts] entry points live in .venv/bin.
+stamp=.venv/.fedsq-pyproject.sha256
+if ! .venv/bin/python -c "import importlib.metadata as m; m.version('fedsq')" 2>/dev/null ||
+   ! sha256sum -c --status "$stamp" 2>/dev/null; then
   step "installing fedsq (editable, no dependencies)" \
     .venv/bin/pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
+  sha256sum pyproject.toml > "$stamp"
 fi
 step "checking .venv against requirements.lock" lock_matches
 if [ "$TESTS" = 1 ]; then
