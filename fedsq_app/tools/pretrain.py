@@ -217,13 +217,15 @@ def prepare_main(argv: list[str] | None = None) -> None:
     """Set up the offline default: copy the embedded data into the cache and pretrain the small CNN."""
     parser = argparse.ArgumentParser(prog="fedsq-prepare", description=prepare_main.__doc__)
     parser.add_argument("--force", action="store_true", help="pretrain again even if the backbone exists")
+    parser.add_argument("--epochs", type=int, default=8,
+                        help="pretraining epochs (the default backbone: 8; fewer only for a quick smoke test)")
     args = parser.parse_args(argv)
     print(f"embedded Fashion-MNIST subset -> {install_embedded_data()}")
     path = default_backbone_path("smallcnn", "embedded")
     if path.is_file() and not args.force:
         print(f"pretrained backbone already there: {path} (use --force to rebuild)")
         return
-    pretrain("smallcnn", "embedded", "pretrain")
+    pretrain("smallcnn", "embedded", "pretrain", epochs=args.epochs)
 
 
 if __name__ == "__main__":
