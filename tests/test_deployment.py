@@ -43,6 +43,7 @@ from conftest import require_system
 from loopback import any_alive as _any_alive, descendants as _descendants, free_port as _free_port  # noqa: E402
 from loopback import free_ports as _free_ports, health_ok as _health_ok, _pgid  # noqa: E402
 from loopback import clean_env as _clean_env, tail as _tail, tool as _tool  # noqa: E402
+from loopback import SUPEREXEC_POLL_S  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -115,7 +116,8 @@ class Federation:
         """Environment of one role: its own FLWR_HOME and FEDSQ_CACHE_DIR under tmp."""
         home = self.tmp / f"home-{role}"
         home.mkdir(exist_ok=True)
-        env = dict(self.base_env, FLWR_HOME=str(home), FEDSQ_CACHE_DIR=str(self.tmp / f"cache-{role}"))
+        env = dict(self.base_env, FLWR_HOME=str(home), FEDSQ_CACHE_DIR=str(self.tmp / f"cache-{role}"),
+                   FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPEREXEC_POLL_S))  # what the docs tell silos to set
         env.update(extra)
         return env
 
@@ -473,8 +475,7 @@ def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> N
         argv = fed.supernode_argv(fed.keys / silo, runtime_ports[index], index) + ["--isolation", "process"]
         fed.start(f"{silo}-warm", argv, env)
         fed.start(f"{silo}-superexec", [superexec, "--insecure", "--runtime-api-address",
-                                        f"127.0.0.1:{runtime_ports[index]}"],
-                  dict(env, FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.2"))
+                                        f"127.0.0.1:{runtime_ports[index]}"], env)
     _wait_online(fed, time.monotonic())
     _run_to_completion(fed, f"{RUN_NAME}-warm")
     for silo in ("silo-1", "silo-2"):

@@ -227,6 +227,13 @@ def start_superlink(processes: Processes, env: dict[str, str], state_db: Path, *
     return link, port
 
 
+# The ClientApp SuperExec's task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, Flower's one supported timing knob,
+# default 1 s): a message waits up to one interval before its ClientApp starts; each poll is one local HTTP
+# call to the SuperNode, ten a second cost nothing measurable. A caller's own value wins.
+SUPEREXEC_POLL_S = 0.1
+EXECUTORS = {"warm": "fedsq-superexec", "standard": "flower-superexec"}
+
+
 def start_supernode(processes: Processes, env: dict[str, str], superlink_port: int, node_config: str, *,
                     name: str, extra_args: list[str] | None = None, runtime_port: int | None = None,
                     isolation: str = "subprocess") -> Proc:
@@ -237,13 +244,8 @@ def start_supernode(processes: Processes, env: dict[str, str], superlink_port: i
     argv = [tool("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}", "--host", "127.0.0.1",
             "--port", str(runtime_port or free_port()), "--node-config", node_config, "--isolation", isolation]
     argv += extra_args if extra_args is not None else ["--insecure"]
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S), **env}  # for the SuperExec it starts
     return processes.start(name, argv, env)
-
-
-# The ClientApp SuperExec's task poll (Flower's supported knob, default 1 s): a train message waits up to one
-# interval before its ClientApp starts; an AcquireTask is one local HTTP call, so 0.2 s costs nothing.
-SUPEREXEC_POLL_S = 0.2
-EXECUTORS = {"warm": "fedsq-superexec", "standard": "flower-superexec"}
 
 
 def start_superexec(processes: Processes, env: dict[str, str], runtime_port: int, *, name: str,
