@@ -51,7 +51,7 @@ executor.app_hash = "a" * 64  # as if that FAB's ClientApp were imported: anothe
 executor.launch(spec("other-fab", 10, fab="b" * 64))
 print(json.dumps({"results": results, "left": len(executor.children), "cold": cold,
                   "restart": executor.restart_pending, "parent_threads": torch.get_num_threads(),
-                  "started_with": started_with}))
+                  "started_with": started_with, "own_package_forgotten": "fedsq_app" not in sys.modules}))
 """
 
 
@@ -64,6 +64,7 @@ def test_fork_executor_forks_reaps_and_falls_back(tmp_path: Path) -> None:
     assert report["results"] == ["accepted"] * 3 and report["left"] == 0  # all three reaped, the crash too
     assert report["cold"] == ["serverapp", "other-fab"] and report["restart"]
     assert report["parent_threads"] == 1 and report["started_with"] == 2
+    assert report["own_package_forgotten"]  # so the ClientApp is imported from the FAB, not this install
     for token in ("crash", "raise", "fine"):  # every child ran, with the threads the process started with
         seen = json.loads((tmp_path / token).read_text())
         assert seen == {"threads": 2, "cuda": False}, token

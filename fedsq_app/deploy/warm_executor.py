@@ -53,6 +53,15 @@ def clientapp_reference(app_dir: Path) -> str:
     return get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
 
 
+def forget_own_package() -> None:
+    """This executor ships inside a package that the FAB holds too (fedsq_app): forget the installed copy's
+    modules (the running executor keeps its own references), so that the ClientApp, in the parent or in a
+    child, is imported from the FAB's directory, as a new ``flwr-clientapp`` would import it."""
+    own = __name__.split(".")[0]
+    for name in [m for m in sys.modules if m == own or m.startswith(own + ".")]:
+        del sys.modules[name]
+
+
 def cuda_initialised() -> bool:
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_initialized())
@@ -61,7 +70,8 @@ def cuda_initialised() -> bool:
 class ForkExecutor:
     """Flower's ``Executor`` protocol, one forked child per ClientApp task.
 
-    ``preload``: modules imported once, in the parent (``torch`` and Flower's ClientApp runner by default).
+    ``preload``: modules imported once, in the parent (default ``torch``; Flower's ClientApp runner is
+    imported with this module).
     """
 
     def __init__(self, preload: tuple[str, ...] = ("torch",)) -> None:
@@ -79,6 +89,7 @@ class ForkExecutor:
             torch.set_num_threads(1)
         if cuda_initialised():
             raise RuntimeError("CUDA is initialised in the warm executor before any fork; preload less")
+        forget_own_package()
 
     # -------------------------------------------------------------------- Flower's Executor protocol
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
@@ -97,7 +108,8 @@ class ForkExecutor:
             return self.cold.launch(spec)
         if self.app_hash is None:
             self._preload_app(spec.fab_hash)
-            self.next_hash = spec.fab_hash  # not installed yet: preload once this task's child has installed it
+        if self.app_hash is None:  # not installed yet: preload once this task's child has installed it
+            self.next_hash = spec.fab_hash
         try:
             pid = os.fork()
         except OSError as error:
@@ -150,8 +162,10 @@ class ForkExecutor:
         if app_dir is None:
             return
         self.next_hash = None
+        reference = clientapp_reference(app_dir)
         try:
-            load_app(clientapp_reference(app_dir), LoadClientAppError, project_dir=app_dir)
+            load_app(reference, LoadClientAppError, project_dir=app_dir)
+            origin = getattr(sys.modules.get(reference.split(":")[0]), "__file__", "?")
         except Exception as error:  # each child loads it then, and reports the error the standard way
             log(WARNING, "warm executor: could not preload the ClientApp of %s: %s", app_dir.name, error)
             return
@@ -160,7 +174,8 @@ class ForkExecutor:
             log(WARNING, "warm executor: importing the ClientApp of %s initialised CUDA; no more forks",
                 app_dir.name)
         else:
-            log(INFO, "warm executor: ClientApp of %s imported; later tasks fork from here", app_dir.name)
+            log(INFO, "warm executor: ClientApp of %s imported (%s); later tasks fork from here", app_dir.name,
+                origin)
 
     def reap(self) -> None:
         while self.children:
