@@ -1,4 +1,5 @@
-"""Loopback deployment end to end: TLS + SuperNode authentication, two silos, `flwr run`, negative checks.
+"""Loopback deployment end to end: TLS + SuperNode authentication, two silos, `flwr run` (Flower's SuperExec, then
+the warm `fedsq-superexec`), negative checks.
 
 Everything listens on 127.0.0.1 (free ports picked at start); every process is started in its own
 process group and tracked by PID; the fixture teardown kills its whole process tree (Flower's SuperExec
@@ -17,7 +18,8 @@ Environment knobs (all optional):
     FEDSQ_SKIP_DEPLOYMENT_TEST=1   skip this module
     FEDSQ_DEPLOY_ROUNDS=N          rounds for the end-to-end run (default 2)
     FEDSQ_DEPLOY_REPORT=path.json  also write the measured timings there
-    FEDSQ_DEPLOY_DEADLINE_S=S      the shared deadline (default 300 s; raise it on a heavily loaded machine)
+    FEDSQ_DEPLOY_DEADLINE_S=S      the shared deadline (default 300 s, and as much again for the warm-executor
+                                   run; raise it on a heavily loaded machine)
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ from conftest import require_system
 from loopback import any_alive as _any_alive, descendants as _descendants, free_port as _free_port  # noqa: E402
 from loopback import free_ports as _free_ports, health_ok as _health_ok, _pgid  # noqa: E402
 from loopback import clean_env as _clean_env, tail as _tail, tool as _tool  # noqa: E402
+from loopback import SUPEREXEC_POLL_S  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-DEADLINE_S = float(os.environ.get("FEDSQ_DEPLOY_DEADLINE_S", "300"))  # the whole module, FedSQ run included
+DEADLINE_S = float(os.environ.get("FEDSQ_DEPLOY_DEADLINE_S", "300"))  # the module; the warm run gets another
 CONNECTION = "fedsq-loopback"
 ROUNDS = int(os.environ.get("FEDSQ_DEPLOY_ROUNDS", "2"))
 RUN_NAME = "deploy-e2e"
@@ -113,7 +116,8 @@ class Federation:
         """Environment of one role: its own FLWR_HOME and FEDSQ_CACHE_DIR under tmp."""
         home = self.tmp / f"home-{role}"
         home.mkdir(exist_ok=True)
-        env = dict(self.base_env, FLWR_HOME=str(home), FEDSQ_CACHE_DIR=str(self.tmp / f"cache-{role}"))
+        env = dict(self.base_env, FLWR_HOME=str(home), FEDSQ_CACHE_DIR=str(self.tmp / f"cache-{role}"),
+                   FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPEREXEC_POLL_S))  # what the docs tell silos to set
         env.update(extra)
         return env
 
@@ -232,10 +236,10 @@ def _toml_value(value: object) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value)
 
 
-def run_config_overrides(out_dir: Path) -> str:
+def run_config_overrides(out_dir: Path, run_name: str = RUN_NAME) -> str:
     """num-server-rounds, out-dir, run-name, plus the shrink/CPU keys where the app has them."""
     keys = _app_config_keys()
-    wanted: dict[str, object] = {"num-server-rounds": ROUNDS, "out-dir": str(out_dir), "run-name": RUN_NAME}
+    wanted: dict[str, object] = {"num-server-rounds": ROUNDS, "out-dir": str(out_dir), "run-name": run_name}
     missing = [key for key in wanted if key not in keys]
     assert not missing, f"pyproject [tool.flwr.app.config] lacks {missing}; the deployment test needs them"
     optional = {"max-train-samples": 1000, "device": "cpu", "local-epochs": 1}
@@ -333,26 +337,32 @@ def _bring_up(fed: Federation, prepared_cache: Path | None) -> None:
     for index, silo in enumerate(("silo-1", "silo-2")):
         fed.start(silo, fed.supernode_argv(fed.keys / silo, runtime_ports[index], index), fed.env(silo))
     t2 = time.monotonic()
+    _wait_online(fed, t2)
+    fed.timings["supernodes_online_s"] = time.monotonic() - t2
+
+
+def _wait_online(fed: Federation, t0: float) -> None:
+    """Until both registered silos are online (or a SuperNode exits, or 60 s pass)."""
     while True:
         listing = fed.flwr("supernode", "list", CONNECTION, "--format", "json")
         if listing.returncode == 0:
             nodes = {n["node-id"]: n["status"] for n in _json_from(listing.stdout)["nodes"]}
             if all(nodes.get(node_id) == "online" for node_id in fed.node_ids.values()):
                 break
-        for proc in fed.procs[1:]:
+        for proc in [p for p in fed.procs[1:] if p.popen.returncode is None]:
             if proc.popen.poll() is not None:
                 pytest.fail(f"{proc.name} exited with {proc.popen.returncode}:\n{_tail(proc.log)}")
-        if time.monotonic() - t2 > 60:
+        if time.monotonic() - t0 > 60:
             pytest.fail(f"SuperNodes not online after 60 s: {listing.stdout[-1500:]} {listing.stderr[-1500:]}")
         time.sleep(1.0)
-    fed.timings["supernodes_online_s"] = time.monotonic() - t2
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_fedsq_run_completes_over_tls_with_node_auth(federation: Federation) -> None:
-    fed = federation
+def _run_to_completion(fed: Federation, run_name: str) -> tuple[dict, str, float]:
+    """`flwr run` the app; assert it ends `finished:completed` with every round aggregating both silos.
+    Returns (results.json, the run's log, wall seconds)."""
     out_dir = fed.tmp / "outputs"
-    overrides = run_config_overrides(out_dir)
+    overrides = run_config_overrides(out_dir, run_name)
     t0 = time.monotonic()
     started = fed.flwr("run", ".", CONNECTION, "--run-config", overrides, "--format", "json", timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -376,12 +386,12 @@ def test_fedsq_run_completes_over_tls_with_node_auth(federation: Federation) -> 
                 break
         time.sleep(3.0)
     wall_s = time.monotonic() - t0
-    (fed.tmp / "logs" / "run.log").write_text(log)
+    (fed.tmp / "logs" / f"run-{run_name}.log").write_text(log)
     assert status == "finished:completed", (
         f"run {run_id} status {status!r}\n--- run log ---\n{log[-4000:]}\n"
         f"--- superlink ---\n{_tail(fed.procs[0].log)}")
 
-    results_path = out_dir / RUN_NAME / "results.json"
+    results_path = out_dir / run_name / "results.json"
     assert results_path.is_file(), f"no {results_path}; run log:\n{log[-3000:]}"
     results = json.loads(results_path.read_text())
     rounds = results.get("rounds", [])
@@ -389,11 +399,16 @@ def test_fedsq_run_completes_over_tls_with_node_auth(federation: Federation) -> 
     for record in rounds:  # both silos trained and were aggregated in every round
         if "accepted" in record:
             assert record["accepted"] == 2, record
+    return results, log, wall_s
 
-    round_times = [r.get("wall_time_s") for r in rounds]
+
+def test_fedsq_run_completes_over_tls_with_node_auth(federation: Federation) -> None:
+    fed = federation
+    results, log, wall_s = _run_to_completion(fed, RUN_NAME)
+    round_times = [r.get("wall_time_s") for r in results["rounds"]]
     logged = [float(s) for s in re.findall(r"round \d+: .*\((\d+(?:\.\d+)?)s\)", log)]
     report = dict(fed.timings, run_wall_s=wall_s, round_wall_s=round_times, round_wall_s_from_log=logged,
-                  rounds=ROUNDS, run_id=str(run_id), overrides=overrides)
+                  rounds=ROUNDS, overrides=run_config_overrides(fed.tmp / "outputs", RUN_NAME))
     print("\nloopback deployment timings:", json.dumps(report))
     if os.environ.get("FEDSQ_DEPLOY_REPORT"):
         Path(os.environ["FEDSQ_DEPLOY_REPORT"]).write_text(json.dumps(report, indent=2))
@@ -443,3 +458,29 @@ def test_cli_without_ca_certificate_cannot_connect(federation: Federation) -> No
     result = fed.run([fed.tools["flwr"], "ls", "no-ca", "--format", "json"], dict(fed.user_env, FLWR_HOME=str(home)),
                      timeout=60, cwd=REPO)
     assert result.returncode != 0 or '"success": false' in result.stdout, result.stdout + result.stderr
+
+
+def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> None:
+    """The same silos (same keys, so the same node ids) restarted with ``--isolation process`` and
+    ``fedsq-superexec``: the run completes over TLS + node auth, and the ClientApps ran in forked children."""
+    fed = federation
+    fed.deadline = time.monotonic() + DEADLINE_S  # a second FedSQ run: a budget of its own
+    superexec = _tool("fedsq-superexec")
+    assert superexec, "fedsq-superexec is not installed next to this interpreter (bash scripts/setup.sh)"
+    for proc in [p for p in fed.procs if p.name in ("silo-1", "silo-2")]:
+        fed.stop(proc)
+    runtime_ports = _free_ports(2)
+    for index, silo in enumerate(("silo-1", "silo-2")):
+        env = fed.env(silo)  # the silo's FLWR_HOME and cache: the FAB it installed before is found there
+        argv = fed.supernode_argv(fed.keys / silo, runtime_ports[index], index) + ["--isolation", "process"]
+        fed.start(f"{silo}-warm", argv, env)
+        fed.start(f"{silo}-superexec", [superexec, "--insecure", "--runtime-api-address",
+                                        f"127.0.0.1:{runtime_ports[index]}"], env)
+    _wait_online(fed, time.monotonic())
+    _run_to_completion(fed, f"{RUN_NAME}-warm")
+    for silo in ("silo-1", "silo-2"):
+        log = _tail(next(p for p in fed.procs if p.name == f"{silo}-superexec").log, 500_000)
+        forked = re.findall(r"task \d+ ends in child \d+, exit (-?\d+)", log)
+        assert len(forked) >= ROUNDS and set(forked) == {"0"}, log[-4000:]
+        imported = re.search(r"ClientApp of \S+ imported \((\S+)\); later tasks fork from here", log)
+        assert imported and f"{os.sep}apps{os.sep}" in imported.group(1), log[-4000:]  # the FAB's copy

@@ -173,6 +173,9 @@ def _arg(command: list, flag: str) -> str | None:
 
 
 def _entrypoint(service: dict) -> str | None:
+    entrypoint = service.get("entrypoint")
+    if isinstance(entrypoint, list) and entrypoint and entrypoint[0] == "fedsq-superexec":  # ours, in the image
+        return "fedsq-superexec"
     image = str(service.get("image", "")).rsplit("/", 1)[-1]
     for name, command in ENTRYPOINTS.items():
         if image.startswith(name + ":") and not service.get("entrypoint"):

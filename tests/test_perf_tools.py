@@ -81,3 +81,25 @@ def test_flower_floor_app_builds_and_its_client_echoes_without_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=app, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_round_breakdown_reads_the_warm_executors_forked_children(tmp_path):
+    """A forked ClientApp has no process start of its own: its executor's start and end lines stand for it."""
+    server, node = "flwr-serverapp --runtime-api-address 127.0.0.1:9", "flower-supernode --port 7001"
+    warm = "fedsq-superexec --insecure --runtime-api-address 127.0.0.1:7001"
+    lines = [
+        _line(100.0, 1, server, message="[ROUND 2/2]"),
+        _line(101.0, 2, node, message="Receiving: train message (ID: a)"),
+        _line(101.5, 2, node, message="Received successfully"),
+        _line(101.2, 20, warm, message="warm executor: task 5 starts in child 20"),
+        _line(103.2, 20, warm, message="warm executor: task 5 ends in child 20, exit 0, 1.25 CPU-s"),
+        _line(103.3, 2, node, message="Sending: train message (ID: c)"),
+        _line(103.8, 2, node, message="Sent successfully"),
+        _line(104.0, 1, server, message="aggregate_train: 1 replies accepted, 0 rejected"),
+        _line(104.5, 1, server, message="round 2: val_accuracy=0.5 ..."),
+    ]
+    trace = tmp_path / "trace"
+    trace.write_text("\n".join(lines) + "\n")
+    stages = round_breakdown(trace)
+    assert stages["spawn"] == pytest.approx([0.2]) and stages["clientapp"] == pytest.approx([2.0])
+    assert stages["clientapp_cpu"] == pytest.approx([1.25]) and stages["round"] == pytest.approx([4.5])

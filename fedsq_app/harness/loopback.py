@@ -227,10 +227,32 @@ def start_superlink(processes: Processes, env: dict[str, str], state_db: Path, *
     return link, port
 
 
+# The ClientApp SuperExec's task poll (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, Flower's one supported timing knob,
+# default 1 s): a message waits up to one interval before its ClientApp starts; each poll is one local HTTP
+# call to the SuperNode, ten a second cost nothing measurable. A caller's own value wins.
+SUPEREXEC_POLL_S = 0.1
+EXECUTORS = {"warm": "fedsq-superexec", "standard": "flower-superexec"}
+
+
 def start_supernode(processes: Processes, env: dict[str, str], superlink_port: int, node_config: str, *,
-                    name: str, extra_args: list[str] | None = None) -> Proc:
-    """A SuperNode (``--insecure`` unless ``extra_args`` give TLS options) with its own Runtime API port."""
+                    name: str, extra_args: list[str] | None = None, runtime_port: int | None = None,
+                    isolation: str = "subprocess") -> Proc:
+    """A SuperNode (``--insecure`` unless ``extra_args`` give TLS options) with its own Runtime API port.
+
+    ``isolation="process"``: the SuperNode runs no SuperExec of its own; start one with ``start_superexec``
+    on the same ``runtime_port``."""
     argv = [tool("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}", "--host", "127.0.0.1",
-            "--port", str(free_port()), "--node-config", node_config]
+            "--port", str(runtime_port or free_port()), "--node-config", node_config, "--isolation", isolation]
     argv += extra_args if extra_args is not None else ["--insecure"]
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S), **env}  # for the SuperExec it starts
+    return processes.start(name, argv, env)
+
+
+def start_superexec(processes: Processes, env: dict[str, str], runtime_port: int, *, name: str,
+                    executor: str = "warm") -> Proc:
+    """The ClientApp SuperExec of a ``--isolation process`` SuperNode: ``fedsq-superexec`` (warm: one fork
+    per task) or Flower's ``flower-superexec`` (standard: one new process per task). Plain HTTP to the
+    SuperNode's Runtime API on 127.0.0.1, as Flower's own SuperNode does it."""
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S), **env}
+    argv = [tool(EXECUTORS[executor]), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
     return processes.start(name, argv, env)

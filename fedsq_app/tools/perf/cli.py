@@ -5,7 +5,7 @@
     fedsq-perf scale    [--clients 20 100] [--rounds 3]                                (tools/perf/sim.py)
     fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (tools/perf/compat.py; docs/LIBRARY.md)
     fedsq-perf coldstart [--app DIR ...] [--runs 4]      (tools/perf/cold.py)
-    fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE] [--flower-floor]
+    fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE] [--flower-floor] [--executor standard warm]
                                                          (tools/perf/cold.py)
 
 Never a test: numbers depend on the machine; wrap runs in ``flock /tmp/fedsq-bench.lock``.
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
                            help="OMP_NUM_THREADS of each SuperNode (its ClientApps inherit it), one per --app or one "
                                 "for all; default 1, what a simulated client gets (client-resources-num-cpus=1, "
                                 "for which Ray sets OMP_NUM_THREADS=1); 0: unset (torch takes every core)")
+            p.add_argument("--executor", nargs="+", default=["standard", "warm"], choices=("standard", "warm"),
+                           help="the ClientApp SuperExec of each deployment, one deployment each: standard (Flower's: "
+                                "a new flwr-clientapp per message) and/or warm (fedsq-superexec: a fork per message)")
             p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
             p.add_argument("--flower-floor", action="store_true",
                            help="also run tools/perf/floor.py, a ClientApp that echoes arrays shaped like the "

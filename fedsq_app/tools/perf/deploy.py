@@ -1,8 +1,9 @@
 """``fedsq-perf deploy``: deployment rounds against simulation rounds on the same config.
 
 The same run config as a simulation (``flower-superlink --simulation``, ``num-supernodes=3``) and as a
-loopback deployment (SuperLink + 3 SuperNodes, TLS off), each started by this command on 127.0.0.1, one
-after the other, and stopped by PID (``fedsq_app.harness.loopback``). Round times are the ServerApp's
+loopback deployment per ``--executor`` (SuperLink + 3 SuperNodes, TLS off; ``standard``: Flower's SuperExec,
+a new ``flwr-clientapp`` per message; ``warm``: ``fedsq-superexec``, a fork per message), each started by
+this command on 127.0.0.1, one after the other, and stopped by PID (``fedsq_app.harness.loopback``). Round times are the ServerApp's
 ``rounds[].wall_time_s``; steady = median of rounds 2..R. With ``--trace``, each deployed round stage by
 stage (``tracing/sitecustomize.py``).
 """
@@ -62,67 +63,84 @@ def _run_and_wait(app: Path, connection: str, run_config: str, env: dict, work: 
     return status, time.time() - start
 
 
+def _start_deployment(procs, env: dict, work: Path, cache: Path, nodes: int, superexec_poll: float,
+                      threads_per_node: int, traced: dict, executor: str) -> int:
+    """A SuperLink and ``nodes`` SuperNodes for one executor; returns the SuperLink's port once all are online.
+
+    ``standard``: ``--isolation subprocess``, each SuperNode starts Flower's ``flower-superexec`` (a new
+    ``flwr-clientapp`` per message). ``warm``: ``--isolation process`` and one ``fedsq-superexec`` per silo."""
+    from fedsq_app.harness import loopback
+
+    link, port = loopback.start_superlink(procs, {**env, **traced, "FLWR_HOME": str(work / f"home-link-{executor}")},
+                                          work / f"state-{executor}.db", name=f"superlink-{executor}")
+    runtime_ports = loopback.free_ports(nodes)
+    for i in range(nodes):
+        # Each node its own FLWR_HOME and cache copy (without partitions and masks: a new silo).
+        node_cache = work / f"cache-{executor}-{i}"
+        shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions", "masks"))
+        node_env = {**env, **traced, "FLWR_HOME": str(work / f"home-node-{executor}-{i}"),
+                    "FEDSQ_CACHE_DIR": str(node_cache), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(superexec_poll)}
+        if threads_per_node:
+            node_env["OMP_NUM_THREADS"] = str(threads_per_node)
+        isolation = "process" if executor == "warm" else "subprocess"
+        loopback.start_supernode(procs, node_env, port, f"partition-id={i} num-partitions={nodes}",
+                                 name=f"supernode-{executor}-{i}", runtime_port=runtime_ports[i], isolation=isolation)
+        if executor == "warm":
+            loopback.start_superexec(procs, node_env, runtime_ports[i], name=f"superexec-{executor}-{i}")
+    loopback.write_connection(work / "home-user", executor, f"127.0.0.1:{port}")  # rewritten per executor
+    loopback.wait_until(lambda: sum(n.get("status") == "online" for n in _flwr_json(
+        ["supernode", "list", executor], env, work).get("nodes", [])) >= nodes, 120,
+        f"{nodes} SuperNodes online", procs=procs.procs, poll_s=1.0)
+    return port
+
+
 def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int, superexec_poll: float,
-                limit_s: float, threads_per_node: int = 1, trace: Path | None = None) -> dict:
-    """One simulation and one loopback deployment of ``app``, each with ``nodes`` SuperNodes.
+                limit_s: float, threads_per_node: int = 1, trace: Path | None = None,
+                executors: tuple[str, ...] = ("standard",)) -> dict:
+    """One simulation and, per executor, one loopback deployment of ``app``, each with ``nodes`` SuperNodes,
+    one after the other on this machine (results keyed ``sim`` and ``deploy-<executor>``).
 
     ``threads_per_node``: OMP_NUM_THREADS of each SuperNode, hence of its ClientApps (0: unset). The
     simulation gives each client one CPU, for which Ray sets OMP_NUM_THREADS=1; three SuperNodes on a shared
     machine with torch's default (every core each) oversubscribe it, which no real silo does.
-    ``trace``: the deployment's processes write their starts, exits and Flower log records there
-    (``fedsq_app/tools/perf/tracing``), for ``round_breakdown``.
+    ``trace``: the deployments' processes write their starts, exits and Flower log records to
+    ``trace.<executor>`` (``fedsq_app/tools/perf/tracing``), for ``round_breakdown``.
     """
     from fedsq_app.harness import loopback
 
     work = Path(tempfile.mkdtemp(prefix="fedsq-deploy-"))
     env = loopback.clean_env(work, FEDSQ_CACHE_DIR=str(cache), RAY_TMPDIR=str(work / "ray"),
                              FLWR_HOME=str(work / "home-user"))
-    procs = loopback.Processes(work / "logs")
     results = {}
     base = (f"num-server-rounds={rounds} min-available-nodes={nodes} min-train-nodes={nodes} "
             f"out-dir='{work / 'outputs'}' {overrides}").strip()
-    try:
-        # Simulation: a --simulation SuperLink, `nodes` simulated SuperNodes of 1 CPU each.
-        sim_link, sim_port = loopback.start_superlink(procs, {**env, "FLWR_HOME": str(work / "home-sim")},
-                                                      work / "sim.db", name="sim-superlink",
-                                                      tls_args=["--insecure", "--simulation"])
-        # Deployment: a SuperLink and `nodes` SuperNodes, each with its own FLWR_HOME and cache copy (without
-        # partitions and masks: each node starts as a new silo).
-        traced = {"PYTHONPATH": os.pathsep.join([str(TRACING), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                  "FEDSQ_TRACE_FILE": str(trace)} if trace else {}
-        link, port = loopback.start_superlink(procs, {**env, **traced, "FLWR_HOME": str(work / "home-link")},
-                                              work / "state.db")
-        for i in range(nodes):
-            node_cache = work / f"cache-{i}"
-            shutil.copytree(cache, node_cache, ignore=shutil.ignore_patterns("partitions", "masks"))
-            node_env = {**env, **traced, "FLWR_HOME": str(work / f"home-node-{i}"), "FEDSQ_CACHE_DIR": str(node_cache),
-                        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(superexec_poll)}
-            if threads_per_node:
-                node_env["OMP_NUM_THREADS"] = str(threads_per_node)
-            loopback.start_supernode(procs, node_env, port, f"partition-id={i} num-partitions={nodes}",
-                                     name=f"supernode-{i}")
-        home = work / "home-user"
-        loopback.write_connection(home, "deploy", f"127.0.0.1:{port}")
-        with open(home / "config.toml", "a") as handle:
-            handle.write(f'\n[superlink.sim]\naddress = "127.0.0.1:{sim_port}"\ninsecure = true\n')
-        loopback.wait_until(lambda: sum(n.get("status") == "online" for n in _flwr_json(
-            ["supernode", "list", "deploy"], env, work).get("nodes", [])) >= nodes, 120,
-            f"{nodes} SuperNodes online", procs=procs.procs, poll_s=1.0)
-        for mode in ("sim", "deploy"):
-            extra = ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"] \
-                if mode == "sim" else []
+    for mode in ("sim", *(f"deploy-{e}" for e in executors)):
+        procs = loopback.Processes(work / "logs" / mode)
+        try:
+            if mode == "sim":  # a --simulation SuperLink, `nodes` simulated SuperNodes of 1 CPU each
+                _, port = loopback.start_superlink(procs, {**env, "FLWR_HOME": str(work / "home-sim")},
+                                                   work / "sim.db", name="sim-superlink",
+                                                   tls_args=["--insecure", "--simulation"])
+                loopback.write_connection(work / "home-user", "sim", f"127.0.0.1:{port}")
+                connection, extra = "sim", ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"]
+            else:
+                executor = mode.split("-", 1)[1]
+                traced = {"PYTHONPATH": os.pathsep.join([str(TRACING), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                          "FEDSQ_TRACE_FILE": f"{trace}.{executor}"} if trace else {}
+                _start_deployment(procs, env, work, cache, nodes, superexec_poll, threads_per_node, traced, executor)
+                connection, extra = executor, []
             load = os.getloadavg()[0]
             path = work / "outputs" / mode / "results.json"
-            status, wall = _run_and_wait(app, mode, f"{base} run-name='{mode}'", env, work, limit_s, extra, path)
+            status, wall = _run_and_wait(app, connection, f"{base} run-name='{mode}'", env, work, limit_s, extra, path)
             rounds_s = [r["wall_time_s"] for r in json.loads(path.read_text())["rounds"]] if path.is_file() else []
             results[mode] = {"status": status, "wall_s": round(wall, 1), "rounds_s": [round(r, 2) for r in rounds_s],
                              "steady_s": round(statistics.median(rounds_s[1:] or rounds_s), 2) if rounds_s else None,
-                             "load_before": round(load, 1)}
+                             "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1)}
             print(json.dumps({"app": str(app), mode: results[mode]}), file=sys.stderr, flush=True)
-    finally:
-        survivors = procs.stop_all()
-        if survivors:
-            print(f"warning: still alive after stop: {survivors}", file=sys.stderr)
+        finally:
+            survivors = procs.stop_all()
+            if survivors:
+                print(f"warning: still alive after stop: {survivors}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -130,14 +148,18 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
 STAGES_DEPLOYED = (
     ("round start → SuperNode has pulled the message (its 3 s poll)", "poll"),
     ("pulling the message's objects from the SuperLink (41 for the small CNN)", "pull"),
-    ("pull started → ClientApp process started (SuperExec poll + spawn; overlaps the pull)", "spawn"),
-    ("ClientApp process, start → exit (wall)", "clientapp"),
-    ("ClientApp process CPU seconds", "clientapp_cpu"),
+    ("pull started → ClientApp started (SuperExec poll + spawn or fork; overlaps the pull)", "spawn"),
+    ("ClientApp process (warm: forked child), start → exit (wall)", "clientapp"),
+    ("ClientApp process (warm: forked child) CPU seconds", "clientapp_cpu"),
     ("pushing the reply's objects to the SuperLink", "push"),
     ("last reply at the SuperLink → aggregated (ServerApp pull)", "collect"),
     ("aggregated → round end (central validation)", "validate"),
     ("round, in all", "round"),
 )
+
+
+# fedsq_app/deploy/warm_executor.py's lines from a forked child, which inherits its parent's program name
+WARM_CHILD = re.compile(r"warm executor: task \d+ (starts|ends) in child \d+(?:, exit -?\d+, ([\d.]+) CPU-s)?")
 
 
 def _port(program: str, flag: str) -> str:
@@ -164,6 +186,10 @@ def round_breakdown(trace: Path, first_round: int = 2) -> dict[str, list[float]]
     for e in events:
         if e["program"].startswith("flwr-clientapp") and e["event"] in ("start", "exit"):
             clientapps.setdefault(e["pid"], {"port": _port(e["program"], "--runtime-api-address")})[e["event"]] = e
+        elif e["program"].startswith("fedsq-superexec") and e["event"] == "log" and (
+                m := WARM_CHILD.match(e["message"])):  # a forked ClientApp: its start and end lines
+            child = clientapps.setdefault(e["pid"], {"port": _port(e["program"], "--runtime-api-address")})
+            child["start" if m.group(1) == "starts" else "exit"] = {**e, "cpu_s": float(m.group(2) or 0.0)}
     stages: dict[str, list[float]] = {key: [] for _, key in STAGES_DEPLOYED}
     for r in sorted(set(starts) & set(ends)):
         if r < first_round:
@@ -204,27 +230,34 @@ def print_breakdown(stages: dict[str, list[float]]) -> None:
 
 
 def print_deploy(rows: dict) -> None:
-    print("\n| app | SuperExec poll s | threads per node | sim rounds s | deploy rounds s | sim steady s | "
-          "deploy steady s | ratio | deploy − sim s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    """One line per (app, executor): its deployed rounds beside the simulated rounds of the same run."""
+    print("\n| app | executor | SuperExec poll s | threads per node | load before→after | sim rounds s | "
+          "deploy rounds s | sim steady s | deploy steady s | ratio | deploy − sim s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    verdicts = []
     for app, r in rows.items():
-        sim, dep = r["sim"], r["deploy"]
+        sim = r["sim"]
         settings = f"{r.get('superexec_poll_s', '')} | {r.get('threads_per_node', '')}"
-        if not (sim["steady_s"] and dep["steady_s"]):
-            print(f"| {app} | {settings} | {sim['status']} | {dep['status']} | | | | |")
-            continue
-        print(f"| {app} | {settings} | {', '.join(map(str, sim['rounds_s']))} | "
-              f"{', '.join(map(str, dep['rounds_s']))} | {sim['steady_s']} | {dep['steady_s']} | "
-              f"{dep['steady_s'] / sim['steady_s']:.2f} | {dep['steady_s'] - sim['steady_s']:.2f} |")
-    for app, r in rows.items():
-        sim, dep = r["sim"]["steady_s"], r["deploy"]["steady_s"]
-        if sim and dep:
-            met = dep <= 1.5 * sim or dep <= sim + 4.0
-            print(f"{app}: goal deployment <= 1.5x simulation or <= simulation + 4 s: {'met' if met else 'missed'}")
+        for mode, dep in r.items():
+            if not (mode.startswith("deploy-") and isinstance(dep, dict)):
+                continue
+            executor = mode.split("-", 1)[1]
+            load = f"{dep['load_before']}→{dep['load_after']}"
+            if not (sim["steady_s"] and dep["steady_s"]):
+                print(f"| {app} | {executor} | {settings} | {load} | {sim['status']} | {dep['status']} | | | | | |")
+                continue
+            print(f"| {app} | {executor} | {settings} | {load} | {', '.join(map(str, sim['rounds_s']))} | "
+                  f"{', '.join(map(str, dep['rounds_s']))} | {sim['steady_s']} | {dep['steady_s']} | "
+                  f"{dep['steady_s'] / sim['steady_s']:.2f} | {dep['steady_s'] - sim['steady_s']:.2f} |")
+            met = dep["steady_s"] <= 2.0 * sim["steady_s"] or dep["steady_s"] <= sim["steady_s"] + 4.0
+            verdicts.append(f"{app} [{executor}]: goal deployment <= 2x simulation or <= simulation + 4 s: "
+                            f"{'met' if met else 'missed'}")
+    print("\n".join(verdicts))
 
 
 def run(args, apps: list[Path], cache: Path) -> None:
-    """``fedsq-perf deploy``: each app deployed and simulated with the same config, side by side."""
+    """``fedsq-perf deploy``: each app simulated and deployed (per executor) with the same config, side by
+    side."""
     def per_app(values: list, flag: str) -> list:
         values = values * len(apps) if len(values) == 1 else values
         if len(values) != len(apps):
@@ -239,17 +272,20 @@ def run(args, apps: list[Path], cache: Path) -> None:
         apps.append(flower_floor.make_app(Path(tempfile.mkdtemp(prefix="fedsq-floor-")) / "flower-floor"))
         polls, threads_each = [*polls, polls[-1]], [*threads_each, threads_each[-1]]
     rows = {}
+    executors = tuple(args.executor)
     for i, (app, poll, threads) in enumerate(zip(apps, polls, threads_each)):
         trace = Path(f"{args.trace}.{i}") if args.trace else None
-        if trace:
-            trace.unlink(missing_ok=True)
-        row = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, poll, args.limit, threads, trace)
+        for executor in executors if trace else ():
+            Path(f"{trace}.{executor}").unlink(missing_ok=True)
+        row = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, poll, args.limit, threads, trace,
+                          executors)
         rows[f"{i}: {app}"] = {**row, "superexec_poll_s": poll, "threads_per_node": threads or "unset"}
         if trace:
-            rows[f"{i}: {app}"]["stages"] = round_breakdown(trace)
+            rows[f"{i}: {app}"]["stages"] = {e: round_breakdown(Path(f"{trace}.{e}")) for e in executors
+                                             if Path(f"{trace}.{e}").is_file()}
     print(json.dumps(rows), flush=True)
     print_deploy(rows)
     for name, row in rows.items():
-        if "stages" in row:
-            print(f"\n{name} (trace: {args.trace}.{name.split(':')[0]})")
-            print_breakdown(row["stages"])
+        for executor, stages in row.get("stages", {}).items():
+            print(f"\n{name} [{executor}] (trace: {args.trace}.{name.split(':')[0]}.{executor})")
+            print_breakdown(stages)
