@@ -110,6 +110,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics = {wire.TRAIN_LOSS: result.train_loss, wire.NUM_EXAMPLES: result.num_examples}
         if node.data_path:
             metrics[wire.SILO] = 1  # the server then writes no label distribution of its own pool for this run
+        else:  # the server weighs this node by the size of the partition it names, never by its claim
+            metrics[wire.PARTITION_ID], metrics[wire.NUM_PARTITIONS] = node.partition_id, node.num_partitions
         metrics = MetricRecord(metrics)
         return Message(RecordDict({wire.ARRAYS: global_arrays(model), wire.METRICS: metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node

@@ -23,6 +23,15 @@ from fedsq_app.util import ConfigError
 __all__ = ["ConfigError", "NodeConfig", "RunConfig"]
 
 
+# Keys of earlier versions whose mechanism the trust model replaced: named, so an old config fails clearly.
+REMOVED_KEYS = {
+    "max-update-norm-ratio": "the distance guard is replaced by norm clipping of every update (clip-multiplier)",
+    "max-num-examples-ratio": "weights are the server's (partition sizes, silo-sizes, or equal), never a "
+                              "clipped num-examples claim",
+    "max-num-examples": "weights are the server's (partition sizes, silo-sizes, or equal), never a claim",
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     strategy: str = "fedsq"
@@ -49,10 +58,9 @@ class RunConfig:
     run_name: str = ""
     # Reliability (docs/RELIABILITY.md).
     min_available_nodes: int = 2  # Flower waits (forever) until this many nodes are connected
-    min_valid_replies: int = 1  # fewer valid replies than this: the round keeps the previous global model
-    max_update_norm_ratio: float = 5.0  # distance guard: reject updates beyond k x median and median + 6 MADs; 0 = off
-    max_num_examples_ratio: float = 5.0  # clip each num-examples claim to k x the round's median claim; 0 = off
-    max_num_examples: int = 0  # fixed bound on a reply's num-examples (rejected above it); 0 = none
+    min_valid_replies: int = 3  # fewer valid replies: the round keeps the previous model; 2 = two-silo mode
+    clip_multiplier: float = 2.0  # clip each update to k x the round's median update norm; 0 = off
+    silo_sizes: str = ""  # deployment: JSON {registered key sha256 or name: size}, the silos' weights
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
     trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped
     allow_pretrain_overlap: bool = False  # true: run even if train/test split overlaps the backbone's pretraining
@@ -90,6 +98,8 @@ class RunConfig:
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         values = {}
         for key, value in mapping.items():
+            if key in REMOVED_KEYS:
+                raise ConfigError(f"run-config key '{key}' is gone: {REMOVED_KEYS[key]} (docs/RELIABILITY.md)")
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
                 raise ConfigError(
@@ -109,14 +119,11 @@ class RunConfig:
         for key in ("num-server-rounds", "local-epochs", "batch-size", "min-train-nodes", "min-available-nodes",
                     "min-valid-replies"):
             _at_least(key, getattr(self, key.replace("-", "_")), 1)
-        for key in ("min-partition-size", "max-train-samples", "seed", "max-num-examples"):
+        for key in ("min-partition-size", "max-train-samples", "seed"):
             _at_least(key, getattr(self, key.replace("-", "_")), 0)
-        if self.max_update_norm_ratio != 0 and self.max_update_norm_ratio < 1:
-            raise ConfigError(f"max-update-norm-ratio must be 0 (off) or >= 1 (a multiple of the round's median "
-                              f"distance), got {self.max_update_norm_ratio}")
-        if self.max_num_examples_ratio != 0 and self.max_num_examples_ratio < 1:
-            raise ConfigError(f"max-num-examples-ratio must be 0 (off) or >= 1 (a multiple of the round's median "
-                              f"num-examples claim), got {self.max_num_examples_ratio}")
+        if self.clip_multiplier != 0 and self.clip_multiplier < 1:
+            raise ConfigError(f"clip-multiplier must be 0 (off) or >= 1 (a multiple of the round's median update "
+                              f"norm: below 1 it clips half the honest updates every round), got {self.clip_multiplier}")
         _choice("aggregation", self.aggregation, tuple(AGGREGATIONS))
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
@@ -179,6 +186,9 @@ class RunConfig:
         """Paths only the server reads (a client's run config carries them too, but they are not its own)."""
         if self.pretrained not in ("auto", "imagenet", "none") and not Path(self.pretrained).expanduser().is_file():
             raise ConfigError(f"pretrained='{self.pretrained}': no such checkpoint file")
+        if self.silo_sizes and not Path(self.silo_sizes).expanduser().is_file():
+            raise ConfigError(f"silo-sizes='{self.silo_sizes}': no such file (a JSON object: registered key "
+                              "sha256 or name -> the silo's size)")
         if self.resume_from:
             folder = Path(self.resume_from).expanduser()
             if not (folder / CHECKPOINT_FILE).is_file():

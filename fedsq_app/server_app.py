@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ from torch import nn
 from fedsq_app.config import RunConfig
 from fedsq_app.core import wire
 from fedsq_app.core.replies import ReplyOutcome
+from fedsq_app.core.weights import AutoWeights, PartitionWeights, SiloSizes, load_silo_sizes
 from fedsq_app.core.strategy import FedSQWarmup, ValidatedFedAvg
 from fedsq_app.data.leakage import check_pretrain_overlap
-from fedsq_app.data.partitions import (DataKey, DatasetInfo, dataset_info, partition_report, partitioned_pool,
-                                       pool_and_validation, server_split)
+from fedsq_app.data.partitions import (DataKey, DatasetInfo, dataset_info, partition_report, partition_sizes,
+                                       partitioned_pool, pool_and_validation, server_split)
 from fedsq_app.data.tensors import TensorData
 from fedsq_app.runtime.checkpoint import (RunState, capture_rng, load_run_state, restore_rng, save_run_state,
                                           seed_everything)
@@ -41,6 +43,7 @@ def reply_record(outcome: ReplyOutcome, round_start: float) -> dict:
     was created relative to the round's start (by the node's clock: skew between machines shows here)."""
     created = outcome.created_at
     return {"node_id": outcome.node_id, "num_examples": outcome.num_examples, "weight": outcome.weight,
+            "clip_scale": outcome.clip_scale, "bn_clamped": outcome.bn_clamped,
             "train_loss": outcome.train_loss, "accepted": outcome.accepted, "reason": outcome.reason or None,
             "reply_time_s": round(created - round_start, 3) if created else None}
 
@@ -109,6 +112,47 @@ def log_wait(grid: Grid, nodes: list[int], waited_s: float, timeout: float | Non
     log(WARNING, "waited %.0f s%s for %d replies, from nodes %s%s", waited_s, until, len(nodes), nodes, gone)
 
 
+def node_identities(grid: Grid) -> dict[int, list[str]]:
+    """Each connected node's registered identities, from the SuperLink: its public key's SHA-256 and its
+    name (empty in simulation and without node authentication)."""
+    identities = {}
+    for node in grid.get_nodes():
+        key = bytes(getattr(node, "public_key", b"") or b"")
+        identities[int(node.node_id)] = [hashlib.sha256(key).hexdigest() if key else "",
+                                         str(getattr(node, "name", "") or "")]
+    return identities
+
+
+def weight_policy(config: RunConfig, data_key: DataKey, grid: Grid) -> AutoWeights:
+    """Where each node's aggregation weight comes from (core/weights.py): the operator's silo sizes, the
+    server's own partition sizes, or equal weights; never a node's claim."""
+    partitions = PartitionWeights(lambda count: partition_sizes(data_key, count))
+    if not config.silo_sizes:
+        return AutoWeights(partitions)
+    try:
+        sizes = load_silo_sizes(config.silo_sizes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    known: dict[int, list[str]] = {}
+
+    def identities_of(node_id: int) -> list[str]:
+        if node_id not in known:  # a node that joined since: ask the SuperLink again
+            known.update(node_identities(grid))
+        return known.get(node_id, [])
+
+    return AutoWeights(partitions, SiloSizes(sizes, identities_of, f"'{config.silo_sizes}'"))
+
+
+def log_nodes(grid: Grid) -> None:
+    """Which node is which silo, for the operator's silo-sizes file (deployment with node authentication)."""
+    try:
+        for node_id, (key_sha256, name) in sorted(node_identities(grid).items()):
+            if key_sha256:
+                log(INFO, "node %d: name %r, public key sha256 %s", node_id, name, key_sha256)
+    except Exception as error:  # a diagnostic: never end the run over it
+        log(WARNING, "could not list the nodes' identities (%s: %s)", type(error).__name__, error)
+
+
 def load_data(config: RunConfig):
     """The server's data, with a missing dataset reported against the ``dataset`` key."""
     data_key = DataKey.of(config)
@@ -166,6 +210,7 @@ class Run:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = set_up(context)
+    run.strategy.weigh = weight_policy(run.config, run.data_key, grid)
     if run.config.resume_from:
         resume(run)
     else:
@@ -188,6 +233,7 @@ def main(grid: Grid, context: Context) -> None:
                               val_loss, val_acc, round_start)
         if named_sha256 is not None:
             record["structural_sha256"] = named_sha256
+        record["weights_from"] = getattr(run.strategy.weigh, "source", "equal")
         note_label_distribution(run, server_round, grid)
         record["bytes_per_client"] = run.arrays.count_bytes()  # each way: replies carry the same keys and shapes
         record.update(run.drift.measure(run.arrays) if run.drift else {})
@@ -262,11 +308,16 @@ def start_fresh(run: Run, grid: Grid) -> None:
     config = run.config
     run.results = {"config": config_json(config), "structural_sha256": run.start.sha256,
                    "pretrained_from": run.start.pretrained_from, "num_classes": run.info.num_classes,
-                   "validation_size": len(run.validation), "max_num_examples": run.strategy.max_examples,
-                   "rounds": []}
+                   "validation_size": len(run.validation), "rounds": []}
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes:
         partitioned_pool(run.data_key, num_nodes)  # an impossible split stops the run before any training
+    if type(grid).__name__ != "HttpGrid" and num_nodes < config.min_valid_replies:
+        # Simulation: every node is there from the start, so this run could never change the model.
+        raise ConfigError(f"min-valid-replies={config.min_valid_replies} but the simulation has {num_nodes} nodes: "
+                          "every round would keep the start model. Run more nodes, or set min-valid-replies=2 for "
+                          "a two-silo federation (it cannot tell which of two silos is lying: docs/RELIABILITY.md)")
+    log_nodes(grid)
     # Written once the first accepted replies tell partitions (demo mode) from silos (data-path).
     run.results["label_distribution"] = {"pending": "written after the first round with accepted replies"}
     val_loss, val_acc = evaluate(run.model, run.validation, run.start.spec, device=run.device)
@@ -300,6 +351,7 @@ def round_record(run: Run, server_round: int, messages: list, replies: list, agg
         "accepted": len(checked.accepted) if checked else 0,
         "rejected": len(checked.rejected) if checked else 0,
         "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
+        "clip_bound": checked.clip_bound if checked else None,
         "replies": [reply_record(o, round_start) for o in _content_order(checked.outcomes)] if checked else [],
         "aggregated": aggregated, "wall_time_s": time.time() - round_start,
     }

@@ -13,7 +13,7 @@ import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fedsq_app.core.replies import CheckedReply
-from fedsq_app.core.wire import NUM_EXAMPLES, TRAIN_LOSS
+from fedsq_app.core.wire import IDENTITY_METRICS, NUM_EXAMPLES, TRAIN_LOSS
 
 def median_average(replies: list[CheckedReply], template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Coordinate-wise median of every floating array (Flower's FedMedian maths; claims play no part)."""
@@ -73,8 +73,10 @@ def weighted_average(replies: list[CheckedReply], template: dict[str, np.ndarray
 
 
 def weighted_metrics(replies: list[CheckedReply]) -> dict[str, float]:
+    """The server-weighted mean of each metric all replies report (checked replies: finite, |v| <= 1e15),
+    and the total weight under ``num-examples``."""
     total = float(sum(r.num_examples for r in replies))
-    keys = set.intersection(*(set(r.metrics) for r in replies)) - {NUM_EXAMPLES}
+    keys = set.intersection(*(set(r.metrics) for r in replies)) - set(IDENTITY_METRICS)
     # fsum is exactly rounded, so the mean does not depend on the order replies arrived in.
     metrics = {k: math.fsum(r.metrics[k] * r.num_examples for r in replies) / total for k in sorted(keys)}
     metrics[NUM_EXAMPLES] = int(total)

@@ -1,72 +1,98 @@
-"""The default defenses, applied to the replies that passed validation (``fedsq_app.core.replies``).
+"""Influence bounds, applied to the replies that passed validation (``fedsq_app.core.replies``).
 
-On by default, and tuned so that an honest federation never trips them (docs/RELIABILITY.md): a robust
-distance guard (median + MAD of the round's update distances) and a clip of each node's aggregation weight
-to a multiple of the round's median ``num-examples``. Pure functions of checked replies (objects with
-``arrays`` and ``num_examples``) and the global model's arrays.
+Rejecting outliers alone lets an attacker choose any update just inside the bound, in any direction.
+Here every update's influence is bounded instead, whatever its direction:
+
+- **Centered norm clipping** (Sun et al. 2019, "Can you really backdoor FL?"): each update
+  Δ_k = x_k − x_t on the trainable parameters is scaled to at most τ = ``clip-multiplier`` × the round's
+  median ‖Δ‖. The median of the norms is the round's exact 50 % quantile (Andrew et al. 2021 estimate a
+  quantile privately across rounds because a DP server must not see the norms; this server sees them).
+  A minority cannot move the median out of the honest range, so one reply of n shifts the weighted mean by
+  at most its weight share × (τ + ‖honest mean‖), pointing anywhere.
+- **BN running statistics clamp**: each coordinate of each reply's ``running_mean`` / ``running_var`` is
+  clamped into the range the other replies span (the 2nd smallest to the 2nd largest value), so one silo
+  cannot move them beyond the honest spread.
+
+Pure functions of checked replies (objects with ``arrays`` and ``num_examples``) and the global model's
+arrays. Below 3 replies a median cannot tell which reply is the outlier: the two-silo mode then clips to
+``clip-multiplier`` × the *smaller* norm and leaves BN statistics as sent (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
-# The distance guard's robust z: median + MAD_Z x 1.4826 x MAD is ~6 standard deviations for normal data.
-MAD_Z = 6.0
-MAD_TO_SIGMA = 1.4826
+BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+BN_STATISTICS = ("running_mean", "running_var")
+MIN_REPLIES_FOR_MEDIAN = 3
 
 
-def update_distance(reply, template: dict[str, np.ndarray]) -> float:
-    """L2 distance (float64, over every floating array) between a reply and the current global model."""
+def update_keys(template: dict[str, np.ndarray]) -> list[str]:
+    """The arrays an update is measured and clipped on: floating, and not BN buffers (data statistics,
+    bounded by ``clamp_bn_statistics`` instead)."""
+    return [k for k, v in template.items() if v.dtype.kind == "f" and not k.endswith(BN_BUFFER_SUFFIXES)]
+
+
+def update_norm(reply, template: dict[str, np.ndarray], keys: list[str] | None = None) -> float:
+    """‖x_k − x_t‖₂ in float64 over ``update_keys``."""
     total = 0.0
-    for key, current in template.items():
-        if current.dtype.kind == "f":
-            total += float(np.sum((reply.arrays[key].astype(np.float64) - current.astype(np.float64)) ** 2))
+    for key in keys if keys is not None else update_keys(template):
+        total += float(np.sum((reply.arrays[key].astype(np.float64) - template[key].astype(np.float64)) ** 2))
     return math.sqrt(total)
 
 
-def distance_outliers(replies: list, template: dict[str, np.ndarray],
-                      max_ratio: float, weights: list[int] | None = None) -> list[tuple[int, str]]:
-    """(index in ``replies``, reason) of each update too far from the global model to be honest.
-
-    Far means beyond both ``max_ratio`` x the round's median distance and median + ``MAD_Z`` robust
-    standard deviations (1.4826 x the median absolute deviation). The second term widens the bound when
-    honest updates are spread out, so honest rounds do not trip it; the first keeps a floor when they are
-    all alike (MAD near 0). A node with more data takes more local steps and moves further: with
-    ``weights`` (the clipped num-examples claims) a node's bound grows by sqrt(its weight / the median
-    weight) when above 1, so a large silo is not mistaken for an attacker (the clip caps that allowance).
-    Off when ``max_ratio`` is 0, with fewer than 3 replies (a median of two is their mean: it cannot tell
-    which one is the outlier) or when the median is 0 (nothing moved, no scale to compare with).
-    """
-    if max_ratio <= 0 or len(replies) < 3:
-        return []
-    distances = np.array([update_distance(reply, template) for reply in replies])
-    median = float(np.median(distances))
-    if median <= 0:
-        return []
-    mad = float(np.median(np.abs(distances - median)))
-    bound = max(max_ratio * median, median + MAD_Z * MAD_TO_SIGMA * mad)
-    weights = weights or [1] * len(replies)
-    median_weight = float(np.median(weights))
-    outliers = []
-    for i, (d, weight) in enumerate(zip(distances, weights)):
-        allowance = math.sqrt(max(1.0, weight / median_weight))
-        if d > bound * allowance:
-            outliers.append((i, f"update L2 distance {d:.4g} > {bound * allowance:.4g} (the round's median "
-                                f"{median:.4g}; bound = max({max_ratio:g} x median, median + {MAD_Z:g} x 1.4826 x "
-                                f"MAD {mad:.4g}) x sqrt(weight share) {allowance:.3g})"))
-    return outliers
+def clip_bound(norms: list[float], multiplier: float) -> float | None:
+    """τ: ``multiplier`` × the median norm (from 3 replies), or × the smaller norm (two-silo mode)."""
+    if multiplier <= 0 or not norms:
+        return None
+    reference = float(np.median(norms)) if len(norms) >= MIN_REPLIES_FOR_MEDIAN else min(norms)
+    return multiplier * reference
 
 
-def clipped_weights(claims: list[int], max_ratio: float) -> list[int]:
-    """Each claimed ``num-examples`` clipped to ``max_ratio`` x the round's median claim (from 3 replies on).
+def clip_updates(replies: list, template: dict[str, np.ndarray],
+                 multiplier: float) -> tuple[list, list[float], float | None]:
+    """(replies with each update scaled to norm <= τ, each reply's scale factor, τ). Off when
+    ``multiplier`` is 0. Only ``update_keys`` are scaled; other arrays are left as sent."""
+    keys = update_keys(template)
+    norms = [update_norm(reply, template, keys) for reply in replies]
+    bound = clip_bound(norms, multiplier)
+    if bound is None:
+        return list(replies), [1.0] * len(replies), None
+    clipped, scales = [], []
+    for reply, norm in zip(replies, norms):
+        scale = 1.0 if norm <= bound else (bound / norm if norm > 0 else 0.0)
+        scales.append(scale)
+        if scale == 1.0:
+            clipped.append(reply)
+            continue
+        arrays = dict(reply.arrays)
+        for key in keys:
+            current = template[key].astype(np.float64)
+            arrays[key] = (current + scale * (arrays[key].astype(np.float64) - current)).astype(template[key].dtype)
+        clipped.append(replace(reply, arrays=arrays))
+    return clipped, scales, bound
 
-    Why a clip and not a weight fixed at a node's first claim: a first claim can already be a lie, and a
-    silo that reconnects gets a new node id; the clip bounds every node's share in every round. A large
-    honest node is never rejected, only weighted as ``max_ratio`` median nodes at most.
-    """
-    if max_ratio <= 0 or len(claims) < 3:
-        return list(claims)
-    cap = max(1, math.floor(max_ratio * float(np.median(claims))))
-    return [min(claim, cap) for claim in claims]
+
+def clamp_bn_statistics(replies: list, template: dict[str, np.ndarray]) -> tuple[list, list[int]]:
+    """(replies with every BN statistics coordinate clamped to [2nd smallest, 2nd largest] over the
+    round's replies, how many coordinates each had clamped). From 3 replies; below, unchanged."""
+    keys = [k for k, v in template.items() if v.dtype.kind == "f" and k.endswith(BN_STATISTICS)]
+    if len(replies) < MIN_REPLIES_FOR_MEDIAN or not keys:
+        return list(replies), [0] * len(replies)
+    counts = [0] * len(replies)
+    new_arrays = [dict(reply.arrays) for reply in replies]
+    for key in keys:
+        stack = np.stack([reply.arrays[key] for reply in replies])
+        ordered = np.sort(stack, axis=0)
+        low, high = ordered[1], ordered[-2]
+        for i, value in enumerate(stack):
+            bounded = np.clip(value, low, high)
+            changed = int(np.count_nonzero(bounded != value))
+            if changed:
+                counts[i] += changed
+                new_arrays[i][key] = bounded.astype(value.dtype)
+    return [replace(reply, arrays=arrays) if count else reply
+            for reply, arrays, count in zip(replies, new_arrays, counts)], counts

@@ -1,29 +1,32 @@
 """Reply checking on the server: what a training reply must hold before it may touch the global model.
 
-Pure functions; nothing a node sends may raise out of them. Flower's own ``FedAvg`` ends the whole run when
-one reply has a different key set or lacks ``num-examples``, and it averages ``num_batches_tracked`` into a
-float. Here every reply is checked against the global model's keys, shapes, dtypes and magnitudes; a bad
-reply is dropped (with its reason) and the round goes on. ``screen_replies`` then applies the default
-defenses (``fedsq_app.core.defenses``) to the replies that passed.
+Pure functions; nothing a node sends may raise out of them. Every check reads what a reply *decodes* to
+(dtype, shape, byte length and values of each array's bytes), never what its metadata declares: an
+``Array`` may declare float32[10, 128] and carry three complex numbers. A silo's word is taken for
+nothing the average depends on: its weight comes from ``fedsq_app.core.weights``, and each update's
+influence is bounded by ``fedsq_app.core.defenses`` (docs/RELIABILITY.md, "Trust model").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedsq_app.core.defenses import clipped_weights, distance_outliers
+from fedsq_app.core.defenses import clamp_bn_statistics, clip_updates
 from fedsq_app.core.wire import NUM_EXAMPLES, TRAIN_LOSS
 
 ArraySpecs = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
 # An honest reply's arrays stay within this factor of the global model's largest |value| (floored at 1):
 # local SGD moves weights by far less, and BN running statistics are moving averages of batch statistics.
-# It stops finite poison (a weight at 1e30, everything x 1e6) even in rounds too small for the distance guard.
+# It needs no other reply, so it also works in rounds of one or two replies.
 MAGNITUDE_RATIO = 1e3
+# A metric beyond this is no loss or count an honest node reports; the bound keeps every weighted sum
+# of metrics finite (math.fsum raises on +1e308 + -1e308).
+METRIC_BOUND = 1e15
 
 
 def array_specs(arrays: ArrayRecord) -> ArraySpecs:
@@ -32,12 +35,16 @@ def array_specs(arrays: ArrayRecord) -> ArraySpecs:
 
 @dataclass(frozen=True)
 class CheckedReply:
-    """A reply that passed validation: its arrays by key, its weight and its metrics."""
+    """A reply that passed validation: its decoded arrays by key, its aggregation weight and its metrics.
+
+    ``num_examples`` is the weight the average uses: after ``screen_replies`` the server's own figure
+    (``fedsq_app.core.weights``); ``claimed`` is what the node said, kept for the record only."""
 
     node_id: int
     arrays: dict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]
+    claimed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,17 +55,20 @@ class ReplyOutcome:
     node_id: int
     accepted: bool
     reason: str = ""  # why it was rejected; "" if accepted
-    num_examples: int | None = None  # as claimed
-    weight: int | None = None  # as used in the average (the claim, clipped); None if rejected
+    num_examples: int | None = None  # as claimed (never used as a weight)
+    weight: int | None = None  # the server's weight for this node; None if rejected
     train_loss: float | None = None
     created_at: float | None = None  # when the node created the reply (its clock), seconds since the epoch
+    clip_scale: float | None = None  # its update was scaled by this (< 1: norm-clipped); None if rejected
+    bn_clamped: int | None = None  # BN statistics coordinates clamped into the other replies' range
 
 
 @dataclass
 class RoundReplies:
-    accepted: list[CheckedReply] = field(default_factory=list)  # weights already clipped
+    accepted: list[CheckedReply] = field(default_factory=list)  # server weights, clipped updates
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node id, reason)
     outcomes: list[ReplyOutcome] = field(default_factory=list)  # one per reply, in arrival order
+    clip_bound: float | None = None  # the round's update-norm bound (None: clipping off or no replies)
 
 
 def magnitude_bounds(template: dict[str, np.ndarray]) -> dict[str, float]:
@@ -69,10 +79,10 @@ def magnitude_bounds(template: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def check_array_sanity(key: str, value: np.ndarray, bound: float | None) -> str:
-    """Why a finite floating array cannot be an honest update ("" if it can): a negative BN running
-    variance (evaluation would take its square root: NaN), or a value far beyond the global model's scale."""
-    if key.endswith("running_var") and value.size and float(value.min()) < 0:
-        return f"'{key}' holds a negative BN running variance ({float(value.min()):.4g})"
+    """Why a finite floating array cannot be an honest update ("" if it can): a BN running variance
+    <= 0 (evaluation divides by its square root), or a value far beyond the global model's scale."""
+    if key.endswith("running_var") and value.size and float(value.min()) <= 0:
+        return f"'{key}' holds a BN running variance <= 0 ({float(value.min()):.4g})"
     if bound is not None and value.size:
         largest = float(np.max(np.abs(value)))
         if largest > bound:
@@ -80,14 +90,46 @@ def check_array_sanity(key: str, value: np.ndarray, bound: float | None) -> str:
     return ""
 
 
-def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int | None = None,
+def decoded_array(array, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | str:
+    """The array's bytes decoded, or why they are not ``dtype[shape]``: checks what the payload holds (its
+    decoded dtype, shape and byte length), not the ``Array``'s declared metadata."""
+    try:
+        value = array.numpy()
+    except Exception as error:  # a payload numpy cannot read (or that would need pickle)
+        return f"'{key}' does not decode ({type(error).__name__}: {error})"
+    if not isinstance(value, np.ndarray):
+        return f"'{key}' decodes to {type(value).__name__}, not an array"
+    if value.dtype != dtype or tuple(value.shape) != shape:
+        return f"'{key}' decodes to {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}"
+    if value.nbytes != math.prod(shape) * dtype.itemsize:
+        return f"'{key}' holds {value.nbytes} bytes, expected {math.prod(shape) * dtype.itemsize}"
+    return value
+
+
+def check_metrics(metrics) -> dict[str, float] | str:
+    """Every metric a finite number within ``METRIC_BOUND``, and ``num-examples`` a positive int."""
+    num_examples = metrics.get(NUM_EXAMPLES)
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
+        return f"'{NUM_EXAMPLES}' must be a positive integer, got {num_examples!r}"
+    scalars = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric '{key}' is not a number: {value!r}"
+        value = float(value)
+        if not math.isfinite(value) or abs(value) > METRIC_BOUND:
+            return f"metric '{key}' is not a finite number within +-{METRIC_BOUND:g}: {value!r}"
+        scalars[key] = value
+    return scalars
+
+
+def check_train_reply(message: Message, template: dict[str, np.ndarray],
                       bounds: dict[str, float] | None = None) -> CheckedReply | str:
     """Return the reply's checked contents, or the reason it must be rejected. Never raises.
 
-    Accepted only if: no error; exactly one ArrayRecord (the expected keys, shapes and dtypes, every value
-    finite, BN running variances >= 0, every floating array within ``bounds``, see ``magnitude_bounds``)
-    and one MetricRecord (``num-examples`` a positive integer <= ``max_examples`` if given, every metric a
-    finite number).
+    Accepted only if: no error; exactly one ArrayRecord whose arrays decode to exactly the global model's
+    keys, dtypes, shapes and byte lengths, every floating value finite, BN running variances > 0 and every
+    floating array within ``bounds`` (see ``magnitude_bounds``); and exactly one MetricRecord (see
+    ``check_metrics``).
     """
     try:
         if message.has_error():
@@ -97,15 +139,14 @@ def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int 
         if len(array_records) != 1 or len(metric_records) != 1:
             return f"expected one ArrayRecord and one MetricRecord, got {len(array_records)} and {len(metric_records)}"
         arrays, metrics = array_records[0], metric_records[0]
-        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        missing, extra = sorted(set(template) - set(arrays)), sorted(set(arrays) - set(template))
         if missing or extra:
             return f"array keys differ from the global model: missing {missing[:3]}, unexpected {extra[:3]}"
         values = {}
-        for key, (shape, dtype) in expected.items():
-            array = arrays[key]
-            if tuple(array.shape) != shape or str(array.dtype) != dtype:
-                return f"'{key}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
-            value = array.numpy()
+        for key, current in template.items():
+            value = decoded_array(arrays[key], key, tuple(current.shape), current.dtype)
+            if isinstance(value, str):
+                return value
             if value.dtype.kind == "f":
                 if not np.isfinite(value).all():
                     return f"'{key}' holds NaN or Inf"
@@ -113,18 +154,12 @@ def check_train_reply(message: Message, expected: ArraySpecs, max_examples: int 
                 if insane:
                     return insane
             values[key] = value
-        num_examples = metrics.get(NUM_EXAMPLES)
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int):
-            return f"'{NUM_EXAMPLES}' must be an integer, got {num_examples!r}"
-        if num_examples <= 0 or (max_examples is not None and num_examples > max_examples):
-            return f"'{NUM_EXAMPLES}'={num_examples} is outside [1, {max_examples or 'inf'}]"
-        scalars = {}
-        for key, value in metrics.items():
-            if isinstance(value, (list, bool)) or not math.isfinite(float(value)):
-                return f"metric '{key}' is not a finite number: {value!r}"
-            scalars[key] = float(value)
+        scalars = check_metrics(metrics)
+        if isinstance(scalars, str):
+            return scalars
         node_id = message.metadata.src_node_id
-        return CheckedReply(node_id if isinstance(node_id, int) else -1, values, num_examples, scalars)
+        claimed = int(metrics[NUM_EXAMPLES])
+        return CheckedReply(node_id if isinstance(node_id, int) else -1, values, claimed, scalars, claimed)
     except Exception as error:  # a malformed message must never end the run
         return f"malformed reply ({type(error).__name__}: {error})"
 
@@ -143,20 +178,28 @@ def _created_at(message: Message) -> float | None:
         return None
 
 
+# (checked replies) -> each one's weight, or the reason the server cannot weigh it.
+WeightPolicy = Callable[[list[CheckedReply]], list["int | str"]]
+
+
+def equal_weights(replies: list[CheckedReply]) -> list[int | str]:
+    """Every node counts once: the choice when the server knows no node's size (a claim is never one)."""
+    return [1] * len(replies)
+
+
 def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], *,
-                   max_examples: int | None = None, max_update_norm_ratio: float = 0.0,
-                   max_num_examples_ratio: float = 0.0, check_magnitudes: bool = True) -> RoundReplies:
-    """All server-side checks of one round's training replies (pure, never raises): validation (with
-    magnitude sanity), one accepted reply per node, the distance guard, then the weight clip.
+                   weigh: WeightPolicy = equal_weights, clip_multiplier: float = 2.0,
+                   check_magnitudes: bool = True, clamp_bn: bool = True) -> RoundReplies:
+    """All server-side checks of one round's training replies (pure, never raises): validation of what
+    decodes, one reply per node, the server's weights, then the influence bounds (update-norm clipping and
+    the BN statistics clamp, ``fedsq_app.core.defenses``).
 
     Accepted replies come back sorted by node id, so nothing depends on the order in which replies
-    happened to arrive (a resumed run then matches an uninterrupted one). Replies are tracked by index,
-    never by equality (a CheckedReply holds numpy arrays, which do not compare to a single bool).
+    happened to arrive. Replies are tracked by index, never by equality.
     """
     messages = list(replies)
-    expected = {key: (tuple(value.shape), str(value.dtype)) for key, value in template.items()}
     bounds = magnitude_bounds(template) if check_magnitudes else {}
-    checked = [check_train_reply(message, expected, max_examples, bounds) for message in messages]
+    checked = [check_train_reply(message, template, bounds) for message in messages]
     reasons = {i: c for i, c in enumerate(checked) if isinstance(c, str)}
     seen: set[int] = set()
     for i, reply in enumerate(checked):
@@ -165,29 +208,39 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
                 reasons[i] = f"duplicate reply: node {reply.node_id} already sent one this round"
             seen.add(reply.node_id)
     candidates = sorted((i for i in range(len(messages)) if i not in reasons), key=lambda i: checked[i].node_id)
-    claims = clipped_weights([checked[i].num_examples for i in candidates], max_num_examples_ratio)
-    for position, reason in distance_outliers([checked[i] for i in candidates], template, max_update_norm_ratio,
-                                              claims):
-        reasons[candidates[position]] = reason
+    try:
+        weighed = list(weigh([checked[i] for i in candidates]))
+    except Exception as error:  # a weight policy's failure rejects the round's replies, never ends the run
+        weighed = [f"the server could not weigh this reply ({type(error).__name__}: {error})"] * len(candidates)
+    weights = {}
+    for i, weight in zip(candidates, weighed):
+        if isinstance(weight, str):
+            reasons[i] = weight
+        else:
+            weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
-    weights = dict(zip(kept, clipped_weights([checked[i].num_examples for i in kept], max_num_examples_ratio)))
+    weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
+    clipped, scales, bound = clip_updates(weighted, template, clip_multiplier)
+    clamped, clamp_counts = clamp_bn_statistics(clipped, template) if clamp_bn else (clipped, [0] * len(clipped))
 
-    result = RoundReplies()
-    result.accepted = [replace(checked[i], num_examples=weights[i]) for i in kept]
+    result = RoundReplies(accepted=clamped, clip_bound=bound)
+    position = {i: p for p, i in enumerate(kept)}
     for i, message in enumerate(messages):
         reply = checked[i] if isinstance(checked[i], CheckedReply) else None
         node_id = reply.node_id if reply else _node_id(message)
         if i in reasons:
             result.rejected.append((node_id, reasons[i]))
+        p = position.get(i)
         result.outcomes.append(ReplyOutcome(
             node_id=node_id, accepted=i not in reasons, reason=reasons.get(i, ""),
-            num_examples=reply.num_examples if reply else None, weight=weights.get(i),
-            train_loss=reply.metrics.get(TRAIN_LOSS) if reply else None, created_at=_created_at(message)))
+            num_examples=reply.claimed if reply else None, weight=weights.get(i) if p is not None else None,
+            train_loss=reply.metrics.get(TRAIN_LOSS) if reply else None, created_at=_created_at(message),
+            clip_scale=scales[p] if p is not None else None,
+            bn_clamped=clamp_counts[p] if p is not None else None))
     return result
 
 
-def split_replies(replies: Iterable[Message], expected: ArraySpecs, max_examples: int | None = None) -> RoundReplies:
-    """Validation alone (no magnitude bounds, guard or clip): ``screen_replies`` is what strategies use."""
+def split_replies(replies: Iterable[Message], expected: ArraySpecs) -> RoundReplies:
+    """Validation alone (equal weights; no magnitude bounds, clipping or clamp)."""
     template = {key: np.zeros(shape, dtype=dtype) for key, (shape, dtype) in expected.items()}
-    return screen_replies(replies, template, max_examples=max_examples, check_magnitudes=False)
-
+    return screen_replies(replies, template, clip_multiplier=0.0, check_magnitudes=False, clamp_bn=False)

@@ -19,27 +19,30 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
-from fedsq_app.core.replies import RoundReplies, screen_replies
+from fedsq_app.core.defenses import MIN_REPLIES_FOR_MEDIAN, update_keys
+from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
 
 
 class ValidatedFedAvg(FedAvg):
     """FedAvg whose ``aggregate_train`` validates every reply and never lets one bad reply end the run.
 
-    Used as is for the FedAvg baseline. Keeps a per-round log of accepted and rejected replies. The
-    defaults are the run config's: distance guard and weight clip on, plain (weighted) mean;
-    ``aggregation`` 'median' or 'trimmed-mean' makes the average Byzantine-robust.
+    Used as is for the FedAvg baseline. The trust model (docs/RELIABILITY.md): replies are checked on what
+    they decode to; each node's weight is the server's (``weigh``, a ``fedsq_app.core.weights`` policy;
+    default: equal weights, never the claimed ``num-examples``); each update is norm-clipped to
+    ``clip_multiplier`` x the round's median norm and BN statistics are clamped into the other replies'
+    range; a round with fewer than ``min_valid_replies`` valid replies keeps the previous model.
+    ``aggregation`` 'median' or 'trimmed-mean' replaces the weighted mean by a coordinate-wise robust one.
     """
 
-    def __init__(self, *, min_valid_replies: int = 1, max_examples: int | None = None,
-                 max_update_norm_ratio: float = 5.0, max_num_examples_ratio: float = 5.0,
-                 aggregation: str = "mean", trim_fraction: float = 0.2, **fedavg_kwargs) -> None:
+    def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN, clip_multiplier: float = 2.0,
+                 weigh: WeightPolicy = equal_weights, aggregation: str = "mean", trim_fraction: float = 0.2,
+                 **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
         self.min_valid_replies = min_valid_replies
-        self.max_examples = max_examples
-        self.max_update_norm_ratio = max_update_norm_ratio
-        self.max_num_examples_ratio = max_num_examples_ratio
+        self.clip_multiplier = clip_multiplier
+        self.weigh = weigh
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
         self.current_arrays: ArrayRecord | None = None
@@ -62,30 +65,41 @@ class ValidatedFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays  # the template replies are checked against, and the fallback model
         config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if len(messages) < self.min_valid_replies:
+            log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model",
+                server_round, len(messages), self.min_valid_replies)
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current_arrays is not None, "configure_train must run before aggregate_train"
         template = {k: a.numpy() for k, a in self.current_arrays.items()}
-        checked = screen_replies(list(replies), template, max_examples=self.max_examples,
-                                 max_update_norm_ratio=self.max_update_norm_ratio,
-                                 max_num_examples_ratio=self.max_num_examples_ratio)
+        checked = screen_replies(list(replies), template, weigh=self.weigh, clip_multiplier=self.clip_multiplier)
         self.round_replies[server_round] = checked
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:
             log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
-        for outcome in checked.outcomes:
-            if outcome.accepted and outcome.weight != outcome.num_examples:
-                log(INFO, "\t> node %s claims num-examples=%s, weighted as %s (%g x the round's median claim)",
-                    outcome.node_id, outcome.num_examples, outcome.weight, self.max_num_examples_ratio)
+        clipped = [o for o in checked.outcomes if o.accepted and o.clip_scale is not None and o.clip_scale < 1]
+        for outcome in clipped:
+            log(INFO, "\t> node %s: update norm-clipped to %.4g (scaled by %.3g)", outcome.node_id,
+                checked.clip_bound, outcome.clip_scale)
         if len(checked.accepted) < self.min_valid_replies:
-            log(WARNING, "round %d: %d valid replies < minimum %d; keeping the previous global model",
-                server_round, len(checked.accepted), self.min_valid_replies)
+            log(WARNING, "round %d: %d valid replies < min-valid-replies %d: keeping the previous global model "
+                "(fail closed: the defenses need that many)", server_round, len(checked.accepted),
+                self.min_valid_replies)
             return None, None
-        averaged = aggregate(checked.accepted, template, self.aggregation, self.trim_fraction)
-        arrays = ArrayRecord({k: Array(v) for k, v in averaged.items()})
-        return arrays, MetricRecord(weighted_metrics(checked.accepted))
+        try:
+            averaged = aggregate(checked.accepted, template, self.aggregation, self.trim_fraction)
+            metrics = weighted_metrics(checked.accepted)
+            if not all(np.isfinite(v).all() for v in averaged.values() if v.dtype.kind == "f"):
+                raise FloatingPointError("the average is not finite")
+        except Exception as error:  # checked replies cannot cause this; if anything does, keep the model
+            log(WARNING, "round %d: aggregation failed (%s: %s): keeping the previous global model", server_round,
+                type(error).__name__, error)
+            return None, None
+        arrays = ArrayRecord({k: Array(_contiguous(v)) for k, v in averaged.items()})
+        return arrays, MetricRecord(metrics)
 
 
 class FedSQ(ValidatedFedAvg):
@@ -112,16 +126,10 @@ class FedSQ(ValidatedFedAvg):
 
 # ---------------------------------------------------------------------------------------------- baselines
 # FedProx and FedAdam reuse Flower's classes; only reply validation and "what the update touches" are ours.
-BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def parameter_keys(arrays: dict[str, np.ndarray]) -> list[str]:
-    """The trainable parameters among a state dict's arrays: floating arrays that are not BN buffers.
-
-    A server optimiser must step only these: BN running statistics are data statistics (averaged, not
-    optimised) and ``num_batches_tracked`` is a counter.
-    """
-    return [k for k, v in arrays.items() if v.dtype.kind == "f" and not k.endswith(BN_BUFFER_SUFFIXES)]
+# The trainable parameters among a state dict's arrays: floating arrays that are not BN buffers. A server
+# optimiser steps only these (BN running statistics are data statistics, averaged, not optimised), and the
+# clipping measures updates on them.
+parameter_keys = update_keys
 
 
 def _contiguous(array: np.ndarray) -> np.ndarray:

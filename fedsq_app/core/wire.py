@@ -25,6 +25,9 @@ PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 NUM_EXAMPLES = "num-examples"  # the aggregation weight (as claimed: the server never takes it on trust)
 TRAIN_LOSS = "train_loss"
 SILO = "silo"  # 1: the node trains on its own data (data-path), not on a partition of the server's pool
+PARTITION_ID = "partition-id"  # which partition of the server's pool the node trains on (its weight's key)
+NUM_PARTITIONS = "num-partitions"
+IDENTITY_METRICS = (NUM_EXAMPLES, SILO, PARTITION_ID, NUM_PARTITIONS)  # who a node is, not what it measured
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
 

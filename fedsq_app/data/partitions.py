@@ -109,6 +109,13 @@ def partitioned_pool(key: DataKey, num_partitions: int) -> Partitioner:
 
 
 @functools.lru_cache(maxsize=4)
+def partition_sizes(key: DataKey, num_partitions: int) -> tuple[int, ...]:
+    """Each partition's sample count, as the server computes it: the aggregation weights of partition mode."""
+    partitioner = partitioned_pool(key, num_partitions)
+    return tuple(len(partitioner.load_partition(pid)) for pid in range(num_partitions))
+
+
+@functools.lru_cache(maxsize=4)
 def client_partition(key: DataKey, partition_id: int, num_partitions: int) -> TensorData:
     """This node's training data, decoded once per process."""
     partition = partitioned_pool(key, num_partitions).load_partition(partition_id)

@@ -44,13 +44,16 @@ CANDIDATES = tuple(name for name, entry in STRATEGIES.items() if entry.candidate
 BASELINES = tuple(name for name, entry in STRATEGIES.items() if not entry.candidate)
 
 
-def make_strategy(config, structural_sha256: str, max_examples: int | None = None) -> ValidatedFedAvg:
-    """The strategy ``config`` (a RunConfig) names. ``max_examples``: a fixed bound on num-examples when the
-    run config sets none (None: no bound; a silo's data is its own, so the server's pool says nothing about
-    it; claims are clipped instead)."""
+def make_strategy(config, structural_sha256: str, weigh=None) -> ValidatedFedAvg:
+    """The strategy ``config`` (a RunConfig) names. ``weigh``: the weight policy (``fedsq_app.core.weights``;
+    None: equal weights). Flower waits for at least ``min-valid-replies`` nodes before sampling, since a
+    round with fewer replies cannot change the model."""
+    floor = config.min_valid_replies
     common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
-                  min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
-                  min_valid_replies=config.min_valid_replies, max_update_norm_ratio=config.max_update_norm_ratio,
-                  max_num_examples_ratio=config.max_num_examples_ratio, aggregation=config.aggregation,
-                  trim_fraction=config.trim_fraction, max_examples=config.max_num_examples or max_examples)
+                  min_train_nodes=max(config.min_train_nodes, floor),
+                  min_available_nodes=max(config.min_available_nodes, floor),
+                  min_valid_replies=floor, clip_multiplier=config.clip_multiplier, aggregation=config.aggregation,
+                  trim_fraction=config.trim_fraction)
+    if weigh is not None:
+        common["weigh"] = weigh
     return STRATEGIES[config.strategy].build(config, structural_sha256, common)
