@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from fedsq_app.core.defenses import distance_outliers
-from fedsq_app.core.replies import screen_replies
 from fedsq_app.core.strategy import ValidatedFedAvg
 from local_grid import FIRST_NODE_ID, LocalGrid, run_server
 
@@ -62,6 +60,13 @@ def _honest(rng: np.random.Generator, node_id: int) -> Message:
                                         "num-examples": int(rng.integers(1, MAX_EXAMPLES + 1))}, node_id)
 
 
+def _forged(payload: np.ndarray, dtype: str, shape: tuple) -> Array:
+    """An Array whose metadata declares ``dtype[shape]`` while its bytes hold ``payload`` (Flower's wire keeps
+    both as sent)."""
+    honest = Array(payload)
+    return Array(dtype=dtype, shape=shape, stype=honest.stype, data=honest.data)
+
+
 def _poison(arrays: dict, key: str, value: float) -> dict:
     bad = arrays[key].copy()
     bad.flat[0] = value
@@ -94,8 +99,21 @@ def _corruptions():
         ("no arrays at all", lambda r, n: arrays_with(r, n, {})),
         ("num-examples < 0", lambda r, n: arrays_with(r, n, metrics={"num-examples": -int(r.integers(1, 100))})),
         ("num-examples = 0", lambda r, n: arrays_with(r, n, metrics={"num-examples": 0})),
-        ("num-examples huge", lambda r, n: arrays_with(r, n, metrics={"num-examples": 10**12})),
-        ("num-examples just above bound", lambda r, n: arrays_with(r, n, metrics={"num-examples": MAX_EXAMPLES + 1})),
+        ("metric +1e308", lambda r, n: arrays_with(r, n, metrics={"train_loss": 1e308, "num-examples": 10})),
+        ("metric -1e308", lambda r, n: arrays_with(r, n, metrics={"train_loss": -1e308, "num-examples": 10})),
+        ("declares float32[2, 4], carries float32[3]", lambda r, n: _message(RecordDict({
+            "arrays": ArrayRecord({**{k: Array(v) for k, v in _honest_arrays(r).items()},
+                                   "fc.weight": _forged(np.zeros(3, np.float32), "float32", (2, 4))}),
+            "metrics": MetricRecord({"num-examples": 10})}), n)),
+        ("declares float32[4], carries complex128[4]", lambda r, n: _message(RecordDict({
+            "arrays": ArrayRecord({**{k: Array(v) for k, v in _honest_arrays(r).items()},
+                                   "conv.bias": _forged(np.full(4, 1 + 1j), "float32", (4,))}),
+            "metrics": MetricRecord({"num-examples": 10})}), n)),
+        ("BN running_mean as object array bytes", lambda r, n: _message(RecordDict({
+            "arrays": ArrayRecord({**{k: Array(v) for k, v in _honest_arrays(r).items()},
+                                   "bn.running_mean": Array(dtype="float32", shape=(4,), stype="numpy.ndarray",
+                                                            data=b"\x93NUMPY garbage")}),
+            "metrics": MetricRecord({"num-examples": 10})}), n)),
         ("num-examples bool", lambda r, n: _message(RecordDict({
             "arrays": _record(_honest_arrays(r)), "metrics": _unchecked_metrics({"num-examples": True})}), n)),
         ("num-examples string", lambda r, n: _message(RecordDict({
@@ -130,7 +148,8 @@ def _corruptions():
 
 
 def _aggregate(replies: list[Message], template: dict, **kwargs):
-    strategy = ValidatedFedAvg(max_examples=MAX_EXAMPLES, min_train_nodes=1, min_available_nodes=1, **kwargs)
+    kwargs.setdefault("min_valid_replies", 1)
+    strategy = ValidatedFedAvg(min_train_nodes=1, min_available_nodes=1, **kwargs)
     strategy.current_arrays = _record(template)  # what configure_train stores
     arrays, metrics = strategy.aggregate_train(1, replies)
     return arrays, metrics, strategy.round_replies[1]
@@ -171,32 +190,6 @@ def test_aggregate_does_not_depend_on_reply_order():
     first, _, _ = _aggregate(honest, TEMPLATE)
     second, _, _ = _aggregate(honest[::-1], TEMPLATE)
     assert all(np.array_equal(first[k].numpy(), second[k].numpy()) for k in TEMPLATE)
-
-
-def test_distance_guard_rejects_far_updates_and_only_those():
-    rng = np.random.default_rng(3)
-    base = {k: (v + np.float32(0.5) if v.dtype.kind == "f" else v) for k, v in TEMPLATE.items()}
-    honest = [_reply({k: (v + rng.normal(scale=0.01, size=v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
-                      for k, v in base.items()}, {"num-examples": 10}, node_id) for node_id in range(1, 7)]
-    # Finite, well-formed, but 100x farther from the global model than the others: validation passes them.
-    far = [_reply({k: (v + 1.0 if v.dtype.kind == "f" else v) for k, v in base.items()}, {"num-examples": 10},
-                  node_id) for node_id in (50, 51)]
-    assert len(screen_replies(honest + far, base, max_examples=MAX_EXAMPLES).accepted) == 8  # guard off
-
-    checked = screen_replies(honest + far, base, max_examples=MAX_EXAMPLES, max_update_norm_ratio=5.0)
-    assert sorted(n for n, _ in checked.rejected) == [50, 51]
-    assert all("median" in reason for _, reason in checked.rejected)
-    guarded, _, _ = _aggregate(honest + far, base, max_update_norm_ratio=5.0)
-    alone, _, _ = _aggregate(honest, base, max_update_norm_ratio=5.0)
-    assert all(np.array_equal(guarded[k].numpy(), alone[k].numpy()) for k in TEMPLATE)
-
-
-def test_distance_guard_needs_three_replies_and_a_nonzero_median():
-    checked = screen_replies([_reply({k: np.asarray(v + 1) for k, v in TEMPLATE.items()}, {"num-examples": 1}, 1),
-                              _reply(TEMPLATE, {"num-examples": 1}, 2)], TEMPLATE, max_update_norm_ratio=1.0)
-    assert len(checked.accepted) == 2
-    unchanged = [_reply(TEMPLATE, {"num-examples": 1}, n) for n in (1, 2, 3)]
-    assert distance_outliers(screen_replies(unchanged, TEMPLATE).accepted, TEMPLATE, 1.0) == []
 
 
 def test_too_few_valid_replies_keep_the_previous_model():
@@ -247,7 +240,7 @@ def test_server_run_survives_hostile_and_lost_replies(fedsq_cache, tmp_path):
         return reply
 
     config = {"num-server-rounds": 2, "max-train-samples": 300, "out-dir": str(tmp_path), "run-name": "hostile",
-              "device": "cpu"}
+              "device": "cpu", "min-valid-replies": 1}
     grid = LocalGrid(config, tamper=tamper)
     run_server(config, grid)
     results = json.loads((tmp_path / "hostile" / "results.json").read_text())
