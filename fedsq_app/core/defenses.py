@@ -45,10 +45,13 @@ def update_norm(reply, template: dict[str, np.ndarray], keys: list[str] | None =
 
 
 def clip_bound(norms: list[float], multiplier: float) -> float | None:
-    """τ: ``multiplier`` × the median norm (from 3 replies), or × the smaller norm (two-silo mode)."""
+    """τ: ``multiplier`` × the (lower) median norm (from 3 replies), or × the smaller norm (two-silo mode)."""
     if multiplier <= 0 or not norms:
         return None
-    reference = float(np.median(norms)) if len(norms) >= MIN_REPLIES_FOR_MEDIAN else min(norms)
+    ordered = sorted(norms)
+    # The lower median: with f < n/2 attackers it is at most the honest norms' upper middle, however long
+    # the attackers' updates are.
+    reference = ordered[(len(ordered) - 1) // 2] if len(norms) >= MIN_REPLIES_FOR_MEDIAN else ordered[0]
     return multiplier * reference
 
 

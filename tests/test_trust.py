@@ -1,0 +1,321 @@
+"""The trust model (docs/RELIABILITY.md): what the server never takes on a silo's word.
+
+Weights are the server's; arrays are checked on what they decode to; each update's influence is bounded
+(norm clipping, BN statistics clamp); a round below min-valid-replies keeps the model. The property-based
+test at the end throws thousands of forged replies at ``aggregate_train``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedsq_app.config import ConfigError, RunConfig
+from fedsq_app.core.defenses import clamp_bn_statistics, clip_updates, update_norm
+from fedsq_app.core.replies import CheckedReply, screen_replies
+from fedsq_app.core.strategy import ValidatedFedAvg
+from fedsq_app.core.weights import AutoWeights, PartitionWeights, SiloSizes, load_silo_sizes
+
+GLOBAL = {
+    "conv.weight": np.full((4, 3, 3, 3), 0.1, np.float32),
+    "bn.weight": np.ones(4, np.float32),
+    "bn.running_mean": np.zeros(4, np.float32),
+    "bn.running_var": np.ones(4, np.float32),
+    "bn.num_batches_tracked": np.array(5, np.int64),
+    "fc.weight": np.full((2, 4), -0.2, np.float32),
+}
+PARAMS = ("conv.weight", "bn.weight", "fc.weight")
+
+
+def _metadata(node_id: int) -> Metadata:
+    return Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id="",
+                    group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
+
+
+def _reply(arrays: dict, node_id: int, **metrics) -> Message:
+    metrics = {"train_loss": 0.5, "num-examples": 100, **metrics}
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content=content, metadata=_metadata(node_id))
+
+
+def _honest(rng: np.random.Generator, step: float = 0.01) -> dict:
+    """A shared direction plus node noise: honest non-IID updates agree only partly."""
+    return {k: (v + (rng.normal(scale=step, size=v.shape) + step).astype(v.dtype) if v.dtype.kind == "f" else v)
+            for k, v in GLOBAL.items()}
+
+
+def _with_update(arrays: dict, factor: float) -> dict:
+    """global + factor x (arrays - global) on the parameters (BN statistics as they are)."""
+    return {k: (GLOBAL[k] + np.float32(factor) * (v - GLOBAL[k]) if k in PARAMS else v) for k, v in arrays.items()}
+
+
+def _strategy(**kwargs) -> ValidatedFedAvg:
+    strategy = ValidatedFedAvg(min_train_nodes=1, min_available_nodes=1, **kwargs)
+    strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    return strategy
+
+
+def _aggregate(replies: list[Message], **kwargs):
+    strategy = _strategy(**kwargs)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    return (None if arrays is None else {k: a.numpy() for k, a in arrays.items()}), metrics, strategy.round_replies[1]
+
+
+def _damage(honest: list[dict], attackers: list[dict], **kwargs) -> float:
+    """D = ||aggregate - honest-only aggregate|| / median honest update norm, on the parameters."""
+    messages = [_reply(a, n) for n, a in enumerate(honest + attackers, start=1)]
+    mixed, _, _ = _aggregate(messages, **kwargs)
+    alone, _, _ = _aggregate(messages[: len(honest)], **kwargs)
+    distance = np.sqrt(sum(float(np.sum((mixed[k].astype(np.float64) - alone[k]) ** 2)) for k in PARAMS))
+    norms = [update_norm(CheckedReply(0, a, 1, {}), GLOBAL) for a in honest]
+    return distance / float(np.median(norms))
+
+
+# ------------------------------------------------------------------------------------------ weights
+def test_partition_weights_are_the_servers_sizes_never_the_claim():
+    weigh = PartitionWeights(lambda count: [50, 300, 1000][:count])
+    replies = [CheckedReply(n, {}, claim, {"partition-id": pid, "num-partitions": 3})
+               for n, claim, pid in ((1, 10**9, 0), (2, 7, 1), (3, 1000, 2))]
+    assert weigh(replies) == [50, 300, 1000]
+    twice = CheckedReply(4, {}, 5, {"partition-id": 1, "num-partitions": 3})
+    assert "already named" in weigh(replies + [twice])[-1]
+    other = CheckedReply(5, {}, 5, {"partition-id": 0, "num-partitions": 1})  # a bigger "partition"
+    assert "split the pool into 3" in weigh([other])[0]
+    assert "outside" in weigh([CheckedReply(6, {}, 5, {"partition-id": 3, "num-partitions": 3})])[0]
+    assert "names no partition" in weigh([CheckedReply(7, {}, 5, {})])[0]
+
+
+def test_silo_sizes_are_keyed_by_registered_key_or_name(tmp_path):
+    path = tmp_path / "sizes.json"
+    path.write_text(json.dumps({"ab" * 32: 3000, "clinic-b": 200}))
+    sizes = load_silo_sizes(path)
+    identities = {1: ["ab" * 32, "clinic-a"], 2: ["cd" * 32, "clinic-b"], 3: ["ef" * 32, ""]}
+    weigh = SiloSizes(sizes, lambda node_id: identities.get(node_id, []), str(path))
+    replies = [CheckedReply(n, {}, 10**9, {"silo": 1}) for n in (1, 2, 3)]
+    got = weigh(replies)
+    assert got[:2] == [3000, 200]
+    assert "node 3" in got[2] and "ef" * 32 in got[2] and "no size in silo-sizes" in got[2]
+    for bad, match in (("[1, 2]", "JSON object"), ('{"a": 0}', "positive integers"), ('{"a": true}', "positive"),
+                       ("{", "cannot read")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            load_silo_sizes(path)
+
+
+def test_auto_weights_fall_back_to_equal_for_silos_of_unknown_size():
+    auto = AutoWeights(PartitionWeights(lambda count: [10, 20]))
+    silos = [CheckedReply(n, {}, 10**6 * n, {"silo": 1}) for n in (1, 2)]
+    assert auto(silos) == [1, 1] and auto.source == "equal"
+    parts = [CheckedReply(n, {}, 1, {"partition-id": n - 1, "num-partitions": 2}) for n in (1, 2)]
+    assert auto(parts) == [10, 20] and auto.source == "partitions"
+
+
+def test_a_claim_changes_neither_the_weight_nor_any_bound():
+    rng = np.random.default_rng(0)
+    honest = [_honest(rng) for _ in range(5)]
+    base = [_reply(a, n) for n, a in enumerate(honest, start=1)]
+    liar = [_reply(a, n, **{"num-examples": 10**9 if n == 5 else 100}) for n, a in enumerate(honest, start=1)]
+    plain, _, checked_plain = _aggregate(base)
+    lied, _, checked_lied = _aggregate(liar)
+    assert checked_plain.clip_bound == checked_lied.clip_bound
+    assert all(np.array_equal(plain[k], lied[k]) for k in GLOBAL)
+    assert [o.weight for o in checked_lied.outcomes] == [1] * 5
+
+
+# ------------------------------------------------------------------------------------------ influence
+def test_an_inflated_update_is_clipped_to_twice_the_median_norm():
+    rng = np.random.default_rng(1)
+    honest = [_honest(rng) for _ in range(5)]
+    attacker = _with_update(_honest(rng), -50.0)  # reversed, 50x the honest length
+    _, _, checked = _aggregate([_reply(a, n) for n, a in enumerate(honest + [attacker], start=1)])
+    assert checked.rejected == []
+    outcome = {o.node_id: o for o in checked.outcomes}
+    assert outcome[6].clip_scale < 0.05 and all(outcome[n].clip_scale == 1.0 for n in range(1, 6))
+    accepted = {r.node_id: r for r in checked.accepted}
+    assert update_norm(accepted[6], GLOBAL) == pytest.approx(checked.clip_bound, rel=1e-5)
+
+
+@pytest.mark.parametrize("attack", ["inflated", "flip at honest length", "flip inflated"])
+def test_damage_is_bounded_by_the_defaults(attack):
+    """D <= 0.5 with 1 attacker of 6 and <= 1.0 with 2 of 6 (equal weights), for any direction."""
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        factor = {"inflated": 30.0, "flip at honest length": -1.0, "flip inflated": -30.0}[attack]
+        for attackers, limit in ((1, 0.5), (2, 1.0)):
+            honest = [_honest(rng) for _ in range(6 - attackers)]
+            mean_update = {k: (np.mean([a[k] for a in honest], axis=0).astype(v.dtype) if v.dtype.kind == "f" else v)
+                           for k, v in GLOBAL.items()}
+            bad = [_with_update(mean_update, factor) for _ in range(attackers)]
+            damage = _damage(honest, bad)
+            assert damage <= limit, (seed, attackers, damage)
+            undefended = _damage(honest, bad, clip_multiplier=0.0)
+            if abs(factor) > 1:
+                assert undefended > 2 * limit  # the bound, not the attack, keeps D small
+
+
+def test_bn_statistics_cannot_leave_the_other_replies_range():
+    rng = np.random.default_rng(2)
+    honest = [_honest(rng) for _ in range(5)]
+    shifted = dict(_honest(rng))
+    shifted["bn.running_mean"] = shifted["bn.running_mean"] + np.float32(1.2)  # ~1.2 sigma, inside every bound
+    shifted["bn.running_var"] = shifted["bn.running_var"] * np.float32(50.0)
+    arrays, _, checked = _aggregate([_reply(a, n) for n, a in enumerate(honest + [shifted], start=1)])
+    assert checked.rejected == []
+    for key in ("bn.running_mean", "bn.running_var"):
+        stack = np.stack([a[key] for a in honest])
+        assert (arrays[key] <= stack.max(0) + 1e-7).all() and (arrays[key] >= stack.min(0) - 1e-7).all(), key
+    assert {o.node_id: o.bn_clamped for o in checked.outcomes}[6] == 8
+
+
+def test_a_bn_running_variance_of_zero_is_rejected():
+    rng = np.random.default_rng(3)
+    bad = _honest(rng)
+    bad["bn.running_var"][2] = 0.0
+    _, _, checked = _aggregate([_reply(bad, 1)] + [_reply(_honest(rng), n) for n in (2, 3, 4)])
+    assert [n for n, _ in checked.rejected] == [1] and "<= 0" in checked.rejected[0][1]
+
+
+def test_clamp_and_clip_leave_honest_lookalikes_alone():
+    rng = np.random.default_rng(4)
+    replies = [CheckedReply(n, _honest(rng), 1, {}) for n in range(6)]
+    clipped, scales, bound = clip_updates(replies, GLOBAL, 2.0)
+    assert scales == [1.0] * 6 and bound > 0
+    _, counts = clamp_bn_statistics(clipped, GLOBAL)
+    assert sum(counts) == 2 * 2 * 4  # each coordinate's extreme pair, nothing else
+
+
+# ------------------------------------------------------------------------------------------ fail closed
+def test_two_valid_replies_keep_the_model_under_the_defaults():
+    rng = np.random.default_rng(5)
+    replies = [_reply(_honest(rng), 1), _reply(_honest(rng), 2),
+               Message(error=Error(code=2, reason="x"), metadata=_metadata(3))]
+    arrays, metrics, checked = _aggregate(replies)
+    assert arrays is None and metrics is None and len(checked.accepted) == 2
+
+
+def test_two_silo_mode_clips_to_the_smaller_update():
+    """min-valid-replies=2: a median of two cannot tell which silo lies; the larger update is cut to
+    2 x the smaller one, so one silo cannot replace the model (it can still pull it, by that much)."""
+    rng = np.random.default_rng(6)
+    honest = _honest(rng)
+    huge = _with_update(_honest(rng), 1240.0)
+    arrays, _, checked = _aggregate([_reply(honest, 1), _reply(huge, 2)], min_valid_replies=2)
+    assert arrays is not None and checked.rejected == []
+    honest_norm = update_norm(CheckedReply(1, honest, 1, {}), GLOBAL)
+    moved = np.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - GLOBAL[k]) ** 2)) for k in PARAMS))
+    assert moved <= 1.5 * honest_norm + 1e-6  # (1 + 2) / 2 x the honest norm at most
+
+
+def test_a_simulation_with_fewer_nodes_than_min_valid_replies_is_refused(fedsq_cache, tmp_path):
+    from local_grid import LocalGrid, run_server
+
+    config = {"num-server-rounds": 1, "max-train-samples": 300, "out-dir": str(tmp_path), "device": "cpu",
+              "min-valid-replies": 4}
+    with pytest.raises(ConfigError, match="min-valid-replies=4 but the simulation has 3 nodes.*two-silo"):
+        run_server(config, LocalGrid(config))
+
+
+def test_removed_keys_fail_with_their_replacement():
+    for key in ("max-update-norm-ratio", "max-num-examples-ratio", "max-num-examples"):
+        with pytest.raises(ConfigError, match=f"'{key}' is gone"):
+            RunConfig.from_mapping({key: 5})
+    with pytest.raises(ConfigError, match="clip-multiplier"):
+        RunConfig.from_mapping({"clip-multiplier": 0.5})
+
+
+# ------------------------------------------------------------------------------------------ fuzz
+FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e308, -1e308, 1e15, 0.0]))
+DTYPES = st.sampled_from(["float32", "float64", "float16", "complex64", "complex128", "int64", "int32", "bool",
+                          "uint8"])
+SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
+
+
+@st.composite
+def forged_array(draw, key: str):
+    """An Array for ``key``: honest, with odd values, or declaring one dtype/shape while carrying another."""
+    template = GLOBAL[key]
+    kind = draw(st.sampled_from(["honest", "values", "payload", "metadata", "bytes"]))
+    value = (template + np.float32(0.01)) if template.dtype.kind == "f" else template.copy()
+    if kind == "values" and template.dtype.kind == "f":
+        value = value.copy()
+        value.flat[draw(st.integers(0, value.size - 1))] = np.float32(draw(FLOATS))
+    if kind in ("payload", "metadata"):
+        payload = np.zeros(draw(SHAPES), dtype=draw(DTYPES))
+        honest_array = Array(np.ascontiguousarray(payload))
+        if kind == "payload":  # declares the template's dtype and shape, carries something else
+            return Array(dtype=str(template.dtype), shape=tuple(template.shape), stype=honest_array.stype,
+                         data=honest_array.data)
+        return honest_array
+    if kind == "bytes":
+        return Array(dtype=str(template.dtype), shape=tuple(template.shape), stype="numpy.ndarray",
+                     data=draw(st.binary(max_size=64)))
+    return Array(np.ascontiguousarray(value))
+
+
+METRIC_VALUES = st.one_of(FLOATS, st.integers(-2**62, 2**62), st.booleans(), st.none(), st.text(max_size=3),
+                          st.lists(st.integers(0, 3), max_size=2))
+
+
+@st.composite
+def forged_reply(draw, node_id: int):
+    kind = draw(st.sampled_from(["reply", "error", "empty", "extra-record"]))
+    if kind == "error":
+        return Message(error=Error(code=draw(st.integers(0, 5)), reason=draw(st.text(max_size=5))),
+                       metadata=_metadata(node_id))
+    if kind == "empty":
+        return Message(content=RecordDict(), metadata=_metadata(node_id))
+    keys = draw(st.lists(st.sampled_from(sorted(GLOBAL) + ["extra"]), unique=True, min_size=len(GLOBAL) - 1,
+                         max_size=len(GLOBAL) + 1))
+    arrays = ArrayRecord({k: draw(forged_array(k)) if k in GLOBAL else Array(np.zeros(2, np.float32)) for k in keys})
+    metrics = MetricRecord()
+    values = draw(st.dictionaries(st.sampled_from(["num-examples", "train_loss", "partition-id", "x"]),
+                                  METRIC_VALUES, max_size=4))
+    metrics.__dict__["_data"].update(values)  # what MetricRecord's own type check would refuse, too
+    content = {"arrays": arrays, "metrics": metrics}
+    if kind == "extra-record":
+        content["config"] = ConfigRecord({"x": 1})
+    return Message(content=RecordDict(content), metadata=_metadata(node_id))
+
+
+FUZZ_CASES = 2000
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), aggregation=st.sampled_from(["mean", "median", "trimmed-mean"]),
+       floor=st.integers(1, 3))
+def test_fuzzed_rounds_never_raise_and_the_aggregate_is_always_finite(data, aggregation, floor):
+    count = data.draw(st.integers(1, 6))
+    forged = [data.draw(forged_reply(node_id)) for node_id in range(1, count + 1)]
+    honest = [_reply(_honest(np.random.default_rng(n)), 100 + n) for n in range(data.draw(st.integers(0, 3)))]
+    strategy = _strategy(aggregation=aggregation, min_valid_replies=floor)
+    arrays, metrics = strategy.aggregate_train(1, forged + honest)  # must not raise
+    checked = strategy.round_replies[1]
+    assert len(checked.accepted) + len(checked.rejected) == len(forged) + len(honest)
+    assert all(reason for _, reason in checked.rejected)
+    if arrays is None:
+        assert len(checked.accepted) < floor or not checked.accepted
+        return
+    for key, template in GLOBAL.items():
+        value = arrays[key].numpy()
+        assert value.dtype == template.dtype and value.shape == template.shape
+        if value.dtype.kind == "f":
+            assert np.isfinite(value).all()
+    assert all(np.isfinite(v) for v in dict(metrics).values())
+    assert float(arrays["bn.running_var"].numpy().min()) > 0
+
+
+def test_screen_replies_never_raises_on_a_weight_policy_failure():
+    def broken(replies):
+        raise RuntimeError("SuperLink unreachable")
+
+    rng = np.random.default_rng(7)
+    checked = screen_replies([_reply(_honest(rng), n) for n in (1, 2, 3)], GLOBAL, weigh=broken)
+    assert checked.accepted == [] and all("could not weigh" in r for _, r in checked.rejected)
