@@ -59,7 +59,8 @@ class RunConfig:
     # Reliability (docs/RELIABILITY.md).
     min_available_nodes: int = 2  # Flower waits (forever) until this many nodes are connected
     min_valid_replies: int = 3  # fewer valid replies: the round keeps the previous model; 2 = two-silo mode
-    clip_multiplier: float = 2.0  # clip each update to k x the round's median update norm; 0 = off
+    clip_multiplier: float = 1.5  # clip each update to k x the round's median update norm; 0 = off
+    bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
     silo_sizes: str = ""  # deployment: JSON {registered key sha256 or name: size}, the silos' weights
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
     trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped

@@ -52,7 +52,7 @@ def test_wrong_types_name_the_key():
     ({"val-fraction": 1.0}, "val-fraction"), ({"num-server-rounds": 0}, "num-server-rounds"),
     ({"min-train-nodes": 0}, "min-train-nodes"), ({"min-available-nodes": 0}, "min-available-nodes"),
     ({"min-valid-replies": 0}, "min-valid-replies"), ({"round-timeout": 0}, "round-timeout"),
-    ({"max-update-norm-ratio": 0.5}, "max-update-norm-ratio"), ({"max-num-examples": -1}, "max-num-examples"),
+    ({"clip-multiplier": 0.5}, "clip-multiplier"), ({"max-num-examples": -1}, "max-num-examples"),
     ({"weight-decay": -0.1}, "weight-decay"), ({"seed": -1}, "seed"), ({"out-dir": ""}, "out-dir"),
 ])
 def test_out_of_range_values_name_the_key(mapping, key):

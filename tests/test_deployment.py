@@ -236,10 +236,17 @@ def _toml_value(value: object) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value)
 
 
+SILO_SIZES = {"silo-1": 300, "silo-2": 700}
+
+
 def run_config_overrides(out_dir: Path, run_name: str = RUN_NAME) -> str:
     """num-server-rounds, out-dir, run-name, plus the shrink/CPU keys where the app has them."""
     keys = _app_config_keys()
-    wanted: dict[str, object] = {"num-server-rounds": ROUNDS, "out-dir": str(out_dir), "run-name": run_name}
+    # Two silos: the explicit two-silo mode. Their weights are the operator's, keyed by registered name.
+    sizes = out_dir.parent / "silo-sizes.json"
+    sizes.write_text(json.dumps(SILO_SIZES))
+    wanted: dict[str, object] = {"num-server-rounds": ROUNDS, "out-dir": str(out_dir), "run-name": run_name,
+                                 "min-valid-replies": 2, "silo-sizes": str(sizes)}
     missing = [key for key in wanted if key not in keys]
     assert not missing, f"pyproject [tool.flwr.app.config] lacks {missing}; the deployment test needs them"
     optional = {"max-train-samples": 1000, "device": "cpu", "local-epochs": 1}
@@ -396,9 +403,10 @@ def _run_to_completion(fed: Federation, run_name: str) -> tuple[dict, str, float
     results = json.loads(results_path.read_text())
     rounds = results.get("rounds", [])
     assert len(rounds) == ROUNDS, rounds
-    for record in rounds:  # both silos trained and were aggregated in every round
-        if "accepted" in record:
-            assert record["accepted"] == 2, record
+    weights = {int(fed.node_ids[silo]): size for silo, size in SILO_SIZES.items()}
+    for record in rounds:  # both silos trained and were aggregated in every round, with the operator's weights
+        assert record["accepted"] == 2 and record["weights_from"] == "silo-sizes", record
+        assert {r["node_id"]: r["weight"] for r in record["replies"]} == weights, record["replies"]
     return results, log, wall_s
 
 

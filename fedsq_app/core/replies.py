@@ -188,7 +188,7 @@ def equal_weights(replies: list[CheckedReply]) -> list[int | str]:
 
 
 def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], *,
-                   weigh: WeightPolicy = equal_weights, clip_multiplier: float = 2.0,
+                   weigh: WeightPolicy = equal_weights, clip_multiplier: float = 1.5,
                    check_magnitudes: bool = True, clamp_bn: bool = True) -> RoundReplies:
     """All server-side checks of one round's training replies (pure, never raises): validation of what
     decodes, one reply per node, the server's weights, then the influence bounds (update-norm clipping and

@@ -35,13 +35,15 @@ class ValidatedFedAvg(FedAvg):
     ``aggregation`` 'median' or 'trimmed-mean' replaces the weighted mean by a coordinate-wise robust one.
     """
 
-    def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN, clip_multiplier: float = 2.0,
-                 weigh: WeightPolicy = equal_weights, aggregation: str = "mean", trim_fraction: float = 0.2,
+    def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN, clip_multiplier: float = 1.5,
+                 bn_clamp: bool = True, weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
+                 trim_fraction: float = 0.2,
                  **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
         self.min_valid_replies = min_valid_replies
         self.clip_multiplier = clip_multiplier
+        self.bn_clamp = bn_clamp
         self.weigh = weigh
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
@@ -67,15 +69,17 @@ class ValidatedFedAvg(FedAvg):
         config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if len(messages) < self.min_valid_replies:
-            log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model",
-                server_round, len(messages), self.min_valid_replies)
+            log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model "
+                "(a two-silo federation sets min-valid-replies=2: docs/RELIABILITY.md)", server_round, len(messages),
+                self.min_valid_replies)
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current_arrays is not None, "configure_train must run before aggregate_train"
         template = {k: a.numpy() for k, a in self.current_arrays.items()}
-        checked = screen_replies(list(replies), template, weigh=self.weigh, clip_multiplier=self.clip_multiplier)
+        checked = screen_replies(list(replies), template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
+                                 clamp_bn=self.bn_clamp)
         self.round_replies[server_round] = checked
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:

@@ -46,13 +46,11 @@ BASELINES = tuple(name for name, entry in STRATEGIES.items() if not entry.candid
 
 def make_strategy(config, structural_sha256: str, weigh=None) -> ValidatedFedAvg:
     """The strategy ``config`` (a RunConfig) names. ``weigh``: the weight policy (``fedsq_app.core.weights``;
-    None: equal weights). Flower waits for at least ``min-valid-replies`` nodes before sampling, since a
-    round with fewer replies cannot change the model."""
-    floor = config.min_valid_replies
+    None: equal weights)."""
     common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
-                  min_train_nodes=max(config.min_train_nodes, floor),
-                  min_available_nodes=max(config.min_available_nodes, floor),
-                  min_valid_replies=floor, clip_multiplier=config.clip_multiplier, aggregation=config.aggregation,
+                  min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
+                  min_valid_replies=config.min_valid_replies, clip_multiplier=config.clip_multiplier, bn_clamp=config.bn_clamp,
+                  aggregation=config.aggregation,
                   trim_fraction=config.trim_fraction)
     if weigh is not None:
         common["weigh"] = weigh

@@ -1,23 +1,21 @@
-"""``fedsq-defenses``: what the default server defenses cost, and what they and the robust aggregators stop.
+"""``fedsq-defenses``: what the trust model's defenses stop, and what they cost an honest federation.
 
-Two experiments on the real ServerApp and ClientApp, run in this process (``fedsq_app.harness.inprocess``: no Ray,
-so many short runs fit on a small CPU machine):
+Runs the real ServerApp and ClientApp in this process (``fedsq_app.harness.inprocess``: no Ray, so many
+short runs fit on a small CPU machine). Two experiments:
 
-1. **Cost.** Honest federations with the defaults (distance guard, num-examples clip) and with them off,
-   on the same seeds: the paired per-seed difference in best validation accuracy (BVA), which should be ≈ 0,
-   and how many honest replies the defaults rejected.
-2. **Benefit.** One of ``--clients`` clients (partition 0) is hostile every round: it trains honestly, then
-   sends global + factor × (its update) on the trainable parameters (BN statistics left honest, so that
-   plain validation does not catch it), e.g. ×10 (boosted) or ×−1 (sign-flipped). BVA with no defense,
-   the defaults, coordinate-wise median and trimmed mean (those two with the defaults off, to see each
-   mechanism alone).
+1. **attacks**: ``--clients`` nodes, one or two of them hostile every round. For every round the grid
+   also computes the damage D = ‖aggregate − honest-only aggregate‖ / median honest update norm (all
+   floating arrays; the same screening and averaging the server uses, once with and once without the
+   hostile replies), and the run records BVA. Under: no defenses, the defaults, and the defaults with
+   the median or the trimmed mean.
+2. **cost**: an honest federation (by default 20 silos, Dirichlet α = 0.05, 6,000 Fashion-MNIST images from
+   the Debian package), defaults vs no defenses on the same seeds: the paired BVA difference with its
+   95 % CI, honest replies rejected, honest weights changed, and how often honest updates were clipped.
 
-    fedsq-defenses --out outputs/defenses                    # the sizes in docs/RELIABILITY.md
-    fedsq-defenses --seeds 0,1,2,3,4 --rounds 10 --max-train-samples 3000 --test-split test --out outputs/defenses-big
+    fedsq-defenses attacks --out outputs/defenses
+    fedsq-defenses cost --dataset idx:/usr/share/datasets/fashion-mnist --out outputs/defenses-cost
 
-BVA counts round 0 (the pretrained start with its new head): a run that training only hurt has BVA =
-round 0's accuracy. Everything else is the default run config (FedSQ, small CNN, embedded Fashion-MNIST,
-Dirichlet α = 0.3). Prints the tables, writes ``summary.md``, ``summary.json`` and ``defenses.png``.
+Prints the tables and writes ``summary.md``, ``summary.json`` and a PNG.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from flwr.app import Array, Context, Message, RecordDict
@@ -35,199 +34,296 @@ from tqdm import tqdm
 from fedsq_app import server_app
 from fedsq_app.config import RunConfig
 from fedsq_app.core import wire
-from fedsq_app.core.strategy import parameter_keys
+from fedsq_app.core.aggregation import aggregate
+from fedsq_app.core.defenses import BN_STATISTICS, update_keys
+from fedsq_app.core.replies import CheckedReply, screen_replies
+from fedsq_app.core.weights import AutoWeights, PartitionWeights
+from fedsq_app.data.partitions import DataKey, partition_sizes
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedsq_app.runtime.metrics import mean_std
 from fedsq_app.tools.bench.stats import paired_test
 
-OFF = {"max-update-norm-ratio": 0.0, "max-num-examples-ratio": 0.0}
+NONE = {"clip-multiplier": 0.0, "bn-clamp": False, "min-valid-replies": 1}
 DEFENSES = {  # name -> run-config keys on top of the run's
-    "none": OFF,
+    "none": NONE,
     "defaults": {},
-    "median": {**OFF, "aggregation": "median"},
-    "trimmed-mean": {**OFF, "aggregation": "trimmed-mean"},
+    "median": {"aggregation": "median"},
+    "trimmed-mean": {"aggregation": "trimmed-mean"},
 }
-ATTACKER = FIRST_NODE_ID  # partition 0
+TWO_SILO = {"min-valid-replies": 2}
+
+
+def _floating(arrays: dict[str, np.ndarray]) -> list[str]:
+    return [k for k, v in arrays.items() if v.dtype.kind == "f"]
+
+
+def _norm(a: dict, b: dict, keys: list[str]) -> float:
+    return math.sqrt(sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in keys))
+
+
+def _set(reply: Message, arrays: dict[str, np.ndarray]) -> None:
+    record = reply.content[wire.ARRAYS]
+    for key, value in arrays.items():
+        record[key] = Array(np.ascontiguousarray(value))
+
+
+def _honest_mean_update(honest: list[dict], start: dict, keys: list[str]) -> dict:
+    return {k: np.mean([h[k].astype(np.float64) - start[k] for h in honest], axis=0) for k in keys}
+
+
+# An attack rewrites the hostile replies of one round. (start arrays, hostile replies, honest arrays) -> None.
+Attack = Callable[[dict, list[Message], list[dict]], None]
+
+
+def boosted(factor: float) -> Attack:
+    """Each hostile node sends start + factor x (its own trained update), on the parameters."""
+    def attack(start, hostile, honest):
+        for reply in hostile:
+            trained = {k: a.numpy() for k, a in reply.content[wire.ARRAYS].items()}
+            _set(reply, {k: (start[k] + factor * (trained[k] - start[k])).astype(trained[k].dtype)
+                         for k in update_keys(start)})
+    return attack
+
+
+def against_honest(length: float | None, factor: float | None = None) -> Attack:
+    """Omniscient: start − (the honest mean update) scaled to ``length`` x the median honest norm (or by
+    ``factor``): the direction that undoes the honest step, at a length the attacker chooses."""
+    def attack(start, hostile, honest):
+        keys = update_keys(start)
+        mean = _honest_mean_update(honest, start, keys)
+        norms = [_norm(h, start, keys) for h in honest]
+        mean_norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in mean.values())) or 1.0
+        scale = factor if factor is not None else length * float(np.median(norms)) / mean_norm
+        for reply in hostile:
+            _set(reply, {k: (start[k] - scale * mean[k]).astype(start[k].dtype) for k in keys})
+    return attack
+
+
+def inflated_claim(start, hostile, honest):
+    """Honest arrays, num-examples claimed as 10^9."""
+    for reply in hostile:
+        reply.content[wire.METRICS][wire.NUM_EXAMPLES] = 10**9
+
+
+def bn_shift(start, hostile, honest):
+    """Every BN running_mean moved by 1.2 running standard deviations (inside every magnitude bound)."""
+    for reply in hostile:
+        arrays = {k: a.numpy() for k, a in reply.content[wire.ARRAYS].items()}
+        _set(reply, {k: (v + np.float32(1.2) * np.sqrt(arrays[k.replace("running_mean", "running_var")]))
+                     .astype(v.dtype) for k, v in arrays.items() if k.endswith("running_mean")})
+
+
+def forged(start, hostile, honest):
+    """Arrays whose bytes are not what their metadata declares, a complex payload, and metrics at ±1e308."""
+    for i, reply in enumerate(hostile):
+        record = reply.content[wire.ARRAYS]
+        key = update_keys(start)[0]
+        payload = Array(np.zeros(3, np.float32)) if i % 2 == 0 else Array(np.full(start[key].shape, 1 + 1j))
+        record[key] = Array(dtype=str(start[key].dtype), shape=tuple(start[key].shape), stype=payload.stype,
+                            data=payload.data)
+        reply.content[wire.METRICS][wire.TRAIN_LOSS] = 1e308 if i % 2 == 0 else -1e308
+
+
+# name -> (attack, hostile node count, nodes in the federation: None = --clients, honest replies dropped)
+ATTACKS: dict[str, tuple[Attack, int, int | None, int]] = {
+    "inflated num-examples (1 of 6)": (inflated_claim, 1, None, 0),
+    "boosted x30 (1 of 6)": (boosted(30.0), 1, None, 0),
+    "reversed at 1.9x honest norm (1 of 6)": (against_honest(1.9), 1, None, 0),
+    "reversed x30, Sybils (2 of 6)": (against_honest(None, 30.0), 2, None, 0),
+    "BN running_mean +1.2 sd (1 of 6)": (bn_shift, 1, None, 0),
+    "forged arrays and metrics (1 of 6)": (forged, 1, None, 0),
+    "boosted x1240, two-reply rounds (1 of 3, one honest lost)": (boosted(1240.0), 1, 3, 1),
+}
 
 
 class HostileGrid(InProcessGrid):
-    """In-process grid whose node ``ATTACKER`` replaces its trained parameters w by g + factor × (w − g)."""
+    """In-process grid whose first ``hostile`` nodes run ``attack`` on their replies; ``dropped`` honest
+    replies are lost every round. Measures D each round with the run's own screening and averaging."""
 
-    def __init__(self, run_config: dict, num_nodes: int, factor: float | None) -> None:
+    def __init__(self, run_config: dict, num_nodes: int, attack: Attack | None, hostile: int, dropped: int) -> None:
         super().__init__(run_config, num_nodes)
-        self.factor = factor
+        self.attack, self.hostile_ids = attack, set(range(FIRST_NODE_ID, FIRST_NODE_ID + hostile))
+        self.dropped = set(range(FIRST_NODE_ID + num_nodes - dropped, FIRST_NODE_ID + num_nodes))
+        self.config = RunConfig.from_mapping(run_config)
+        self.damages: list[float] = []
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        if self.factor is None:
+        replies = [r for r in super().send_and_receive(messages, timeout=timeout)
+                   if r.metadata.src_node_id not in self.dropped]
+        if self.attack is None or not messages:
             return replies
-        sent = {m.metadata.dst_node_id: m.content[wire.ARRAYS] for m in messages}
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            if node_id == ATTACKER and node_id in sent and not reply.has_error():
-                arrays = reply.content[wire.ARRAYS]
-                start = {k: a.numpy() for k, a in sent[node_id].items()}
-                for key in parameter_keys(start):
-                    trained = arrays[key].numpy()
-                    arrays[key] = Array(np.ascontiguousarray(
-                        (start[key] + self.factor * (trained - start[key])).astype(trained.dtype)))
+        start = {k: a.numpy() for k, a in messages[0].content[wire.ARRAYS].items()}
+        hostile = [r for r in replies if r.metadata.src_node_id in self.hostile_ids and not r.has_error()]
+        honest = [r for r in replies if r.metadata.src_node_id not in self.hostile_ids]
+        self.attack(start, hostile, [{k: a.numpy() for k, a in r.content[wire.ARRAYS].items()}
+                                     for r in honest if not r.has_error()])
+        self.damages.append(self.damage(start, replies, honest))
         return replies
 
+    def aggregate(self, start: dict, replies: list[Message]) -> tuple[dict, list[CheckedReply]]:
+        """What the server makes of ``replies`` (the validated average; the start model if it keeps it)."""
+        config = self.config
+        weigh = AutoWeights(PartitionWeights(lambda count: partition_sizes(DataKey.of(config), count)))
+        checked = screen_replies(replies, start, weigh=weigh, clip_multiplier=config.clip_multiplier,
+                                 clamp_bn=config.bn_clamp)
+        if len(checked.accepted) < config.min_valid_replies:
+            return start, checked.accepted
+        return aggregate(checked.accepted, start, config.aggregation, config.trim_fraction), checked.accepted
 
-def run_one(run_config: dict, num_clients: int, factor: float | None) -> dict:
+    def damage(self, start: dict, replies: list[Message], honest: list[Message]) -> float:
+        keys = _floating(start)
+        mixed, _ = self.aggregate(start, replies)
+        alone, accepted = self.aggregate(start, honest)
+        norms = [_norm({k: a.numpy() for k, a in r.content[wire.ARRAYS].items()}, start, keys)
+                 for r in honest if not r.has_error()]
+        return _norm(mixed, alone, keys) / max(float(np.median(norms)), 1e-12) if norms else math.nan
+
+
+def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, hostile: int = 0,
+            dropped: int = 0) -> dict:
     """One federation; returns the figures this benchmark compares."""
     config = RunConfig.from_mapping(run_config)
+    grid = HostileGrid(run_config, num_clients, attack, hostile, dropped)
+    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                  run_config=dict(run_config)))
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    reused = "test_accuracy" in results
-    if not reused:  # not finished before (an interrupted benchmark continues here)
-        grid = HostileGrid(run_config, num_clients, factor)
-        server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                      run_config=dict(run_config)))
-        results = json.loads(results_file.read_text())
+    results = json.loads(results_file.read_text())
     replies = [r for rnd in results["rounds"] for r in rnd.get("replies", [])]
-    honest = [r for r in replies if factor is None or r["node_id"] != ATTACKER]
-    hostile = [r for r in replies if factor is not None and r["node_id"] == ATTACKER]
+    honest = [r for r in replies if r["node_id"] not in grid.hostile_ids]
+    hostile = [r for r in replies if r["node_id"] in grid.hostile_ids]
     return {"bva": results["best_val_accuracy"], "best_round": results["best_round"],
-            "final_val": results["rounds"][-1]["val_accuracy"], "test": results["test_accuracy"],
-            "initial_val": results["initial"]["val_accuracy"],
+            "test": results["test_accuracy"], "initial_val": results["initial"]["val_accuracy"],
+            "damage_max": float(np.nanmax(grid.damages)) if grid.damages else None,
+            "damage_mean": float(np.nanmean(grid.damages)) if grid.damages else None,
+            "rounds_kept": sum(not r["aggregated"] for r in results["rounds"]),
             "honest_rejected": sum(not r["accepted"] for r in honest), "honest_replies": len(honest),
+            "honest_clipped": sum(1 for r in honest if r["accepted"] and (r["clip_scale"] or 1) < 1),
+            "honest_bn_clamped": sum(1 for r in honest if r["accepted"] and r["bn_clamped"]),
+            "honest_weight_changed": sum(1 for r in honest if r["accepted"] and r["weight"] != r["num_examples"]),
             "hostile_rejected": sum(not r["accepted"] for r in hostile), "hostile_replies": len(hostile),
-            "reused": reused}
+            "hostile_clipped": sum(1 for r in hostile if r["accepted"] and (r["clip_scale"] or 1) < 1)}
 
 
-def plan(attacks: dict[str, float], seeds: list[int]) -> list[tuple[str, str, float | None, int]]:
-    """(scenario, defense, factor, seed) for every run: honest with and without the defaults, each attack,
-    then honest with the robust aggregators (what they cost without any attacker)."""
-    cells = [("honest", defense, None, seed) for defense in ("defaults", "none") for seed in seeds]
-    cells += [(attack, defense, factor, seed) for attack, factor in attacks.items() for defense in DEFENSES
-              for seed in seeds]
-    cells += [("honest", defense, None, seed) for defense in ("median", "trimmed-mean") for seed in seeds]
-    return cells
+def base_config(args: argparse.Namespace, out: Path) -> dict:
+    config = {"num-server-rounds": args.rounds, "max-train-samples": args.max_train_samples,
+              "val-fraction": args.val_fraction, "test-split": args.test_split, "device": "cpu", "probe-size": 0,
+              "out-dir": str(out / "runs"), "dataset": args.dataset, "alpha": args.alpha,
+              "min-partition-size": args.min_partition_size}
+    return config
 
 
-def run_all(args: argparse.Namespace) -> dict:
+def run_attacks(args: argparse.Namespace, out: Path) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
-    attacks = {name: float(factor) for name, factor in (item.split("=") for item in args.attacks.split(","))}
-    out = Path(args.out).resolve()
-    base = {"num-server-rounds": args.rounds, "max-train-samples": args.max_train_samples,
-            "val-fraction": args.val_fraction, "test-split": args.test_split, "device": "cpu", "probe-size": 0,
-            "out-dir": str(out / "runs")}
-    runs = []
-    started = time.time()
-    for scenario, defense, factor, seed in tqdm(plan(attacks, seeds), desc="fedsq-defenses", unit="run"):
-        run_config = {**base, **DEFENSES[defense], "seed": seed, "run-name": f"{scenario}-{defense}-s{seed}"}
-        runs.append({"scenario": scenario, "defense": defense, "factor": factor, "seed": seed,
-                     **run_one(run_config, args.clients, factor)})
-    sizes = {"clients": args.clients, "hostile": 1, "rounds": args.rounds, "max_train_samples": args.max_train_samples,
-             "val_fraction": args.val_fraction, "test_split": args.test_split, "seeds": seeds, "attacks": attacks,
-             "wall_time_s": time.time() - started}
-    return {"sizes": sizes, "runs": runs}
+    base = base_config(args, out)
+    cells = [("honest", "none", seed) for seed in seeds] + [("honest", "defaults", seed) for seed in seeds]
+    for name, (_, _, nodes, _) in ATTACKS.items():
+        defenses = ["none", "defaults", "two-silo mode"] if nodes == 3 else list(DEFENSES)
+        cells += [(name, defense, seed) for defense in defenses for seed in seeds]
+    runs, started = [], time.time()
+    for scenario, defense, seed in tqdm(cells, desc="fedsq-defenses attacks", unit="run"):
+        attack, hostile, nodes, dropped = ATTACKS.get(scenario, (None, 0, None, 0))
+        keys = TWO_SILO if defense == "two-silo mode" else DEFENSES[defense]
+        slug = "".join(c if c.isalnum() else "-" for c in scenario)[:40]
+        run_config = {**base, **keys, "seed": seed, "run-name": f"{slug}-{defense.replace(' ', '-')}-s{seed}"}
+        runs.append({"scenario": scenario, "defense": defense, "seed": seed,
+                     **run_one(run_config, nodes or args.clients, attack, hostile, dropped)})
+    return {"experiment": "attacks", "sizes": {**base, "clients": args.clients, "seeds": seeds,
+                                               "wall_time_s": time.time() - started}, "runs": runs}
 
 
-def summarise(report: dict) -> dict:
-    runs, seeds = report["runs"], report["sizes"]["seeds"]
-
-    def bva(scenario: str, defense: str) -> dict[int, float]:
-        return {r["seed"]: r["bva"] for r in runs if (r["scenario"], r["defense"]) == (scenario, defense)}
-
-    on, off = bva("honest", "defaults"), bva("honest", "none")
-    honest = [r for r in runs if r["scenario"] == "honest" and r["defense"] == "defaults"]
-    cost = {"paired": paired_test([on[s] - off[s] for s in seeds if s in on and s in off]),
-            "defaults": mean_std(list(on.values())), "none": mean_std(list(off.values())),
-            "honest_rejected": sum(r["honest_rejected"] for r in honest),
-            "honest_replies": sum(r["honest_replies"] for r in honest)}
-    rows = []
-    for attack, factor in report["sizes"]["attacks"].items():
-        for defense in DEFENSES:
-            cell = [r for r in runs if (r["scenario"], r["defense"]) == (attack, defense)]
-            if not cell:
-                continue
-            same = bva("honest", defense)  # the same aggregation without an attacker
-            rows.append({"attack": attack, "factor": factor, "defense": defense,
-                         "bva": mean_std([r["bva"] for r in cell]),
-                         "vs_honest": paired_test([r["bva"] - off[r["seed"]] for r in cell if r["seed"] in off]),
-                         "vs_same_honest": paired_test([r["bva"] - same[r["seed"]] for r in cell if r["seed"] in same]),
-                         "hostile_rejected": sum(r["hostile_rejected"] for r in cell),
-                         "hostile_replies": sum(r["hostile_replies"] for r in cell),
-                         "honest_rejected": sum(r["honest_rejected"] for r in cell),
-                         "honest_replies": sum(r["honest_replies"] for r in cell)})
-    robust = {defense: {"bva": mean_std(list(bva("honest", defense).values())),
-                        "vs_none": paired_test([v - off[s] for s, v in bva("honest", defense).items() if s in off])}
-              for defense in ("median", "trimmed-mean") if bva("honest", defense)}
-    return {"cost": cost, "robust_cost": robust, "attacks": rows}
+def run_cost(args: argparse.Namespace, out: Path) -> dict:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = base_config(args, out)
+    runs, started = [], time.time()
+    cells = [(defense, seed) for seed in seeds for defense in ("defaults", "none")]
+    for defense, seed in tqdm(cells, desc="fedsq-defenses cost", unit="run"):
+        run_config = {**base, **DEFENSES[defense], "seed": seed, "run-name": f"cost-{defense}-s{seed}"}
+        runs.append({"scenario": "honest", "defense": defense, "seed": seed, **run_one(run_config, args.clients)})
+    return {"experiment": "cost", "sizes": {**base, "clients": args.clients, "seeds": seeds,
+                                            "wall_time_s": time.time() - started}, "runs": runs}
 
 
-def _pct(pair: tuple[float, float]) -> str:
-    mean, std = pair
-    return "–" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+def _pct(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return "–" if not values or math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def _ci(test: dict) -> str:
     if not test["n"] or math.isnan(test["mean"]):
         return "–"
     if math.isnan(test["low"]):
-        return f"{100 * test['mean']:+.1f} (n={test['n']})"
-    return f"{100 * test['mean']:+.1f} [{100 * test['low']:+.1f}, {100 * test['high']:+.1f}]"
+        return f"{100 * test['mean']:+.2f} (n={test['n']})"
+    return f"{100 * test['mean']:+.2f} [{100 * test['low']:+.2f}, {100 * test['high']:+.2f}]"
 
 
-def markdown(report: dict, summary: dict) -> str:
-    sizes, cost = report["sizes"], summary["cost"]
-    lines = [f"Sizes: {sizes['clients']} clients (1 hostile in the attack runs), {sizes['rounds']} rounds, "
-             f"max-train-samples={sizes['max_train_samples']} (val-fraction {sizes['val_fraction']}), "
-             f"test-split {sizes['test_split']}, seeds "
-             f"{sizes['seeds']}; FedSQ, small CNN, embedded Fashion-MNIST, Dirichlet α=0.3, everything else the "
-             f"default run config. {len(report['runs'])} runs ({sum(not r['reused'] for r in report['runs'])} new ones "
-             f"in {sizes['wall_time_s'] / 60:.1f} min). BVA in %, "
-             "mean ± std over seeds; differences in percentage points with the paired 95% CI over seeds.", "",
-             "**Cost (honest federation)**", "",
-             "| defaults | BVA | honest replies rejected |", "|---|---|---|",
-             f"| on | {_pct(cost['defaults'])} | {cost['honest_rejected']} of {cost['honest_replies']} |",
-             f"| off | {_pct(cost['none'])} | – |",
-             f"| on − off (paired) | {_ci(cost['paired'])} pp | |", ""]
-    if summary.get("robust_cost"):
-        lines += ["| honest, aggregation | BVA | − mean without defenses (paired, pp) |", "|---|---|---|"]
-        lines += [f"| {name} | {_pct(row['bva'])} | {_ci(row['vs_none'])} |"
-                  for name, row in summary["robust_cost"].items()]
-        lines.append("")
-    lines += ["**Benefit (1 of the clients hostile every round)**", "",
-              "| attack | defense | BVA | vs honest, no defenses (pp) | vs honest, same defense (pp) | "
-              "hostile replies rejected | honest replies rejected |", "|---|---|---|---|---|---|---|"]
-    for row in summary["attacks"]:
-        lines.append(f"| {row['attack']} (×{row['factor']:g}) | {row['defense']} | {_pct(row['bva'])} | "
-                     f"{_ci(row['vs_honest'])} | {_ci(row['vs_same_honest'])} | "
-                     f"{row['hostile_rejected']} of {row['hostile_replies']} | "
-                     f"{row['honest_rejected']} of {row['honest_replies']} |")
+def _count(runs: list[dict], key: str, total: str) -> str:
+    return f"{sum(r[key] for r in runs)} of {sum(r[total] for r in runs)}"
+
+
+def markdown(report: dict) -> str:
+    sizes, runs = report["sizes"], report["runs"]
+    head = (f"Sizes: {sizes['clients']} clients, {sizes['num-server-rounds']} rounds, dataset {sizes['dataset']}, "
+            f"max-train-samples {sizes['max-train-samples']}, Dirichlet α = {sizes['alpha']}, seeds {sizes['seeds']}; "
+            f"FedSQ, small CNN, everything else the default run config. {len(runs)} runs in "
+            f"{sizes['wall_time_s'] / 60:.1f} min.")
+    if report["experiment"] == "cost":
+        on = {r["seed"]: r for r in runs if r["defense"] == "defaults"}
+        off = {r["seed"]: r for r in runs if r["defense"] == "none"}
+        paired = paired_test([on[s]["bva"] - off[s]["bva"] for s in on if s in off])
+        cells = list(on.values())
+        return "\n".join([head, "", "| defenses | BVA (%) | honest replies rejected | honest weights changed | "
+                          "honest updates norm-clipped | honest replies with BN coordinates clamped |",
+                          "|---|---|---|---|---|---|",
+                          f"| defaults | {_pct([r['bva'] for r in cells])} | "
+                          f"{_count(cells, 'honest_rejected', 'honest_replies')} | "
+                          f"{_count(cells, 'honest_weight_changed', 'honest_replies')} | "
+                          f"{_count(cells, 'honest_clipped', 'honest_replies')} | "
+                          f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |",
+                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – |", "",
+                          f"Honest cost, defaults − none (paired over {paired['n']} seeds, pp): {_ci(paired)}", ""])
+    lines = [head, "", "D = ‖aggregate − honest-only aggregate‖ / median honest update norm, per round (mean over "
+             "rounds, and the worst round); BVA in %, mean ± std over seeds.", "",
+             "| attack | defense | accepted (hostile replies) | D mean | D max | BVA | rounds that kept the model |",
+             "|---|---|---|---|---|---|---|"]
+    for scenario in dict.fromkeys(r["scenario"] for r in runs):
+        for defense in dict.fromkeys(r["defense"] for r in runs if r["scenario"] == scenario):
+            cell = [r for r in runs if (r["scenario"], r["defense"]) == (scenario, defense)]
+            accepted = sum(r["hostile_replies"] - r["hostile_rejected"] for r in cell)
+            clipped = sum(r["hostile_clipped"] for r in cell)
+            # A round whose honest replies all failed (the model already destroyed) has no D: left out.
+            damages = [r["damage_mean"] for r in cell if r["damage_mean"] is not None and not math.isnan(r["damage_mean"])]
+            worst = [r["damage_max"] for r in cell if r["damage_max"] is not None and not math.isnan(r["damage_max"])]
+            shown = "–" if scenario == "honest" else \
+                f"{accepted} of {sum(r['hostile_replies'] for r in cell)} ({clipped} clipped)"
+            lines.append(f"| {scenario} | {defense} | {shown} | "
+                         f"{np.mean(damages):.2f} | {max(worst):.2f} | " if damages else
+                         f"| {scenario} | {defense} | {shown} | – | – | ")
+            lines[-1] += f"{_pct([r['bva'] for r in cell])} | {sum(r['rounds_kept'] for r in cell)} |"
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, summary: dict, path: Path) -> None:
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = list(report["sizes"]["attacks"])
-    groups = ["honest"] + attacks
-    figure, axis = plt.subplots(figsize=(1.6 + 2.2 * len(groups), 3.6))
-    width = 0.8 / len(DEFENSES)
-    for j, defense in enumerate(DEFENSES):
-        means, stds = [], []
-        for group in groups:
-            values = [r["bva"] for r in report["runs"] if (r["scenario"], r["defense"]) == (group, defense)]
-            mean, std = mean_std(values)
-            means.append(100 * mean if values else math.nan)
-            stds.append(100 * std if values else 0.0)
-        axis.bar(np.arange(len(groups)) + (j - (len(DEFENSES) - 1) / 2) * width, means, width, yerr=stds,
-                 capsize=2, label=defense, color=f"C{j}")
-    axis.set_xticks(np.arange(len(groups)),
-                    ["honest"] + [f"{a} (×{report['sizes']['attacks'][a]:g})" for a in attacks])
-    axis.set_ylabel("best validation accuracy (%)")
-    sizes = report["sizes"]
-    axis.set_title(f"{sizes['clients']} clients (1 hostile in the attacks), {sizes['rounds']} rounds, "
-                   f"{len(sizes['seeds'])} seeds (mean ± std)", fontsize=9)
-    axis.legend(title="defense", fontsize=8)
+    runs = [r for r in report["runs"] if r["damage_mean"] is not None]
+    scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
+    defenses = list(dict.fromkeys(r["defense"] for r in runs))
+    figure, axis = plt.subplots(figsize=(2 + 1.6 * len(scenarios), 4))
+    width = 0.8 / max(len(defenses), 1)
+    for j, defense in enumerate(defenses):
+        values = [np.mean([r["damage_mean"] for r in runs if (r["scenario"], r["defense"]) == (s, defense)] or
+                          [math.nan]) for s in scenarios]
+        axis.bar(np.arange(len(scenarios)) + (j - (len(defenses) - 1) / 2) * width, values, width, label=defense)
+    axis.set_yscale("symlog", linthresh=1.0)
+    axis.axhline(0.5, color="grey", lw=0.8, ls="--")
+    axis.axhline(1.0, color="grey", lw=0.8, ls=":")
+    axis.set_xticks(np.arange(len(scenarios)), [s.replace(" (", "\n(") for s in scenarios], fontsize=7)
+    axis.set_ylabel("damage D (mean over rounds)")
+    axis.legend(title="defense", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -236,25 +332,35 @@ def plot(report: dict, summary: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsq-defenses", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/defenses")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--max-train-samples", type=int, default=600)
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--test-split", default="test[:500]", help="test rows (touched once per run)")
-    parser.add_argument("--attacks", default="sign-flip=-10,scaled=10",
-                        help="name=factor,...: the hostile client sends global + factor x its update")
+    parser.add_argument("experiment", choices=["attacks", "cost"])
+    parser.add_argument("--out", default="")
+    parser.add_argument("--seeds", default="")
+    parser.add_argument("--rounds", type=int, default=0)
+    parser.add_argument("--clients", type=int, default=0)
+    parser.add_argument("--dataset", default="")
+    parser.add_argument("--alpha", type=float, default=0.0)
+    parser.add_argument("--max-train-samples", type=int, default=0)
+    parser.add_argument("--min-partition-size", type=int, default=5)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-split", default="test[:1000]", help="test rows (touched once per run)")
     args = parser.parse_args(argv)
-    report = run_all(args)
-    summary = summarise(report)
+    defaults = {"attacks": dict(out="outputs/defenses", seeds="0,1,2", rounds=4, clients=6, dataset="embedded",
+                                alpha=0.3, max_train_samples=1200),
+                "cost": dict(out="outputs/defenses-cost", seeds="0,1,2,3,4", rounds=8, clients=20,
+                             dataset="idx:/usr/share/datasets/fashion-mnist", alpha=0.05, max_train_samples=6000)}
+    for key, value in defaults[args.experiment].items():
+        if not getattr(args, key):
+            setattr(args, key, value)
     out = Path(args.out).resolve()
-    table = markdown(report, summary)
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_attacks(args, out) if args.experiment == "attacks" else run_cost(args, out)
+    table = markdown(report)
     (out / "summary.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps({**report, "summary": summary}, indent=2))
-    plot(report, summary, out / "defenses.png")
+    (out / "summary.json").write_text(json.dumps(report, indent=2))
+    if report["experiment"] == "attacks":
+        plot(report, out / "damage.png")
     print(table)
-    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and {out / 'defenses.png'}")
+    print(f"wrote {out / 'summary.md'} and {out / 'summary.json'}")
 
 
 if __name__ == "__main__":
