@@ -21,7 +21,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-overrides="${1:-num-server-rounds=4 max-train-samples=3000 device='cpu'}"
+overrides="${1:-num-server-rounds=4 max-train-samples=3000 device='cpu' min-valid-replies=2}"  # two silos
 venv="$repo/.venv/bin"
 work="$(mktemp -d /tmp/fedsq-measure.XXXXXX)"
 export PATH="$venv:$PATH"

@@ -246,7 +246,8 @@ record supernodes_online_s "$t"
 t="$(now)"
 # 1,000 training samples across the two silos (as tests/test_deployment.py): the demo's code path at a
 # cost that fits a test; FEDSQ_DOCKER_RUN_CONFIG="max-train-samples=0" trains on everything.
-OVERRIDES="num-server-rounds=$ROUNDS out-dir='/app/outputs' run-name='$RUN_NAME' device='cpu' max-train-samples=1000"
+# Two silos: the two-silo mode (docs/RELIABILITY.md).
+OVERRIDES="num-server-rounds=$ROUNDS out-dir='/app/outputs' run-name='$RUN_NAME' device='cpu' max-train-samples=1000 min-valid-replies=2"
 OVERRIDES="$OVERRIDES ${FEDSQ_DOCKER_RUN_CONFIG:-}"
 "$FLWR" run . "$CONN" --run-config "$OVERRIDES" --format json >"$WORK/logs/flwr-run.json" 2>"$WORK/logs/flwr-run.log" ||
   { cat "$WORK/logs/flwr-run.json" "$WORK/logs/flwr-run.log" >&2; exit 1; }

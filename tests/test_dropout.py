@@ -5,7 +5,8 @@ round, and results.json must record the reply that never came.
 Timeline (why it is bounded): round 1 waits the full ``round-timeout`` for the dead node, then aggregates
 the two live ones (min-train-nodes=2). Round 2 still samples the dead node (the SuperLink lists it until
 its heartbeat expires, about 60 s after the kill) and gets a "Node Unavailable" error reply from the
-SuperLink at the latest by then. min-available-nodes=2 keeps Flower from waiting forever for a third node.
+SuperLink at the latest by then. min-available-nodes=2 keeps Flower from waiting forever for a third node,
+and min-valid-replies=2 (the two-silo mode) lets a round of two survivors change the model.
 
 FEDSQ_SKIP_DEPLOYMENT_TEST=1 skips this module (as it does tests/test_deployment.py).
 """
@@ -59,6 +60,7 @@ def test_sigkilled_supernode_during_round_1_does_not_stop_the_run(fedsq_cache, t
         run_config = " ".join([
             "num-server-rounds=2", "max-train-samples=300", f'out-dir="{out_dir}"', 'run-name="dropout"',
             f"round-timeout={ROUND_TIMEOUT_S}", "min-train-nodes=2", "min-available-nodes=2", "fraction-train=1.0",
+            "min-valid-replies=2",  # two survivors: the two-silo mode (docs/RELIABILITY.md)
             'device="cpu"', "probe-size=0",
         ])
         run = processes.start("flwr-run", [tool("flwr"), "run", ".", "loop", "--stream", "--run-config", run_config],

@@ -169,14 +169,14 @@ def test_example_app_runs_two_rounds_in_simulation(tmp_path, monkeypatch):
     # run_simulation hands the apps an empty run config: inject the doc's pyproject's.
     server, client = apps_with_run_config(run_config, server_module.main, client_module.train,
                                           client_module.evaluate)
-    run_simulation(server_app=server, client_app=client, num_supernodes=2,
+    run_simulation(server_app=server, client_app=client, num_supernodes=3,  # FedSQ's min_valid_replies=3
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "logging_level": "ERROR"}})
 
     (strategy,) = strategies
     assert sorted(strategy.round_replies) == [1, 2]
     for server_round, replies in strategy.round_replies.items():
-        assert (len(replies.accepted), replies.rejected) == (2, []), (server_round, replies.rejected)
+        assert (len(replies.accepted), replies.rejected) == (3, []), (server_round, replies.rejected)
     final = load_file(str(tmp_path / "final_model.safetensors"))
     start = task.load_pretrained().state_dict()
     assert final.keys() == start.keys()  # Q only, with the plain Net's keys: S never travelled

@@ -13,7 +13,7 @@ short runs fit on a small CPU machine). Two experiments:
    95 % CI, honest replies rejected, honest weights changed, and how often honest updates were clipped.
 
     fedsq-defenses attacks --out outputs/defenses
-    fedsq-defenses cost --dataset idx:/usr/share/datasets/fashion-mnist --out outputs/defenses-cost
+    fedsq-defenses cost --pretrained ~/.cache/fedsq/backbones/smallcnn-embedded.safetensors
 
 Prints the tables and writes ``summary.md``, ``summary.json`` and a PNG.
 """
@@ -210,6 +210,8 @@ def base_config(args: argparse.Namespace, out: Path) -> dict:
               "val-fraction": args.val_fraction, "test-split": args.test_split, "device": "cpu", "probe-size": 0,
               "out-dir": str(out / "runs"), "dataset": args.dataset, "alpha": args.alpha,
               "min-partition-size": args.min_partition_size}
+    if args.pretrained:
+        config["pretrained"] = args.pretrained
     return config
 
 
@@ -342,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-samples", type=int, default=0)
     parser.add_argument("--min-partition-size", type=int, default=5)
     parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--pretrained", default="", help="run-config pretrained (default: 'auto')")
     parser.add_argument("--test-split", default="test[:1000]", help="test rows (touched once per run)")
     args = parser.parse_args(argv)
     defaults = {"attacks": dict(out="outputs/defenses", seeds="0,1,2", rounds=4, clients=6, dataset="embedded",
