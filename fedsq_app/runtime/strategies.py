@@ -48,7 +48,9 @@ def make_strategy(config, structural_sha256: str, max_examples: int | None = Non
     """The strategy ``config`` (a RunConfig) names. ``max_examples``: a fixed bound on num-examples when the
     run config sets none (None: no bound; a silo's data is its own, so the server's pool says nothing about
     it; claims are clipped instead)."""
-    common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
+    # Federated evaluation (each node's own validation data) only when fraction-evaluate > 0.
+    common = dict(fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
+                  min_evaluate_nodes=1,
                   min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
                   min_valid_replies=config.min_valid_replies, max_update_norm_ratio=config.max_update_norm_ratio,
                   max_num_examples_ratio=config.max_num_examples_ratio, aggregation=config.aggregation,
