@@ -235,7 +235,7 @@ def _app_config_keys() -> set[str]:
 
 
 def _toml_value(value: object) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    return json.dumps(value) if isinstance(value, (str, bool)) else str(value)  # TOML: "x", true, 1.0
 
 
 def run_config_overrides(out_dir: Path, run_name: str = RUN_NAME, extra: dict | None = None) -> str:
