@@ -29,6 +29,7 @@ from fedsq_app.runtime.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.runtime.models import save_checkpoint
 from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.train import evaluate, pick_device
+from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, validation_source
 from fedsq_app.runtime.warmup import switch_to_structural
 from fedsq_app.task import StartModel, build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.util import ConfigError, write_atomic
@@ -218,26 +219,12 @@ def _best(run: Run) -> float | None:
     return run.best_acc if run.best_acc > NO_BEST else None
 
 
-def _fmt(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4f}"
-
-
 def node_validation(run: Run, server_round: int, grid: Grid) -> dict | None:
-    """Federated evaluation (``fraction-evaluate`` > 0): Flower's configure_evaluate sends the global model,
-    each sampled node validates it on its own data, every reply is screened (core/evaluation.py). Returns
-    the round's record for results.json (per-node accuracy and counts, the weighted accuracy), or None."""
+    """The nodes' own validation of the current global model (``fraction-evaluate`` > 0), else None."""
     if run.config.fraction_evaluate <= 0:
         return None
-    messages = list(run.strategy.configure_evaluate(server_round, run.arrays, ConfigRecord({}), grid))
-    replies = send_and_receive(grid, messages, timeout=run.config.round_timeout) if messages else []
-    run.strategy.aggregate_evaluate(server_round, replies)
-    checked = run.strategy.evaluate_rounds.get(server_round)
-    record = checked.to_json() if checked is not None else {"accuracy": None, "nodes": {}, "rejected": []}
-    record.update(expected=len(messages), received=len(replies))
-    for node_id, entry in record["nodes"].items():
-        log(INFO, "\t> node %s: validation accuracy %.4f on %d of its own samples", node_id, entry["accuracy"],
-            entry["num_examples"])
-    return record
+    return federated_evaluation(run.strategy, run.arrays, server_round, grid, send_and_receive,
+                                run.config.round_timeout)
 
 
 def validate(run: Run, nodes: dict | None) -> tuple[float | None, float | None]:
@@ -246,13 +233,6 @@ def validate(run: Run, nodes: dict | None) -> tuple[float | None, float | None]:
     if run.config.server_validation:
         return evaluate(run.model, run.validation, run.start.spec, device=run.device)
     return (nodes or {}).get("loss"), (nodes or {}).get("accuracy")
-
-
-def validation_source(config: RunConfig, validation_size: int) -> str:
-    if config.server_validation:
-        return f"server: its held-out validation split ({validation_size} samples)"
-    return (f"nodes: sample-weighted accuracy on the nodes' own validation data (fraction-evaluate="
-            f"{config.fraction_evaluate:g}; server-validation=false)")
 
 
 def set_up(context: Context) -> Run:
