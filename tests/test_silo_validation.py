@@ -197,3 +197,18 @@ def test_bva_comes_from_the_silos_when_the_server_validates_nothing(fedsq_cache,
     assert results["best_val_accuracy"] == max(curve)
     assert results["rounds_to_best"] == curve.index(max(curve))
     assert all(r["accepted"] == 2 for r in results["rounds"])
+
+
+def test_evaluate_messages_name_the_structural_copy():
+    """A node evaluates the global Q under the S the server names, as it trains under it."""
+    from fedsq_app.core.strategy import FedSQ
+    from fedsq_app.harness.inprocess import InProcessGrid
+
+    strategy = FedSQ(structural_sha256="abc123", fraction_evaluate=0.5, min_evaluate_nodes=1,
+                     min_available_nodes=2)
+    messages = list(strategy.configure_evaluate(3, ArrayRecord(), ConfigRecord({}), InProcessGrid({}, 4)))
+    assert len(messages) == 2  # Flower's sampling: half of the 4 nodes
+    for message in messages:
+        assert message.metadata.message_type.startswith("evaluate")
+        assert message.content["config"]["structural-sha256"] == "abc123"
+        assert message.content["config"]["server-round"] == 3
