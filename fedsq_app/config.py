@@ -87,6 +87,7 @@ class RunConfig:
     fraction_evaluate: float = 0.0  # share of nodes asked each round for their own validation accuracy; 0 = off
     local_val_fraction: float = 0.1  # a node's held-out share when it has no validation split of its own
     server_validation: bool = True  # false: the server holds no validation data; BVA from the nodes' accuracy
+    evaluate_every: int = 1  # ask the nodes every k rounds (and in the last round); other rounds: no node validation
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
@@ -182,6 +183,7 @@ class RunConfig:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         if not 0 < self.local_val_fraction < 1:
             raise ConfigError(f"local-val-fraction must be in (0, 1), got {self.local_val_fraction}")
+        _at_least("evaluate-every", self.evaluate_every, 1)
         if not self.server_validation and self.fraction_evaluate <= 0:
             raise ConfigError("server-validation=false needs fraction-evaluate > 0: with no validation on the "
                               "server, the best round can only be chosen on the nodes' own validation accuracy")

@@ -220,8 +220,11 @@ def _best(run: Run) -> float | None:
 
 
 def node_validation(run: Run, server_round: int, grid: Grid) -> dict | None:
-    """The nodes' own validation of the current global model (``fraction-evaluate`` > 0), else None."""
-    if run.config.fraction_evaluate <= 0:
+    """The nodes' own validation of the current global model (``fraction-evaluate`` > 0, every
+    ``evaluate-every`` rounds, round 0 and the last round included), else None."""
+    config = run.config
+    if config.fraction_evaluate <= 0 or (server_round % config.evaluate_every
+                                         and server_round != config.num_server_rounds):
         return None
     return federated_evaluation(run.strategy, run.arrays, server_round, grid, send_and_receive,
                                 run.config.round_timeout)

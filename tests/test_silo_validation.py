@@ -179,23 +179,28 @@ def test_a_silo_with_pretraining_images_is_refused_unless_allowed(fedsq_cache, s
 
 
 def test_bva_comes_from_the_silos_when_the_server_validates_nothing(fedsq_cache, silos, tmp_path):
-    run = {"num-server-rounds": 2, "max-train-samples": 300, "fraction-evaluate": 1.0,
+    """server-validation=false: BVA and rounds-to-best from the silos' weighted accuracy, asked every 2
+    rounds (round 0 and the last round always): round 1 has no validation and is no candidate."""
+    run = {"num-server-rounds": 3, "max-train-samples": 300, "fraction-evaluate": 1.0, "evaluate-every": 2,
            "server-validation": False, "out-dir": str(tmp_path), "run-name": "silos", "probe-size": 0}
     nodes = [{"data-path": silos[0]}, {"data-path": silos[1], "allow-pretrain-overlap": True}]
     results = simulate_in_process(run, 2, node_configs=nodes)
     assert results["validation_source"].startswith("nodes:")
-    curve = [results["initial"]["val_accuracy"]]
-    for record in [results["initial"], *results["rounds"]]:
+    skipped = results["rounds"][0]
+    assert skipped["round"] == 1 and skipped["val_accuracy"] is None and "node_validation" not in skipped
+    evaluated = [results["initial"], *results["rounds"][1:]]  # rounds 0, 2, 3
+    for record in evaluated:
         validation = record["node_validation"]
         assert sorted(e["num_examples"] for e in validation["nodes"].values()) == [23, 39]  # about 10 % of 240 and 390, per label
         assert validation["rejected"] == [] and validation["num_examples"] == 62
         weighted = sum(e["accuracy"] * e["num_examples"] for e in validation["nodes"].values()) / 62
         assert math.isclose(record["val_accuracy"], weighted) and math.isclose(validation["accuracy"], weighted)
-    curve += [r["val_accuracy"] for r in results["rounds"]]
     print("\nsilo validation per round:", [{n: round(e["accuracy"], 4) for n, e in r["node_validation"]["nodes"].items()}
-                                          for r in [results["initial"], *results["rounds"]]])
-    assert results["best_val_accuracy"] == max(curve)
-    assert results["rounds_to_best"] == curve.index(max(curve))
+                                          for r in evaluated])
+    curve = {0: results["initial"]["val_accuracy"], 2: evaluated[1]["val_accuracy"], 3: evaluated[2]["val_accuracy"]}
+    best = max(curve.values())
+    assert results["best_val_accuracy"] == best
+    assert results["rounds_to_best"] == min(r for r, v in curve.items() if v == best)
     assert all(r["accepted"] == 2 for r in results["rounds"])
 
 
