@@ -3,7 +3,7 @@
 #
 #   deploy/make-certs.sh [--out DIR] [--host NAME]... [--days N] [--force]
 #
-# Writes into DIR (default: deploy/certs next to this script):
+# Writes into DIR (default: $FEDSQ_CERTS_DIR, else deploy/certs next to this script):
 #   ca.crt      the demo CA certificate: give it to every SuperNode (--root-certificates) and to the
 #               user's machine (root-certificates = ... in $FLWR_HOME/config.toml); it is public
 #   ca.key      the CA's private key: keep it on the machine that made the certificates, never copy it
@@ -22,7 +22,7 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-out="$script_dir/certs"
+out="${FEDSQ_CERTS_DIR:-$script_dir/certs}"  # or --out; keep certificates outside a read-only checkout
 days=365
 force=0
 hosts=()

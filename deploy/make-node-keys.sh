@@ -4,7 +4,7 @@
 #   deploy/make-node-keys.sh [--out DIR] [--force] NAME...
 #   deploy/make-node-keys.sh [--out DIR] [--force] --count N        # names silo-1 .. silo-N
 #
-# For every NAME it writes into DIR (default: deploy/keys next to this script):
+# For every NAME it writes into DIR (default: $FEDSQ_KEYS_DIR, else deploy/keys next to this script):
 #   NAME        the private key (ECDSA P-384, "-----BEGIN OPENSSH PRIVATE KEY-----"): stays on that silo,
 #               passed as `flower-supernode --auth-supernode-private-key DIR/NAME`
 #   NAME.pub    the public key ("ecdsa-sha2-nistp384 AAAA... NAME"): goes to whoever runs the flwr CLI,
@@ -19,7 +19,7 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-out="$script_dir/keys"
+out="${FEDSQ_KEYS_DIR:-$script_dir/keys}"  # or --out; keep keys outside a read-only checkout
 force=0
 names=()
 while [ $# -gt 0 ]; do

@@ -92,6 +92,11 @@ class RunConfig:
     mask_cache: str = "auto"  # S's masks cached per client; auto: on when exact (no augmentation) and they fit
     mask_cache_max_mb: float = 1024.0  # cap on all mask caches of one process; over it: S runs every step
     amp: str = "off"  # bf16: Q under bfloat16 autocast, S's masks still decided in fp32
+    # Federated evaluation: each node's own validation data (docs/DEPLOYMENT.md, "Each silo's validation").
+    fraction_evaluate: float = 0.0  # share of nodes asked each round for their own validation accuracy; 0 = off
+    local_val_fraction: float = 0.1  # a node's held-out share when it has no validation split of its own
+    server_validation: bool = True  # false: the server holds no validation data; BVA from the nodes' accuracy
+    evaluate_every: int = 1  # ask the nodes every k rounds (and in the last round); other rounds: no node validation
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
@@ -182,6 +187,14 @@ class RunConfig:
             raise ConfigError(f"input-size is for {with_weights} (ImageNet weights); {self.model}'s head is sized "
                               "for its data's native resolution: leave input-size = 0")
         parse_classes(self.classes)  # raises on a malformed list
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if not 0 < self.local_val_fraction < 1:
+            raise ConfigError(f"local-val-fraction must be in (0, 1), got {self.local_val_fraction}")
+        _at_least("evaluate-every", self.evaluate_every, 1)
+        if not self.server_validation and self.fraction_evaluate <= 0:
+            raise ConfigError("server-validation=false needs fraction-evaluate > 0: with no validation on the "
+                              "server, the best round can only be chosen on the nodes' own validation accuracy")
 
     def check_server_paths(self) -> None:
         """Paths only the server reads (a client's run config carries them too, but they are not its own)."""
@@ -209,24 +222,35 @@ class RunConfig:
 @dataclass(frozen=True)
 class NodeConfig:
     """Which data this node trains on: a slice of the run's dataset (``partition-id`` / ``num-partitions``,
-    which simulation fills automatically), or the silo's own data (``data-path``: the silo is the partition)."""
+    which simulation fills automatically), or the silo's own data (``data-path``: the silo is the partition).
+    ``val-fraction``: the share of its data a node holds out for federated evaluation when it has no
+    validation split of its own (-1 = the run config's ``local-val-fraction``). ``allow-pretrain-overlap``:
+    train even on images the backbone was pretrained on (found by content; docs/DATA.md)."""
 
     partition_id: int = 0
     num_partitions: int = 1
     data_path: str = ""
+    val_fraction: float = -1.0
+    allow_pretrain_overlap: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> NodeConfig:
-        known = ("partition-id", "num-partitions", "data-path")
+        known = ("partition-id", "num-partitions", "data-path", "val-fraction", "allow-pretrain-overlap")
         for key in mapping:
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
                 raise ConfigError(f"unknown node-config key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint
                                                                         else f"; known keys: {', '.join(known)}"))
+        val_fraction = _coerce("val-fraction", mapping.get("val-fraction", -1.0), "float")
+        if val_fraction != -1.0 and not 0 < val_fraction < 1:
+            raise ConfigError(f"node config val-fraction must be in (0, 1), got {val_fraction}")
+        extra = dict(val_fraction=val_fraction,
+                     allow_pretrain_overlap=_coerce("allow-pretrain-overlap",
+                                                    mapping.get("allow-pretrain-overlap", False), "bool"))
         if mapping.get("data-path"):
             data_path = _coerce("data-path", mapping["data-path"], "str")
             partition_id = _coerce("partition-id", mapping.get("partition-id", 0), "int")  # only seeds training
-            return cls(partition_id, 1, data_path)
+            return cls(partition_id, 1, data_path, **extra)
         missing = [k for k in ("partition-id", "num-partitions") if k not in mapping]
         if missing:
             raise ConfigError(
@@ -239,7 +263,7 @@ class NodeConfig:
         _at_least("num-partitions", num_partitions, 1)
         if not 0 <= partition_id < num_partitions:
             raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
-        return cls(partition_id, num_partitions)
+        return cls(partition_id, num_partitions, **extra)
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

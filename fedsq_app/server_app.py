@@ -31,6 +31,7 @@ from fedsq_app.runtime.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.runtime.models import save_checkpoint
 from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.train import evaluate, pick_device
+from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, validation_source
 from fedsq_app.runtime.warmup import switch_to_structural
 from fedsq_app.task import StartModel, build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.util import ConfigError, write_atomic
@@ -228,22 +229,25 @@ def main(grid: Grid, context: Context) -> None:
             run.arrays = new_arrays
         load_global_arrays(run.model, run.arrays)
         maybe_switch(run, server_round)
-        val_loss, val_acc = evaluate(run.model, run.validation, run.start.spec, device=run.device)
+        nodes = node_validation(run, server_round, grid)
+        val_loss, val_acc = validate(run, nodes)
         record = round_record(run, server_round, messages, replies, new_arrays is not None, train_metrics,
                               val_loss, val_acc, round_start)
+        if nodes is not None:
+            record["node_validation"] = nodes
         if named_sha256 is not None:
             record["structural_sha256"] = named_sha256
         record["weights_from"] = getattr(run.strategy.weigh, "source", "equal")
         note_label_distribution(run, server_round, grid)
         record["bytes_per_client"] = run.arrays.count_bytes()  # each way: replies carry the same keys and shapes
         record.update(run.drift.measure(run.arrays) if run.drift else {})
-        if val_acc > run.best_acc:
+        if val_acc is not None and val_acc > run.best_acc:
             run.best_acc, run.best_round, run.best_arrays = val_acc, server_round, run.arrays
-        record["best_val_accuracy_so_far"] = run.best_acc
+        record["best_val_accuracy_so_far"] = _best(run)
         run.results["rounds"].append(record)
-        log(INFO, "round %d: val_accuracy=%.4f val_loss=%.4f train_loss=%s, %d/%d replies, %d accepted (%.1fs)",
-            server_round, val_acc, val_loss, record["train_loss"], len(replies), len(messages),
-            record["accepted"], record["wall_time_s"])
+        log(INFO, "round %d: val_accuracy=%s val_loss=%s (%s) train_loss=%s, %d/%d replies, %d accepted (%.1fs)",
+            server_round, _fmt(val_acc), _fmt(val_loss), run.results["validation_source"], record["train_loss"],
+            len(replies), len(messages), record["accepted"], record["wall_time_s"])
         save_round(run, server_round)
         if run.config.patience and server_round - run.best_round >= run.config.patience:
             # Uncensored rounds-to-best: the best round is followed by `patience` rounds that did not beat it.
@@ -252,6 +256,32 @@ def main(grid: Grid, context: Context) -> None:
                 run.config.patience, server_round)
             break
     finish(run, run_start)
+
+
+NO_BEST = -1.0  # best_acc before any round had a validation accuracy (nodes' mode, no valid reply yet)
+
+
+def _best(run: Run) -> float | None:
+    return run.best_acc if run.best_acc > NO_BEST else None
+
+
+def node_validation(run: Run, server_round: int, grid: Grid) -> dict | None:
+    """The nodes' own validation of the current global model (``fraction-evaluate`` > 0, every
+    ``evaluate-every`` rounds, round 0 and the last round included), else None."""
+    config = run.config
+    if config.fraction_evaluate <= 0 or (server_round % config.evaluate_every
+                                         and server_round != config.num_server_rounds):
+        return None
+    return federated_evaluation(run.strategy, run.arrays, server_round, grid, send_and_receive,
+                                run.config.round_timeout)
+
+
+def validate(run: Run, nodes: dict | None) -> tuple[float | None, float | None]:
+    """(loss, accuracy) this round is judged by: the server's validation split, or with
+    ``server-validation=false`` the nodes' sample-weighted accuracy (None when no node reply counted)."""
+    if run.config.server_validation:
+        return evaluate(run.model, run.validation, run.start.spec, device=run.device)
+    return (nodes or {}).get("loss"), (nodes or {}).get("accuracy")
 
 
 def set_up(context: Context) -> Run:
@@ -288,6 +318,7 @@ def resume(run: Run) -> None:
     state = resume_state(config, run.start.sha256, run.arrays)
     run.results = state.results
     run.results["config"] = config_json(config)
+    run.results["validation_source"] = validation_source(config, len(run.validation))
     run.results.setdefault("resumed", []).append({"from": str(Path(config.resume_from).expanduser().resolve()),
                                                   "after_round": state.round})
     run.results["rounds"] = [r for r in run.results["rounds"] if r["round"] <= state.round]
@@ -306,7 +337,9 @@ def resume(run: Run) -> None:
 def start_fresh(run: Run, grid: Grid) -> None:
     """Round 0: check the split, evaluate the start model (it competes: training may only hurt), seed."""
     config = run.config
-    run.results = {"config": config_json(config), "structural_sha256": run.start.sha256,
+    run.results = {"config": config_json(config),
+                   "validation_source": validation_source(config, len(run.validation)),
+                   "structural_sha256": run.start.sha256,
                    "pretrained_from": run.start.pretrained_from, "num_classes": run.info.num_classes,
                    "validation_size": len(run.validation), "rounds": []}
     num_nodes = len(list(grid.get_node_ids()))
@@ -320,10 +353,15 @@ def start_fresh(run: Run, grid: Grid) -> None:
     log_nodes(grid)
     # Written once the first accepted replies tell partitions (demo mode) from silos (data-path).
     run.results["label_distribution"] = {"pending": "written after the first round with accepted replies"}
-    val_loss, val_acc = evaluate(run.model, run.validation, run.start.spec, device=run.device)
+    log(INFO, "validation (best round, BVA) from the %s", run.results["validation_source"])
+    # The start model competes (training may only hurt); judged by the nodes when the server holds no validation.
+    nodes = None if config.server_validation else node_validation(run, 0, grid)
+    val_loss, val_acc = validate(run, nodes)
     run.results["initial"] = {"val_accuracy": val_acc, "val_loss": val_loss}
-    log(INFO, "round 0: val_accuracy=%.4f val_loss=%.4f", val_acc, val_loss)
-    run.best_acc, run.best_round, run.best_arrays = val_acc, 0, run.arrays
+    if nodes is not None:
+        run.results["initial"]["node_validation"] = nodes
+    log(INFO, "round 0: val_accuracy=%s val_loss=%s", _fmt(val_acc), _fmt(val_loss))
+    run.best_acc, run.best_round, run.best_arrays = NO_BEST if val_acc is None else val_acc, 0, run.arrays
     seed_everything(config.seed)  # node sampling (random.sample) is reproducible, and resumable
     run.first_round = 1
 
@@ -385,7 +423,7 @@ def finish(run: Run, run_start: float) -> None:
     load_global_arrays(run.model, run.best_arrays)
     test_loss, test_acc = evaluate(run.model, server_split(run.data_key, "test"), run.start.spec, device=run.device)
     results.update(run_summary(results["rounds"]))
-    results.update(best_val_accuracy=run.best_acc, best_round=run.best_round, rounds_to_best=run.best_round,
+    results.update(best_val_accuracy=_best(run), best_round=run.best_round, rounds_to_best=run.best_round,
                    test_accuracy=test_acc, test_loss=test_loss, total_wall_time_s=time.time() - run_start)
     save_checkpoint(run.out_dir / "best_model.safetensors", run.best_arrays.to_torch_state_dict(),
                     {"model": config.model, "strategy": config.strategy, "round": run.best_round,
@@ -394,8 +432,8 @@ def finish(run: Run, run_start: float) -> None:
                              "load them into DualCopy(start model).quantitative."})
     write_atomic(run.out_dir / "results.json", json.dumps(results, indent=2))
     write_rounds_csv(run.out_dir / "rounds.csv", results["rounds"])
-    log(INFO, "best val_accuracy=%.4f at round %d; test_accuracy=%.4f; results in %s", run.best_acc,
-        run.best_round, test_acc, run.out_dir / "results.json")
+    log(INFO, "best val_accuracy=%s at round %d (validation from the %s); test_accuracy=%.4f; results in %s",
+        _fmt(_best(run)), run.best_round, results["validation_source"], test_acc, run.out_dir / "results.json")
 
 
 def _content_order(outcomes: list) -> list:

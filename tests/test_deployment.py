@@ -36,6 +36,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import require_system
 
@@ -179,11 +180,12 @@ class Federation:
 
     # ------------------------------------------------------------------ SuperNodes
     def supernode_argv(self, key: Path | None, runtime_port: int, partition_id: int, tls: str = "ca",
-                       max_retries: int | None = None) -> list[str]:
-        """tls: "ca" (--root-certificates demo CA), "system" (no CA given), "insecure" (plain HTTP)."""
+                       max_retries: int | None = None, node_config: str | None = None) -> list[str]:
+        """tls: "ca" (--root-certificates demo CA), "system" (no CA given), "insecure" (plain HTTP).
+        ``node_config``: instead of partition ``partition_id`` of 2 (e.g. a silo's own ``data-path``)."""
         argv = [self.tools["flower-supernode"], "--superlink", f"127.0.0.1:{self.port}",
                 "--host", "127.0.0.1", "--port", str(runtime_port),
-                "--node-config", f"partition-id={partition_id} num-partitions=2"]
+                "--node-config", node_config or f"partition-id={partition_id} num-partitions=2"]
         if tls == "ca":
             argv += ["--root-certificates", str(self.certs / "ca.crt")]
         elif tls == "insecure":
@@ -233,20 +235,20 @@ def _app_config_keys() -> set[str]:
 
 
 def _toml_value(value: object) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    return json.dumps(value) if isinstance(value, (str, bool)) else str(value)  # TOML: "x", true, 1.0
 
 
 SILO_SIZES = {"silo-1": 300, "silo-2": 700}
 
 
-def run_config_overrides(out_dir: Path, run_name: str = RUN_NAME) -> str:
-    """num-server-rounds, out-dir, run-name, plus the shrink/CPU keys where the app has them."""
+def run_config_overrides(out_dir: Path, run_name: str = RUN_NAME, extra: dict | None = None) -> str:
+    """num-server-rounds, out-dir, run-name, plus the shrink/CPU keys where the app has them, plus ``extra``."""
     keys = _app_config_keys()
     # Two silos: the explicit two-silo mode. Their weights are the operator's, keyed by registered name.
     sizes = out_dir.parent / "silo-sizes.json"
     sizes.write_text(json.dumps(SILO_SIZES))
     wanted: dict[str, object] = {"num-server-rounds": ROUNDS, "out-dir": str(out_dir), "run-name": run_name,
-                                 "min-valid-replies": 2, "silo-sizes": str(sizes)}
+                                 "min-valid-replies": 2, "silo-sizes": str(sizes), **(extra or {})}
     missing = [key for key in wanted if key not in keys]
     assert not missing, f"pyproject [tool.flwr.app.config] lacks {missing}; the deployment test needs them"
     optional = {"max-train-samples": 1000, "device": "cpu", "local-epochs": 1}
@@ -365,11 +367,11 @@ def _wait_online(fed: Federation, t0: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def _run_to_completion(fed: Federation, run_name: str) -> tuple[dict, str, float]:
+def _run_to_completion(fed: Federation, run_name: str, extra: dict | None = None) -> tuple[dict, str, float]:
     """`flwr run` the app; assert it ends `finished:completed` with every round aggregating both silos.
     Returns (results.json, the run's log, wall seconds)."""
     out_dir = fed.tmp / "outputs"
-    overrides = run_config_overrides(out_dir, run_name)
+    overrides = run_config_overrides(out_dir, run_name, extra)
     t0 = time.monotonic()
     started = fed.flwr("run", ".", CONNECTION, "--run-config", overrides, "--format", "json", timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -468,24 +470,74 @@ def test_cli_without_ca_certificate_cannot_connect(federation: Federation) -> No
     assert result.returncode != 0 or '"success": false' in result.stdout, result.stdout + result.stderr
 
 
+SILO_OVERLAP = 25  # pretraining images in silo-2's own data (allowed there, knowingly)
+
+
+def _silo_data(fed: Federation) -> dict[str, str]:
+    """Each silo's own data (`data-path`, IDX files): silo-1 300 images of the embedded train split, silo-2
+    400 more plus SILO_OVERLAP of the backbone's pretraining images (what a silo on the official files has)."""
+    from importlib import resources
+
+    from fedsq_app.data.sources import read_idx, write_idx
+
+    shipped = resources.files("fedsq_app") / "embedded"
+    images, labels = (read_idx(shipped / f"train-{k}-idx{n}-ubyte.gz") for k, n in (("images", 3), ("labels", 1)))
+    pre_images, pre_labels = (read_idx(shipped / f"pretrain-{k}-idx{n}-ubyte.gz")
+                              for k, n in (("images", 3), ("labels", 1)))
+    parts = {"silo-1": (images[:300], labels[:300]),
+             "silo-2": (np.concatenate([images[300:700], pre_images[:SILO_OVERLAP]]),
+                        np.concatenate([labels[300:700], pre_labels[:SILO_OVERLAP]]))}
+    paths = {}
+    for silo, (silo_images, silo_labels) in parts.items():
+        folder = fed.tmp / "silo-data" / silo
+        folder.mkdir(parents=True, exist_ok=True)
+        write_idx(folder / "train-images-idx3-ubyte.gz", silo_images)
+        write_idx(folder / "train-labels-idx1-ubyte.gz", silo_labels)
+        paths[silo] = f"idx:{folder}"
+    return paths
+
+
 def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> None:
     """The same silos (same keys, so the same node ids) restarted with ``--isolation process`` and
-    ``fedsq-superexec``: the run completes over TLS + node auth, and the ClientApps ran in forked children."""
+    ``fedsq-superexec``, now on their own data (``data-path``): the run completes over TLS + node auth, the
+    ClientApps ran in forked children, and with the server validating nothing (server-validation=false)
+    each silo's own validation accuracy, keyed by its node id, is in results.json and picks the best round.
+    silo-2's data holds pretraining images: it trains because its node config allows it."""
     fed = federation
     fed.deadline = time.monotonic() + DEADLINE_S  # a second FedSQ run: a budget of its own
     superexec = _tool("fedsq-superexec")
     assert superexec, "fedsq-superexec is not installed next to this interpreter (bash scripts/setup.sh)"
     for proc in [p for p in fed.procs if p.name in ("silo-1", "silo-2")]:
         fed.stop(proc)
+    data = _silo_data(fed)
+    node_configs = {"silo-1": f"data-path='{data['silo-1']}'",
+                    "silo-2": f"data-path='{data['silo-2']}' allow-pretrain-overlap=true"}
     runtime_ports = _free_ports(2)
     for index, silo in enumerate(("silo-1", "silo-2")):
         env = fed.env(silo)  # the silo's FLWR_HOME and cache: the FAB it installed before is found there
-        argv = fed.supernode_argv(fed.keys / silo, runtime_ports[index], index) + ["--isolation", "process"]
+        argv = fed.supernode_argv(fed.keys / silo, runtime_ports[index], index,
+                                  node_config=node_configs[silo]) + ["--isolation", "process"]
         fed.start(f"{silo}-warm", argv, env)
         fed.start(f"{silo}-superexec", [superexec, "--insecure", "--runtime-api-address",
                                         f"127.0.0.1:{runtime_ports[index]}"], env)
     _wait_online(fed, time.monotonic())
-    _run_to_completion(fed, f"{RUN_NAME}-warm")
+    results, log, _ = _run_to_completion(fed, f"{RUN_NAME}-warm",
+                                         {"fraction-evaluate": 1.0, "server-validation": False})
+    assert results["validation_source"].startswith("nodes:") and "validation from the nodes" in log
+    expected = {fed.node_ids["silo-1"]: 32, fed.node_ids["silo-2"]: 42}  # their 10 % hold-outs (per label, rounded)
+    curve = []
+    for record in [results["initial"], *results["rounds"]]:
+        validation = record["node_validation"]
+        counts = {node: entry["num_examples"] for node, entry in validation["nodes"].items()}
+        assert counts == expected, validation
+        assert all(0.0 <= entry["accuracy"] <= 1.0 for entry in validation["nodes"].values())
+        assert record["val_accuracy"] == validation["accuracy"]
+        curve.append(record["val_accuracy"])
+    print("\nper-silo validation accuracy (node id -> accuracy), round 0 first:",
+          [{node: round(e["accuracy"], 4) for node, e in r["node_validation"]["nodes"].items()}
+           for r in [results["initial"], *results["rounds"]]])
+    assert results["best_val_accuracy"] == max(curve) and results["rounds_to_best"] == curve.index(max(curve))
+
     for silo in ("silo-1", "silo-2"):
         log = _tail(next(p for p in fed.procs if p.name == f"{silo}-superexec").log, 500_000)
         forked = re.findall(r"task \d+ ends in child \d+, exit (-?\d+)", log)

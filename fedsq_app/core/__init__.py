@@ -4,5 +4,6 @@
   ``gateable.py``: which models it can gate (``check_gateable``, ``UnsupportedActivationError``).
 - ``strategy.py``: the Flower strategies (FedSQ, the validated FedAvg, baselines, variants); no torch.
 - ``replies.py``, ``defenses.py``, ``aggregation.py``: reply checks, the default defenses and the averages,
-  as pure functions; ``wire.py``: every key that travels, and the S-hash check.
+  as pure functions; ``evaluation.py``: federated evaluation's replies screened and weighted;
+  ``wire.py``: every key that travels, and the S-hash check.
 """

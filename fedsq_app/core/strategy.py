@@ -20,11 +20,12 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
 from fedsq_app.core.defenses import MIN_REPLIES_FOR_MEDIAN, update_keys
+from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
 
 
-class ValidatedFedAvg(FedAvg):
+class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened too (core/evaluation.py)
     """FedAvg whose ``aggregate_train`` validates every reply and never lets one bad reply end the run.
 
     Used as is for the FedAvg baseline. The trust model (docs/RELIABILITY.md): replies are checked on what

@@ -29,13 +29,15 @@ import logging
 from importlib import metadata
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedsq_app.data import partitions, sources, splits, tensors
-from fedsq_app.data.partitions import DataKey, DatasetInfo, client_partition, dataset_info, silo_partition
+from fedsq_app.data.partitions import (DataKey, DatasetInfo, client_partition, dataset_info, silo_partition,
+                                       silo_validation)
 from fedsq_app.data.sources import embedded_dir, parse_source, source_slug
-from fedsq_app.data.tensors import TensorData
+from fedsq_app.data.tensors import TensorData, stratified_holdout
 from fedsq_app.util import cache_dir, source_digest, write_atomic
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,40 @@ def node_partition(key: DataKey, node) -> TensorData:
 
 
 @functools.lru_cache(maxsize=4)
+def silo_validation_files(key: DataKey, node) -> TensorData | None:
+    """A silo's own validation files, through the same on-disk cache (an empty entry records "none")."""
+    entry = {**partition_key(key, node), "split": "validation"}
+    path = cache_path(entry)
+    cached = read(path, entry)
+    if cached is not None:
+        return cached if len(cached) else None
+    part = silo_validation(node.data_path, key.image_column, key.label_column)
+    stored = part if part is not None else TensorData(torch.zeros((0, 1, 1, 1), dtype=torch.uint8),
+                                                      torch.zeros(0, dtype=torch.int64))
+    return _store(path, f"{len(stored)} validation samples", part, lambda: write(path, entry, stored))
+
+
+@functools.lru_cache(maxsize=4)
+def node_splits(config, node) -> tuple[TensorData, TensorData | None]:
+    """(what the node trains on, what it validates on) for ``config`` (RunConfig) and ``node`` (NodeConfig).
+
+    Without federated evaluation (``fraction-evaluate`` = 0) a node trains on all its data, exactly as
+    before. With it, a silo's own validation files are used if it has them (it then trains on all of its
+    ``train``); otherwise the node holds out ``val-fraction`` (node config; default the run config's
+    ``local-val-fraction``) of its data, stratified and seeded, and trains on the rest: a node never
+    validates on what it trains on."""
+    data = node_data(config, node)
+    if config.fraction_evaluate <= 0:
+        return data, None
+    key = DataKey.of(config)
+    own = silo_validation_files(key, node) if node.data_path else None
+    if own is not None:
+        return data, own
+    fraction = node.val_fraction if node.val_fraction > 0 else config.local_val_fraction
+    return stratified_holdout(data, fraction, seed=key.split_seed * 1_000_003 + node.partition_id)
+
+
+@functools.lru_cache(maxsize=4)
 def pool_info(key: DataKey) -> DatasetInfo:
     """Classes, channels and image size of the run's dataset (what a ClientApp builds its model from)."""
     entry = entry_key({"data-key": dataclasses.asdict(key)}, key.dataset)
@@ -180,5 +216,7 @@ def node_info(config, node) -> DatasetInfo:
 def clear_memory() -> None:
     """Forget what this process has read (tests)."""
     node_partition.cache_clear()
+    silo_validation_files.cache_clear()
+    node_splits.cache_clear()
     pool_info.cache_clear()
     code_hash.cache_clear()

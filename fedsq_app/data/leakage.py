@@ -5,6 +5,11 @@ on (``source_data``). A run whose ``train-split`` (the federated pool and the se
 come from it) or ``test-split`` shares rows with that split of the same dataset stops before any
 training, unless ``allow-pretrain-overlap=true`` says the overlap is known and wanted. The calibration
 proxy split of ``fedsq-pretrain --calibrate`` is held to the same rule.
+
+That check is by name. A node's own data (a silo's ``data-path``) has no name the server could compare,
+so each ClientApp also checks by content (``check_content_overlap``): the sidecar carries a 64-bit digest
+of every pretraining image (``fedsq_app.data.digests``) and the node refuses to train on data that holds
+any of them, unless its node config says ``allow-pretrain-overlap=true``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
+from fedsq_app.data import digests
 from fedsq_app.data.sources import DataError, parse_source
 from fedsq_app.data.splits import load_dataset_split, parse_classes, parse_split, slice_range
 from fedsq_app.util import ConfigError
@@ -93,4 +99,40 @@ def check_pretrain_overlap(config, checkpoint: str) -> list[str]:
                           "pretraining on 'train[:6000]'), or set allow-pretrain-overlap=true to run anyway")
     if found:
         log(WARNING, "allow-pretrain-overlap=true: %s", "; ".join(found))
+    return found
+
+
+class PretrainOverlapError(ConfigError):
+    """A node's data holds images the backbone was pretrained on (found by content)."""
+
+
+def check_content_overlap(checkpoint: str, images, where: str, *, allow: bool = False) -> int | None:
+    """How many of ``images`` (uint8, N×C×H×W) are among ``checkpoint``'s pretraining images, by content.
+
+    Raises ``PretrainOverlapError`` naming the count and ``where`` (e.g. the silo's data-path) unless
+    ``allow``; returns the count (0: disjoint), or None when the check could not run (no sidecar, or a
+    sidecar written before digests were recorded: logged as a warning, never an error)."""
+    if checkpoint in ("imagenet", "none"):
+        return None  # not pretrained here: nothing recorded to compare with
+    try:
+        reference = digests.pretrain_digests(checkpoint)
+    except (OSError, ValueError, KeyError) as error:
+        log(WARNING, "leakage check by content could not run: the sidecar of %s is unreadable (%s)", checkpoint,
+            error)
+        return None
+    if reference is None:
+        log(WARNING, "leakage check by content could not run: the sidecar of %s records no digests of its "
+            "pretraining images (written before they were recorded; `fedsq-prepare` adds them to the default "
+            "backbone, `fedsq-pretrain` writes them for a new one)", checkpoint)
+        return None
+    found = digests.count_in(digests.image_digests(images), reference)
+    if found and not allow:
+        raise PretrainOverlapError(
+            f"{found} of the {len(images)} images of {where} are among the {len(reference)} images the backbone "
+            f"{checkpoint} was pretrained on (matched by content): training or validating on them is not a "
+            "federated result. Remove them from this node's data, or set node config "
+            "allow-pretrain-overlap=true to use them knowingly")
+    if found:
+        log(WARNING, "allow-pretrain-overlap=true: %d of the %d images of %s are pretraining images of %s",
+            found, len(images), where, checkpoint)
     return found

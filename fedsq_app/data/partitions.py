@@ -146,6 +146,17 @@ def silo_partition(data_path: str, image_column: str = "", label_column: str = "
 
 
 @functools.lru_cache(maxsize=2)
+def silo_validation(data_path: str, image_column: str = "", label_column: str = "") -> TensorData | None:
+    """A silo's own validation files (a ``validation`` split next to its ``train``, e.g. ``val-images-idx3-ubyte``
+    or ``<dir>/validation/<class>/``), decoded; None when it has none."""
+    splits = raw_splits(parse_source(data_path, key="data-path"))
+    if "validation" not in splits or "train" not in splits:
+        return None
+    return decode(normalise_columns(splits["validation"], image_column, label_column,
+                                    where=f"data-path '{data_path}' split 'validation'"))
+
+
+@functools.lru_cache(maxsize=2)
 def server_split(key: DataKey, split: str) -> TensorData:
     """The server's ``validation`` (held out from train) or ``test`` split, decoded once."""
     if split == "validation":

@@ -53,6 +53,31 @@ def decode(dataset: Dataset) -> TensorData:
     return TensorData(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)), torch.from_numpy(labels))
 
 
+def stratified_holdout(data: TensorData, fraction: float, seed: int) -> tuple[TensorData, TensorData]:
+    """A seeded (rest, holdout) split of decoded data, ``fraction`` of each label held out (rounded; at
+    least one sample in all, and at least one left). Pure numpy: no datasets import in a ClientApp."""
+    if len(data) < 2:
+        raise DataError(f"cannot hold out a validation split from {len(data)} sample(s)")
+    labels = data.labels.numpy()
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):  # sorted: the same draws on every machine
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        held.append(members[: int(round(len(members) * fraction))])
+    holdout = np.sort(np.concatenate(held))
+    if len(holdout) == 0:
+        holdout = np.array([int(rng.integers(len(labels)))])
+    elif len(holdout) == len(labels):
+        holdout = holdout[1:]
+    keep = np.ones(len(labels), dtype=bool)
+    keep[holdout] = False
+    rest = torch.from_numpy(np.flatnonzero(keep))
+    held_out = torch.from_numpy(holdout)
+    return (TensorData(data.images[rest], data.labels[rest]),
+            TensorData(data.images[held_out], data.labels[held_out]))
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How raw uint8 images become model input: channels, size, normalisation of the pretrained weights."""

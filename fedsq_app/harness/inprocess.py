@@ -24,14 +24,17 @@ FIRST_NODE_ID = 1001
 
 
 class InProcessGrid(Grid):
-    def __init__(self, run_config: Mapping[str, Any], num_nodes: int) -> None:
+    def __init__(self, run_config: Mapping[str, Any], num_nodes: int,
+                 node_configs: list[Mapping[str, Any]] | None = None) -> None:
+        """``node_configs``: one node config per node (e.g. silos' ``data-path``); default: partitions."""
         self.run_config = dict(run_config)
         for name, value in (("run_id", 1), ("node_id", 0), ("task_id", 0)):  # what a real ServerApp process has
             if getattr(TaskIdentity, f"_{name}") is None:
                 setattr(TaskIdentity, name, value)
         self.contexts = {
             FIRST_NODE_ID + i: Context(run_id=1, node_id=FIRST_NODE_ID + i,
-                                       node_config={"partition-id": i, "num-partitions": num_nodes},
+                                       node_config=dict(node_configs[i]) if node_configs else
+                                       {"partition-id": i, "num-partitions": num_nodes},
                                        state=RecordDict(), run_config=self.run_config)
             for i in range(num_nodes)
         }
@@ -57,16 +60,22 @@ class InProcessGrid(Grid):
         raise NotImplementedError("use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [client_app.train(message, self.contexts[message.metadata.dst_node_id]) for message in messages]
+        return [self._handler(message)(message, self.contexts[message.metadata.dst_node_id]) for message in messages]
+
+    @staticmethod
+    def _handler(message: Message):
+        """The ClientApp function Flower would call for this message type (train, or evaluate)."""
+        return client_app.evaluate_local if message.metadata.message_type.startswith("evaluate") else client_app.train
 
 
-def simulate_in_process(run_config: Mapping[str, Any], num_supernodes: int, **_ignored) -> dict:
+def simulate_in_process(run_config: Mapping[str, Any], num_supernodes: int, *,
+                        node_configs: list[Mapping[str, Any]] | None = None, **_ignored) -> dict:
     """Same contract as ``fedsq_app.harness.simulation.simulate`` (resource arguments are ignored): run one
-    federation in this process; returns its parsed results.json."""
+    federation in this process; returns its parsed results.json. ``node_configs``: see ``InProcessGrid``."""
     config = RunConfig.from_mapping(run_config)
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"
     results_file.unlink(missing_ok=True)
-    grid = InProcessGrid(run_config, num_supernodes)
+    grid = InProcessGrid(run_config, num_supernodes, node_configs)
     server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                   run_config=dict(run_config)))
     results = json.loads(results_file.read_text())

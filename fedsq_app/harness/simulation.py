@@ -51,7 +51,7 @@ def simulate(run_config: Mapping[str, Any], num_supernodes: int, *, num_cpus: in
              cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> dict:
     """Simulate one run; returns its parsed results.json (raises if the run wrote none)."""
     config = RunConfig.from_mapping(run_config)  # fail here, not inside a Ray actor
-    server, client = apps_with_run_config(run_config, server_app.main, client_app.train)
+    server, client = apps_with_run_config(run_config, server_app.main, client_app.train, client_app.evaluate_local)
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"
     results_file.unlink(missing_ok=True)
     run_simulation(server_app=server, client_app=client, num_supernodes=num_supernodes,

@@ -58,7 +58,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_summary(rounds: list[dict], last_k: int = LAST_K) -> dict:
     """Per-run numbers from results.json's ``rounds`` (test accuracy is added by the server)."""
-    curve = [r["val_accuracy"] for r in rounds]
+    # A round without a validation accuracy (validated by the nodes, none of whose replies counted) is no
+    # candidate; the server's own best round and BVA (results.json) count rounds from 1 regardless.
+    curve = [r["val_accuracy"] for r in rounds if r.get("val_accuracy") is not None]
     if not curve:
         return {}
     # Round 1 also pays for starting the client processes and decoding their data: leave it out if we can.

@@ -47,7 +47,9 @@ BASELINES = tuple(name for name, entry in STRATEGIES.items() if not entry.candid
 def make_strategy(config, structural_sha256: str, weigh=None) -> ValidatedFedAvg:
     """The strategy ``config`` (a RunConfig) names. ``weigh``: the weight policy (``fedsq_app.core.weights``;
     None: equal weights)."""
-    common = dict(fraction_train=config.fraction_train, fraction_evaluate=0.0,  # evaluation is central
+    # Federated evaluation (each node's own validation data) only when fraction-evaluate > 0.
+    common = dict(fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
+                  min_evaluate_nodes=1,
                   min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
                   min_valid_replies=config.min_valid_replies, clip_multiplier=config.clip_multiplier, bn_clamp=config.bn_clamp,
                   aggregation=config.aggregation,

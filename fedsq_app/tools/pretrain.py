@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from fedsq_app.config import RunConfig
 from fedsq_app.core.dualcopy import state_dict_sha256
+from fedsq_app.data import digests
 from fedsq_app.data.leakage import overlaps
 from fedsq_app.data.partitions import DatasetInfo
 from fedsq_app.data.sources import install_embedded_data
@@ -36,6 +37,7 @@ from fedsq_app.data.tensors import InputSpec, TensorData, channel_stats, decode
 from fedsq_app.runtime.models import MODELS, build_model, model_entry, save_checkpoint
 from fedsq_app.runtime.train import LocalSchedule, evaluate, pick_device, train_local
 from fedsq_app.task import build_start_model, default_backbone_path
+from fedsq_app.util import write_atomic
 
 
 def split_holdout(data: TensorData, fraction: float, seed: int) -> tuple[TensorData, TensorData]:
@@ -106,6 +108,8 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
         "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "holdout_accuracy": accuracy, "holdout_loss": loss, "wall_time_s": time.time() - started},
         "sha256": state_dict_sha256(state_dict),
+        # Every image it saw (training and holdout), by content: a node refuses data that holds any of them.
+        digests.FIELD: digests.sidecar_entry(data.images),
     }
     save_checkpoint(path, state_dict, metadata)
     print(f"wrote {path} (holdout accuracy {accuracy:.4f}, sha256 {metadata['sha256'][:16]}…)")
@@ -213,6 +217,21 @@ def main(argv: list[str] | None = None) -> None:
                   out=args.run_config_out, **columns)
 
 
+def add_missing_digests(path: Path) -> None:
+    """An older default backbone's sidecar lacks the digests of its pretraining images: add them (the
+    embedded 'pretrain' split, all of it, as ``fedsq-prepare`` pretrained it), without retraining."""
+    sidecar = Path(f"{path}.json")
+    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    source = meta.get("source_data", {})
+    if digests.FIELD in meta or (source.get("dataset"), source.get("split"), source.get("max_samples") or 0,
+                                 source.get("label_subset") or "") != ("embedded", "pretrain", 0, ""):
+        return
+    data = decode(load_dataset_split("embedded", "pretrain"))
+    meta[digests.FIELD] = digests.sidecar_entry(data.images)
+    write_atomic(sidecar, json.dumps(meta, indent=2, sort_keys=True))
+    print(f"added the digests of its {len(data)} pretraining images to {sidecar}")
+
+
 def prepare_main(argv: list[str] | None = None) -> None:
     """Set up the offline default: copy the embedded data into the cache and pretrain the small CNN."""
     parser = argparse.ArgumentParser(prog="fedsq-prepare", description=prepare_main.__doc__)
@@ -224,6 +243,7 @@ def prepare_main(argv: list[str] | None = None) -> None:
     path = default_backbone_path("smallcnn", "embedded")
     if path.is_file() and not args.force:
         print(f"pretrained backbone already there: {path} (use --force to rebuild)")
+        add_missing_digests(path)
         return
     pretrain("smallcnn", "embedded", "pretrain", epochs=args.epochs)
 
