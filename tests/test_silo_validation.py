@@ -111,17 +111,22 @@ def test_bad_evaluate_replies_are_rejected_with_the_reason(metrics, reason):
     assert not outcome.accepted and reason in outcome.reason and outcome.node_id == 7
 
 
-def test_evaluate_replies_are_weighted_by_their_checked_counts():
+def test_evaluate_replies_are_weighted_by_the_servers_weights_never_their_counts():
     replies = [_reply(1, GOOD), _reply(2, {**GOOD, wire.EVAL_ACCURACY: 1.0, wire.NUM_EXAMPLES: 300}),
                _reply(1, {**GOOD, wire.EVAL_ACCURACY: 1.0}),  # a second reply from node 1
-               _reply(3, error="boom"), _reply(4, {**GOOD, wire.NUM_EXAMPLES: 10**6})]
-    checked = screen_evaluate_replies(replies, max_examples=1000)
-    accuracy, _, total = checked.weighted()
-    assert total == 400 and math.isclose(accuracy, (0.5 * 100 + 1.0 * 300) / 400)
+               _reply(3, error="boom"), _reply(4, {**GOOD, wire.NUM_EXAMPLES: 10**6}),
+               _reply(5, GOOD)]  # no training weight this round
+    checked = screen_evaluate_replies(replies, max_examples=1000, weights={1: 30, 2: 10, 4: 5})
+    accuracy, _, claimed = checked.weighted()
+    assert claimed == 400 and math.isclose(accuracy, (0.5 * 30 + 1.0 * 10) / 40)  # 300 claimed: no extra say
     record = checked.to_json()
     assert set(record["nodes"]) == {"1", "2"} and record["nodes"]["2"]["num_examples"] == 300
+    assert record["nodes"]["2"]["weight"] == 10
     reasons = {r["node_id"]: r["reason"] for r in record["rejected"]}
     assert "second" in reasons[1] and "boom" in reasons[3] and "[1, 1000]" in reasons[4]
+    assert "no weight" in reasons[5]
+    equal = screen_evaluate_replies(replies[:2])  # before any training round: every node once
+    assert math.isclose(equal.weighted()[0], 0.75)
     assert screen_evaluate_replies([_reply(3, error="x")]).weighted() is None
 
 
