@@ -43,6 +43,11 @@ def _reply(arrays: dict, num_examples: int, node_id: int) -> Message:
     return Message(content=content, metadata=metadata)
 
 
+# Flower's maths on claimed counts, with the trust model's bounds off: what these tests compare with Flower.
+FLOWER_MATHS = dict(weigh=lambda replies: [r.claimed for r in replies], min_valid_replies=2, clip_multiplier=0.0,
+                    bn_clamp=False)
+
+
 # ---------------------------------------------------------------------------------------------- FedAdam
 def test_fedadam_steps_parameters_only_with_flowers_maths():
     rng = np.random.default_rng(0)
@@ -52,7 +57,7 @@ def test_fedadam_steps_parameters_only_with_flowers_maths():
     clients = [{"conv.weight": current["conv.weight"] + rng.normal(size=(3, 2)).astype(np.float32) * 0.1,
                 "bn.running_mean": np.full(3, float(i + 1), np.float32),
                 "bn.num_batches_tracked": np.array(50 + i, np.int64)} for i in range(2)]
-    strategy = ValidatedFedAdam(server_lr=0.05, min_train_nodes=2, min_available_nodes=2)
+    strategy = ValidatedFedAdam(server_lr=0.05, min_train_nodes=2, min_available_nodes=2, **FLOWER_MATHS)
     reference = FedAdam(eta=0.05, min_train_nodes=2, min_available_nodes=2)  # Flower's own, params only
     assert parameter_keys(current) == ["conv.weight"]
     for server_round in (1, 2):
@@ -199,7 +204,8 @@ def test_fedsq_adam_sends_the_structural_hash_and_steps_q():
     from fedsq_app.core.strategy import FedSQAdam
 
     current = {"w": np.ones((2, 2), np.float32), "bn.running_var": np.ones(2, np.float32)}
-    strategy = FedSQAdam(structural_sha256="ab" * 32, server_lr=0.1, min_train_nodes=2, min_available_nodes=2)
+    strategy = FedSQAdam(structural_sha256="ab" * 32, server_lr=0.1, min_train_nodes=2, min_available_nodes=2,
+                         **FLOWER_MATHS)
     messages = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in current.items()}),
                                              ConfigRecord(), _Grid()))
     assert all(m.content["config"]["structural-sha256"] == "ab" * 32 for m in messages)
@@ -368,7 +374,7 @@ def test_fedsq_momentum_steps_q_with_flowers_fedavgm_maths():
     current = {"conv.weight": rng.normal(size=(3, 2)).astype(np.float32),
                "bn.running_mean": np.zeros(3, np.float32), "bn.num_batches_tracked": np.array(5, np.int64)}
     strategy = FedSQMomentum(structural_sha256="cd" * 32, server_momentum=0.5, min_train_nodes=2,
-                             min_available_nodes=2)
+                             min_available_nodes=2, **FLOWER_MATHS)
     reference = FedAvgM(server_momentum=0.5, min_train_nodes=2, min_available_nodes=2)
     for server_round in (1, 2, 3):
         clients = [{"conv.weight": current["conv.weight"] + rng.normal(size=(3, 2)).astype(np.float32) * 0.1,
@@ -433,7 +439,8 @@ def test_patience_stops_a_run_and_records_it(fedsq_cache, tmp_path):
     from fedsq_app.harness.inprocess import simulate_in_process
 
     results = simulate_in_process({**TINY_RUN, "num-server-rounds": 6, "patience": 2, "lr": 1e-6, "probe-size": 0,
-                                   "max-train-samples": 200, "out-dir": str(tmp_path), "run-name": "p"}, 2)
+                                   "max-train-samples": 200, "out-dir": str(tmp_path), "run-name": "p",
+                                   "min-valid-replies": 2}, 2)
     curve = [results["initial"]["val_accuracy"]] + [r["val_accuracy"] for r in results["rounds"]]
     # A learning rate too small to matter: no new best for 2 rounds comes long before round 6.
     best = max(range(len(curve)), key=lambda i: (curve[i], -i))  # round 0 competes; the first best counts
