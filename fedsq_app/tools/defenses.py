@@ -185,9 +185,13 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
     """One federation; returns the figures this benchmark compares."""
     config = RunConfig.from_mapping(run_config)
     grid = HostileGrid(run_config, num_clients, attack, hostile, dropped)
-    server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                                  run_config=dict(run_config)))
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"
+    finished = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    # An honest run that finished before (an interrupted benchmark) is read back; attack runs always rerun,
+    # since D is measured while they run.
+    if attack is not None or "test_accuracy" not in finished:
+        server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                                      run_config=dict(run_config)))
     results = json.loads(results_file.read_text())
     replies = [r for rnd in results["rounds"] for r in rnd.get("replies", [])]
     honest = [r for r in replies if r["node_id"] not in grid.hostile_ids]
