@@ -107,3 +107,19 @@ def test_report_writes_the_robustness_tables_and_the_power_analysis(tmp_path):
     assert int(power[("fedsq", "fedavg")]["seeds_needed"]) > 6
     markdown = (tmp_path / "summary.md").read_text()
     assert "Brown–Forsythe" in markdown and "Power analysis" in markdown and "BVA vs FedAdam (pp)" in markdown
+
+
+def test_strategy_overrides_reach_only_their_strategy():
+    from fedsq_app.config import RunConfig
+    from fedsq_app.tools.bench.grid import Cell
+    from fedsq_app.tools.bench.presets import PRESETS, parse_preset
+
+    preset = parse_preset('strategies = ["fedavg", "fedadam", "fedsq-adam"]\n[base]\nserver-lr = 0.003\n'
+                          '[strategy-overrides]\nfedadam = { server-lr = 0.01 }\n[[setups]]\nmodel = "smallcnn"\n')
+    configs = {s: RunConfig.from_mapping(Cell(preset.setups[0], s, "0.1", 1, 0).run_config(preset, Path("cells")))
+               for s in preset.strategies}
+    assert configs["fedadam"].server_lr == 0.01
+    assert configs["fedsq-adam"].server_lr == configs["fedavg"].server_lr == 0.003
+    robust = PRESETS["fmnist-cross-robust"]
+    assert robust.strategy_overrides["fedadam"]["server-lr"] == 0.01 and len(robust.seeds) >= 24
+    assert {"fedadam", "fedsq-m"} <= set(PRESETS["fmnist-6k"].strategies) and PRESETS["fmnist-6k"].num_clients == 30

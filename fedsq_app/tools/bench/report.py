@@ -143,7 +143,10 @@ def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], comp
         lines += [f"Wall time of this invocation: {wall_time_s / 60:.1f} min", ""]
     base = ", ".join(f"{key}={value}" for key, value in sorted(preset.base.items()))
     lines += [f"Setups: {'; '.join(f'{s.name} {s.overrides}' if s.overrides else s.name for s in preset.setups)}; "
-              f"{preset.num_clients} clients; seeds {list(preset.seeds)}; {base}; engine {preset.engine}. The "
+              f"{preset.num_clients} clients; seeds {list(preset.seeds)}; {base}; engine {preset.engine}"
+              + "".join(f"; {strategy}: " + ", ".join(f"{k}={v}" for k, v in sorted(keys.items()))
+                        for strategy, keys in preset.strategy_overrides.items() if keys)
+              + ". The "
               "dataset, classes and backbone each cell actually used are in cells.csv.",
               f"Mean ± std over seeds. BVA = best validation accuracy; rounds-to-best = first round reaching BVA; "
               f"≤0.5 pp = first round within 0.5 pp of BVA; last-{k} std = std of validation accuracy over the "
