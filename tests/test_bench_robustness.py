@@ -71,6 +71,7 @@ def test_rank_tests_and_brown_forsythe_decide_on_synthetic_seeds():
     assert t["bf_p"] == pytest.approx(scipy_stats.levene(tight, heavy, center="median").pvalue)
     assert t["bf_p"] < 0.05
     assert robustness_tests(tight, [v + 0.5 for v in tight])["bf_p"] == pytest.approx(1.0)
+    assert math.isnan(robustness_tests([90.0, 92.0], [70.0, 91.0])["bf_p"])  # 2 seeds: no spread test
 
 
 def test_report_writes_the_robustness_tables_and_the_power_analysis(tmp_path):

@@ -251,7 +251,7 @@ def robustness_tests(candidate: list[float], baseline: list[float]) -> dict:
     if len(nonzero) >= 1:
         result["sign_p"] = float(scipy_stats.binomtest(int(np.sum(nonzero > 0)), len(nonzero), 0.5).pvalue)
         result["wilcoxon_p"] = float(scipy_stats.wilcoxon(diffs, zero_method="wilcox").pvalue)
-    if len(pairs) >= 2:
+    if len(pairs) >= 3:  # with 2 values a group's deviations from its median are equal: a degenerate F
         a = np.asarray([p[0] for p in pairs])
         b = np.asarray([p[1] for p in pairs])
         if np.ptp(a) > 0 or np.ptp(b) > 0:
