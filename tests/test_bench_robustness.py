@@ -106,6 +106,8 @@ def test_report_writes_the_robustness_tables_and_the_power_analysis(tmp_path):
     assert (tests[("fedsq", "fedavg")]["wins"], tests[("fedsq", "fedavg")]["ties"]) == ("4", "2") and tests[("fedsq", "fedadam")]["n"] == "6"
     power = {(r["candidate"], r["baseline"]): r for r in csv.DictReader(open(tmp_path / "power.csv"))}
     assert int(power[("fedsq", "fedavg")]["seeds_needed"]) > 6
+    assert tests[("fedadam", "fedavg")]["n"] == "6"  # a baseline against FedAvg too
+    assert "| fedadam |" not in (tmp_path / "summary.md").read_text().split("Claims, each decided")[1].split("\n\n")[1]
     markdown = (tmp_path / "summary.md").read_text()
     assert "Brown–Forsythe" in markdown and "Power analysis" in markdown and "BVA vs FedAdam (pp)" in markdown
 

@@ -82,13 +82,14 @@ def add_time_to_accuracy(rows: list[dict]) -> None:
 
 
 def paired_comparisons(rows: list[dict]) -> list[dict]:
-    """Every candidate (FedSQ, its variants) against every baseline, and each variant against FedSQ:
-    per-seed paired differences (candidate − baseline) of each metric, with ``paired_test``'s CI and p."""
+    """Every candidate (FedSQ, its variants) against every baseline, each variant against FedSQ, and each
+    other baseline (FedProx, FedAdam) against FedAvg: per-seed paired differences (candidate − baseline) of each metric, with ``paired_test``'s CI and p."""
     by = {(r["setup"], r["partition"], r["epochs"], r["strategy"], r["seed"]): r for r in rows}
     settings = sorted({(r["setup"], r["partition"], r["epochs"]) for r in rows}, key=str)
     present = {r["strategy"] for r in rows}
     pairs = [(c, b) for c in CANDIDATES for b in BASELINES if {c, b} <= present]
     pairs += [(c, "fedsq") for c in CANDIDATES if c != "fedsq" and {c, "fedsq"} <= present]
+    pairs += [(b, "fedavg") for b in BASELINES if b != "fedavg" and {b, "fedavg"} <= present]  # FedProx, FedAdam
     comparisons = []
     for setup, partition, epochs in settings:
         for candidate, baseline in pairs:
@@ -121,7 +122,8 @@ def claim_checks(comparisons: list[dict]) -> list[dict]:
              for c in comparisons}
     checks = []
     for setup, partition, epochs, candidate in sorted({(c["setup"], c["partition"], c["epochs"], c["candidate"])
-                                                       for c in comparisons}, key=str):
+                                                       for c in comparisons if c["candidate"] in CANDIDATES},
+                                                      key=str):
         def get(baseline, metric):
             return index.get((setup, partition, epochs, candidate, baseline, metric))
 
@@ -278,6 +280,7 @@ def robustness(rows: list[dict], metric: str = "best_val_accuracy", scale: float
     present = {key[3] for key in groups}
     pairs = [(c, b) for c in CANDIDATES for b in BASELINES if {c, b} <= present]
     pairs += [(c, "fedsq") for c in CANDIDATES if c != "fedsq" and {c, "fedsq"} <= present]
+    pairs += [(b, "fedavg") for b in BASELINES if b != "fedavg" and {b, "fedavg"} <= present]  # FedProx, FedAdam
     for setup, partition, epochs in sorted({key[:3] for key in groups}, key=str):
         for candidate, baseline in pairs:
             a = groups.get((setup, partition, epochs, candidate), {})
