@@ -82,6 +82,8 @@ def build_preset(args: argparse.Namespace) -> Preset:
         if setup not in setups:
             setups.append(setup)
     changes["setups"] = tuple(setups)
+    changes["strategy_overrides"] = {strategy: {k: v for k, v in keys.items() if k not in forced}
+                                     for strategy, keys in preset.strategy_overrides.items()}
     changes["base"] = {**preset.base, **{k: v for k, v in forced.items() if k not in ("model", "dataset")}}
     if args.num_cpus:
         changes["num_cpus"] = args.num_cpus

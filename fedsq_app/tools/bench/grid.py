@@ -50,8 +50,9 @@ class Cell:
 
     def run_config(self, preset: Preset, cells_dir: Path) -> dict:
         config = {**preset.base, "model": self.setup.model, "dataset": self.setup.dataset,
-                  **self.setup.overrides, "strategy": self.strategy, "local-epochs": self.epochs,
-                  "seed": self.seed, "out-dir": str(cells_dir), "run-name": self.name}
+                  **self.setup.overrides, **preset.strategy_overrides.get(self.strategy, {}),
+                  "strategy": self.strategy, "local-epochs": self.epochs, "seed": self.seed,
+                  "out-dir": str(cells_dir), "run-name": self.name}
         if self.partition == "iid":
             config["partitioner"] = "iid"
         else:

@@ -118,7 +118,7 @@ def plot_runs(preset: Preset, rows: list[dict], out: Path) -> list[str]:
 def plot_paired(comparisons: list[dict], out: Path) -> list[str]:
     """Mean paired difference with its 95 % CI, candidate − baseline, for BVA and rounds-to-best."""
     shown = [c for c in comparisons if c["metric"] in ("best_val_accuracy", "rounds_to_best", "tta_0.99")
-             and c["baseline"] in ("fedavg", "fedprox") and not math.isnan(c["low"])]
+             and c["baseline"] in ("fedavg", "fedprox", "fedadam") and not math.isnan(c["low"])]
     if not shown:
         return []
     import matplotlib
@@ -148,6 +148,52 @@ def plot_paired(comparisons: list[dict], out: Path) -> list[str]:
                  fontsize=9)
     fig.tight_layout()
     name = "paired_differences.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return [name]
+
+
+def plot_robustness(preset: Preset, rows: list[dict], out: Path, tail_pp: float = 5.0) -> list[str]:
+    """Per-seed BVA per strategy (one dot per seed, seeds joined across strategies by a faint line), with each
+    strategy's median, 10th percentile and the median − ``tail_pp`` line below which a seed counts as a
+    collapse. One panel per setting."""
+    settings = sorted({(r["setup"], r["partition"], r["epochs"]) for r in rows}, key=str)
+    if not settings:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colors = {s: f"C{i}" for i, s in enumerate(STRATEGIES)}
+    fig, axes = plt.subplots(1, len(settings), figsize=(max(5.0, 1.3 * len(preset.strategies)) * len(settings), 3.8),
+                             squeeze=False)
+    for ax, (setup, partition, epochs) in zip(axes[0], settings):
+        strategies = [s for s in preset.strategies if any((r["setup"], r["partition"], r["epochs"], r["strategy"])
+                                                          == (setup, partition, epochs, s) for r in rows)]
+        by = {(r["strategy"], r["seed"]): 100 * r["best_val_accuracy"] for r in rows
+              if (r["setup"], r["partition"], r["epochs"]) == (setup, partition, epochs)}
+        seeds = sorted({seed for _, seed in by})
+        for seed in seeds:  # the pairing: one faint line per seed
+            xs = [i for i, s in enumerate(strategies) if (s, seed) in by]
+            ax.plot(xs, [by[(strategies[i], seed)] for i in xs], color="0.8", lw=0.6, zorder=1)
+        for i, strategy in enumerate(strategies):
+            values = np.asarray([by[(strategy, seed)] for seed in seeds if (strategy, seed) in by])
+            jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+            ax.scatter(i + jitter, values, s=14, color=colors[strategy], zorder=3)
+            median, p10 = np.median(values), np.percentile(values, 10)
+            ax.hlines(median, i - 0.3, i + 0.3, color="k", lw=1.5, zorder=4)
+            ax.hlines(p10, i - 0.3, i + 0.3, color="C3", lw=1.2, ls="--", zorder=4)
+            ax.hlines(median - tail_pp, i - 0.3, i + 0.3, color="C3", lw=0.8, ls=":", zorder=4)
+        ax.set_xticks(range(len(strategies)), strategies, fontsize=8)
+        ax.set_title(f"{setup}, {partition_title(partition)}, E={epochs}: {len(seeds)} seeds", fontsize=9)
+        ax.set_ylabel("best validation accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"per-seed BVA: black = median, dashed red = 10th percentile, dotted red = median − {tail_pp:g} pp",
+                 fontsize=8)
+    fig.tight_layout()
+    name = "robustness_bva.png"
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
     return [name]

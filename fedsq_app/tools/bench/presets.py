@@ -34,6 +34,8 @@ class Preset:
     seeds: tuple[int, ...] = (0, 1, 2)
     num_clients: int = 10
     base: dict = field(default_factory=dict)  # run-config keys shared by every cell
+    # run-config keys of one strategy's cells, e.g. {"fedadam": {"server-lr": 0.01}}: a per-strategy tuned value
+    strategy_overrides: dict = field(default_factory=dict)
     mu_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
     tune_on: tuple[tuple[str, int], ...] = ()  # (partition, epochs) combos to tune μ on; () = every combo
     last_k: int = LAST_K

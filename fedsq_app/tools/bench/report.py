@@ -10,10 +10,10 @@ from pathlib import Path
 from fedsq_app.runtime.metrics import mean_std, last_k_std, rounds_to_best, rounds_to_within
 from fedsq_app.runtime.strategies import CANDIDATES
 from fedsq_app.tools.bench.grid import Cell, load_results, main_cells, partition_title, tuning_cells
-from fedsq_app.tools.bench.plots import plot_paired, plot_runs
+from fedsq_app.tools.bench.plots import plot_paired, plot_robustness, plot_runs
 from fedsq_app.tools.bench.presets import Preset
-from fedsq_app.tools.bench.stats import (TTA_FRACTIONS, add_time_to_accuracy, claim_checks, paired_comparisons,
-                                         still_improving)
+from fedsq_app.tools.bench.stats import (TAIL_PP, TTA_FRACTIONS, add_time_to_accuracy, claim_checks,
+                                         paired_comparisons, power_analysis, robustness, still_improving)
 
 PAPER_CLAIMS_NOTE = ("fedsq-adam, fedsq-m and fedsq-warmup are extensions beyond the paper: FedAdam's server step "
                      "on Q; FedAvgM's server momentum on Q; warm-up FedAvg rounds, then S frozen at that global model.")
@@ -22,6 +22,12 @@ CELL_COLUMNS = ("setup", "model", "dataset", "classes", "pretrained", "strategy"
                 "rounds_to_within_0.5pp", "last_k_std", "test_accuracy", "round_time_s", "bytes_per_client",
                 "final_gate_disagreement", "final_l2_from_pretrained", "rounds_run", "stopped_early",
                 "still_improving", *(f"tta_{f:g}" for f in TTA_FRACTIONS))
+ROBUSTNESS_COLUMNS = ("setup", "partition", "epochs", "strategy", "n", "mean", "median", "std", "iqr", "worst", "p10",
+                      "below")
+ROBUSTNESS_TEST_COLUMNS = ("setup", "partition", "epochs", "candidate", "baseline", "n", "wins", "losses", "ties",
+                           "median_diff", "wilcoxon_p", "sign_p", "bf_stat", "bf_p", "seeds")
+POWER_COLUMNS = ("setup", "partition", "epochs", "candidate", "baseline", "n", "sd", "sd_low", "sd_high", "effect",
+                 "power", "power_now", "seeds_needed", "seeds_needed_sd_low", "seeds_needed_sd_high")
 PAIRED_COLUMNS = ("setup", "partition", "epochs", "candidate", "baseline", "metric", "n", "mean", "std", "low",
                   "high", "p", "seeds")
 METRICS = ("best_val_accuracy", "rounds_to_best", "rounds_to_within_0.5pp", "last_k_std", "test_accuracy",
@@ -92,16 +98,22 @@ def write_report(preset: Preset, out: Path, command: str = "", wall_time_s: floa
     add_time_to_accuracy(rows)
     summary = summarise(rows)
     comparisons = paired_comparisons(rows)
+    tails, tests = robustness(rows)
+    power = power_analysis(comparisons)
     written = {"cells": len(rows)}
 
     _write_csv(out / "cells.csv", [{k: r.get(k, "") for k in CELL_COLUMNS} for r in rows + tuning_rows], CELL_COLUMNS)
     columns = list(summary[0]) if summary else ["setup"]
     _write_csv(out / "summary.csv", summary, columns)
     _write_csv(out / "paired.csv", comparisons, PAIRED_COLUMNS)
-    written["pngs"] = plot_runs(preset, rows, out) + plot_paired(comparisons, out)
+    _write_csv(out / "robustness.csv", tails, ROBUSTNESS_COLUMNS)
+    _write_csv(out / "robustness_tests.csv", tests, ROBUSTNESS_TEST_COLUMNS)
+    _write_csv(out / "power.csv", power, POWER_COLUMNS)
+    written["pngs"] = plot_runs(preset, rows, out) + plot_paired(comparisons, out) + plot_robustness(preset, rows, out)
     (out / "summary.md").write_text(_markdown(preset, summary, tuning_rows, comparisons, written["pngs"],
-                                              command, wall_time_s))
-    written["files"] = ["cells.csv", "summary.csv", "paired.csv", "summary.md", *written["pngs"]]
+                                              command, wall_time_s, tails, tests, power))
+    written["files"] = ["cells.csv", "summary.csv", "paired.csv", "robustness.csv", "robustness_tests.csv",
+                        "power.csv", "summary.md", *written["pngs"]]
     return written
 
 
@@ -121,7 +133,8 @@ def _ci(test: dict, digits: int = 2) -> str:
 
 
 def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], comparisons: list[dict],
-              pngs: list[str], command: str, wall_time_s: float | None) -> str:
+              pngs: list[str], command: str, wall_time_s: float | None, tails: list[dict] = (),
+              tests: list[dict] = (), power: list[dict] = ()) -> str:
     k = preset.last_k
     lines = ["# fedsq-bench summary", ""]
     if command:
@@ -130,7 +143,10 @@ def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], comp
         lines += [f"Wall time of this invocation: {wall_time_s / 60:.1f} min", ""]
     base = ", ".join(f"{key}={value}" for key, value in sorted(preset.base.items()))
     lines += [f"Setups: {'; '.join(f'{s.name} {s.overrides}' if s.overrides else s.name for s in preset.setups)}; "
-              f"{preset.num_clients} clients; seeds {list(preset.seeds)}; {base}; engine {preset.engine}. The "
+              f"{preset.num_clients} clients; seeds {list(preset.seeds)}; {base}; engine {preset.engine}"
+              + "".join(f"; {strategy}: " + ", ".join(f"{k}={v}" for k, v in sorted(keys.items()))
+                        for strategy, keys in preset.strategy_overrides.items() if keys)
+              + ". The "
               "dataset, classes and backbone each cell actually used are in cells.csv.",
               f"Mean ± std over seeds. BVA = best validation accuracy; rounds-to-best = first round reaching BVA; "
               f"≤0.5 pp = first round within 0.5 pp of BVA; last-{k} std = std of validation accuracy over the "
@@ -187,6 +203,7 @@ def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], comp
                   "a BVA that is not significantly lower: " + (", ".join(
                       f"{c['candidate']} ({c['setup']}, {partition_title(c['partition'])}, E={c['epochs']})"
                       for c in earlier) if earlier else "no candidate in any setting") + "."]
+    lines += _robustness_markdown(preset, tails, tests, power)
     if comparisons:
         lines += ["", "All paired comparisons (candidate − baseline, per seed; mean [95 % CI], two-sided paired-t p):",
                   "", "| setup | partition | E | candidate | baseline | metric | n | mean [95 % CI] | p |",
@@ -198,3 +215,48 @@ def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], comp
     if pngs:
         lines += ["", *[f"![{name}]({name})" for name in pngs]]
     return "\n".join(lines) + "\n"
+
+
+def _p(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
+
+
+def _robustness_markdown(preset: Preset, tails: list[dict], tests: list[dict], power: list[dict]) -> list[str]:
+    """The spread and lower tail of per-seed BVA per strategy, the rank tests on it, and the power analysis."""
+    lines = []
+    if tails:
+        order = {s: i for i, s in enumerate(preset.strategies)}
+        lines += ["", f"Robustness: per-seed BVA (%) per strategy. worst = the worst seed; p10 = 10th percentile "
+                  f"(linear); below = seeds more than {TAIL_PP:g} pp below the strategy's own median "
+                  "(robustness.csv).", "",
+                  "| setup | partition | E | strategy | seeds | median | mean | std | IQR | worst | p10 | below |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t in sorted(tails, key=lambda t: (t["setup"], t["epochs"], t["partition"], order.get(t["strategy"], 99))):
+            lines.append(f"| {t['setup']} | {partition_title(t['partition'])} | {t['epochs']} | {t['strategy']} | "
+                         f"{t['n']} | {t['median']:.2f} | {t['mean']:.2f} | {t['std']:.2f} | {t['iqr']:.2f} | "
+                         f"{t['worst']:.2f} | {t['p10']:.2f} | {t['below']}/{t['n']} |")
+    if tests:
+        lines += ["", "Robustness tests on per-seed BVA, candidate vs baseline on the same seeds: wins/losses/ties; "
+                  "median difference (pp); paired Wilcoxon signed-rank and sign test (two-sided, ties dropped); "
+                  "Brown–Forsythe (Levene, median-centred) for a different spread over seeds "
+                  "(robustness_tests.csv).", "",
+                  "| setup | partition | E | candidate | baseline | n | W/L/T | median diff (pp) | Wilcoxon p | "
+                  "sign p | Brown–Forsythe p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t in tests:
+            lines.append(f"| {t['setup']} | {partition_title(t['partition'])} | {t['epochs']} | {t['candidate']} | "
+                         f"{t['baseline']} | {t['n']} | {t['wins']}/{t['losses']}/{t['ties']} | "
+                         f"{t['median_diff']:+.2f} | {_p(t['wilcoxon_p'])} | {_p(t['sign_p'])} | {_p(t['bf_p'])} |")
+    if power:
+        first = power[0]
+        lines += ["", f"Power analysis (power.csv): seeds a two-sided paired t-test (α = 0.05) needs to detect a "
+                  f"{first['effect']:g} pp BVA difference with {100 * first['power']:g} % power, given the std of "
+                  "the per-seed differences seen here (noncentral t); in brackets the same for the ends of that "
+                  "std's 95 % CI.", "",
+                  "| setup | partition | E | candidate | baseline | n | std of diffs (pp) [95 % CI] | power now | "
+                  "seeds needed |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in power:
+            lines.append(f"| {p['setup']} | {partition_title(p['partition'])} | {p['epochs']} | {p['candidate']} | "
+                         f"{p['baseline']} | {p['n']} | {p['sd']:.2f} [{p['sd_low']:.2f}, {p['sd_high']:.2f}] | "
+                         f"{p['power_now']:.2f} | {p['seeds_needed']} [{p['seeds_needed_sd_low']}, "
+                         f"{p['seeds_needed_sd_high']}] |")
+    return lines
