@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,12 +17,11 @@ from torch import nn
 
 from fedsq_app.config import RunConfig
 from fedsq_app.core import wire
-from fedsq_app.core.replies import ReplyOutcome
-from fedsq_app.core.weights import AutoWeights, PartitionWeights, SiloSizes, load_silo_sizes
+from fedsq_app.core.replies import ReplyOutcome, node_id_of
 from fedsq_app.core.strategy import FedSQWarmup, ValidatedFedAvg
 from fedsq_app.data.leakage import check_pretrain_overlap
-from fedsq_app.data.partitions import (DataKey, DatasetInfo, dataset_info, partition_report, partition_sizes,
-                                       partitioned_pool, pool_and_validation, server_split)
+from fedsq_app.data.partitions import (DataKey, DatasetInfo, dataset_info, partition_report, partitioned_pool,
+                                       pool_and_validation, server_split)
 from fedsq_app.data.tensors import TensorData
 from fedsq_app.runtime.checkpoint import (RunState, capture_rng, load_run_state, restore_rng, save_run_state,
                                           seed_everything)
@@ -33,6 +31,7 @@ from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.train import evaluate, pick_device
 from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, validation_source
 from fedsq_app.runtime.warmup import switch_to_structural
+from fedsq_app.runtime.weighting import check_federation, weight_policy
 from fedsq_app.task import StartModel, build_start_model, global_arrays, load_global_arrays, trainable_model
 from fedsq_app.util import ConfigError, write_atomic
 
@@ -111,47 +110,6 @@ def log_wait(grid: Grid, nodes: list[int], waited_s: float, timeout: float | Non
                 "the silo's SuperExec log)")
     until = f" of round-timeout {timeout:.0f} s" if timeout is not None else ""
     log(WARNING, "waited %.0f s%s for %d replies, from nodes %s%s", waited_s, until, len(nodes), nodes, gone)
-
-
-def node_identities(grid: Grid) -> dict[int, list[str]]:
-    """Each connected node's registered identities, from the SuperLink: its public key's SHA-256 and its
-    name (empty in simulation and without node authentication)."""
-    identities = {}
-    for node in grid.get_nodes():
-        key = bytes(getattr(node, "public_key", b"") or b"")
-        identities[int(node.node_id)] = [hashlib.sha256(key).hexdigest() if key else "",
-                                         str(getattr(node, "name", "") or "")]
-    return identities
-
-
-def weight_policy(config: RunConfig, data_key: DataKey, grid: Grid) -> AutoWeights:
-    """Where each node's aggregation weight comes from (core/weights.py): the operator's silo sizes, the
-    server's own partition sizes, or equal weights; never a node's claim."""
-    partitions = PartitionWeights(lambda count: partition_sizes(data_key, count))
-    if not config.silo_sizes:
-        return AutoWeights(partitions)
-    try:
-        sizes = load_silo_sizes(config.silo_sizes)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    known: dict[int, list[str]] = {}
-
-    def identities_of(node_id: int) -> list[str]:
-        if node_id not in known:  # a node that joined since: ask the SuperLink again
-            known.update(node_identities(grid))
-        return known.get(node_id, [])
-
-    return AutoWeights(partitions, SiloSizes(sizes, identities_of, f"'{config.silo_sizes}'"))
-
-
-def log_nodes(grid: Grid) -> None:
-    """Which node is which silo, for the operator's silo-sizes file (deployment with node authentication)."""
-    try:
-        for node_id, (key_sha256, name) in sorted(node_identities(grid).items()):
-            if key_sha256:
-                log(INFO, "node %d: name %r, public key sha256 %s", node_id, name, key_sha256)
-    except Exception as error:  # a diagnostic: never end the run over it
-        log(WARNING, "could not list the nodes' identities (%s: %s)", type(error).__name__, error)
 
 
 def load_data(config: RunConfig):
@@ -345,12 +303,7 @@ def start_fresh(run: Run, grid: Grid) -> None:
     num_nodes = len(list(grid.get_node_ids()))
     if num_nodes:
         partitioned_pool(run.data_key, num_nodes)  # an impossible split stops the run before any training
-    if type(grid).__name__ != "HttpGrid" and num_nodes < config.min_valid_replies:
-        # Simulation: every node is there from the start, so this run could never change the model.
-        raise ConfigError(f"min-valid-replies={config.min_valid_replies} but the simulation has {num_nodes} nodes: "
-                          "every round would keep the start model. Run more nodes, or set min-valid-replies=2 for "
-                          "a two-silo federation (it cannot tell which of two silos is lying: docs/RELIABILITY.md)")
-    log_nodes(grid)
+    check_federation(config, grid, num_nodes)
     # Written once the first accepted replies tell partitions (demo mode) from silos (data-path).
     run.results["label_distribution"] = {"pending": "written after the first round with accepted replies"}
     log(INFO, "validation (best round, BVA) from the %s", run.results["validation_source"])
@@ -380,7 +333,7 @@ def round_record(run: Run, server_round: int, messages: list, replies: list, agg
     checked = run.strategy.round_replies.get(server_round)
     train_loss = train_metrics.get(wire.TRAIN_LOSS) if train_metrics else None
     sent_to = sorted({m.metadata.dst_node_id for m in messages})
-    replied = {_src_node(m) for m in replies}
+    replied = {node_id_of(m) for m in replies}
     return {
         "round": server_round, "val_accuracy": val_acc, "val_loss": val_loss,
         "train_loss": float(train_loss) if train_loss is not None else None,
@@ -441,9 +394,3 @@ def _content_order(outcomes: list) -> list:
     repeats exactly; the node id still tells which silo sent which reply."""
     return sorted(outcomes, key=lambda o: (not o.accepted, o.num_examples or 0, o.train_loss or 0.0, o.reason))
 
-
-def _src_node(message) -> int:
-    try:
-        return int(message.metadata.src_node_id)
-    except Exception:
-        return -1

@@ -164,7 +164,8 @@ def check_train_reply(message: Message, template: dict[str, np.ndarray],
         return f"malformed reply ({type(error).__name__}: {error})"
 
 
-def _node_id(message: Message) -> int:
+def node_id_of(message: Message) -> int:
+    """The sending node's id, or -1 if the message has none that reads as an int."""
     try:
         return int(message.metadata.src_node_id)
     except Exception:
@@ -227,7 +228,7 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
     position = {i: p for p, i in enumerate(kept)}
     for i, message in enumerate(messages):
         reply = checked[i] if isinstance(checked[i], CheckedReply) else None
-        node_id = reply.node_id if reply else _node_id(message)
+        node_id = reply.node_id if reply else node_id_of(message)
         if i in reasons:
             result.rejected.append((node_id, reasons[i]))
         p = position.get(i)
