@@ -20,8 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-run}"
 DEBIAN_FMNIST=/usr/share/datasets/fashion-mnist
-# What the device image lacks (docs/.../KINDS.md lists what it has): Flower, its data layer and their needs.
-WHEELS="flwr==1.42.0 flwr-datasets==0.6.1 datasets iterators pycryptodome tomli-w dill multiprocess"
+# What the device image lacks: requirements/gpu-cell-extra.txt (pinned as in the lock).
+WHEELS="$(grep -v '^#' requirements/gpu-cell-extra.txt)"
 
 if [ "$MODE" = prepare ]; then
     mkdir -p gpu-data/fashion-mnist

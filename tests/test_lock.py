@@ -46,3 +46,13 @@ def test_lockcheck_reports_drift(tmp_path):
     empty.write_text("# nothing pinned\n")
     with pytest.raises(ValueError, match="no 'name==version' pins"):
         read_lock(empty)
+
+
+def test_gpu_cell_wheels_are_pinned_as_in_the_lock():
+    pins = read_lock(LOCK)
+    lines = [line for line in (ROOT / "requirements/gpu-cell-extra.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert lines
+    for line in lines:
+        name, version = line.split("==")
+        assert pins.get(canonicalize_name(name)) == version, f"{line}: the lock has {pins.get(canonicalize_name(name))}"

@@ -107,7 +107,7 @@ def test_node_with_another_structural_copy_is_dropped_and_the_run_finishes(backb
     other = str(tmp_path / "other.safetensors")
     pretrain("smallcnn", idx_data, "train[:300]", epochs=1, seed=7, out=other)  # same shape, other weights
     run = {**RUN, "dataset": idx_data, "pretrained": backbone, "out-dir": str(tmp_path), "run-name": "mismatch",
-           "num-server-rounds": 1}
+           "num-server-rounds": 1, "min-valid-replies": 2}  # 3 nodes, one refused: two valid replies
     server, client = ServerApp(), ClientApp()
 
     @server.main()

@@ -187,7 +187,8 @@ def test_bva_comes_from_the_silos_when_the_server_validates_nothing(fedsq_cache,
     """server-validation=false: BVA and rounds-to-best from the silos' weighted accuracy, asked every 2
     rounds (round 0 and the last round always): round 1 has no validation and is no candidate."""
     run = {"num-server-rounds": 3, "max-train-samples": 300, "fraction-evaluate": 1.0, "evaluate-every": 2,
-           "server-validation": False, "out-dir": str(tmp_path), "run-name": "silos", "probe-size": 0}
+           "server-validation": False, "out-dir": str(tmp_path), "run-name": "silos", "probe-size": 0,
+           "min-valid-replies": 2}  # two silos: the two-silo mode
     nodes = [{"data-path": silos[0]}, {"data-path": silos[1], "allow-pretrain-overlap": True}]
     results = simulate_in_process(run, 2, node_configs=nodes)
     assert results["validation_source"].startswith("nodes:")
@@ -198,7 +199,9 @@ def test_bva_comes_from_the_silos_when_the_server_validates_nothing(fedsq_cache,
         validation = record["node_validation"]
         assert sorted(e["num_examples"] for e in validation["nodes"].values()) == [23, 39]  # about 10 % of 240 and 390, per label
         assert validation["rejected"] == [] and validation["num_examples"] == 62
-        weighted = sum(e["accuracy"] * e["num_examples"] for e in validation["nodes"].values()) / 62
+        # Weighted by the server's weights (silos of unknown size: equal), never by the counts they report.
+        assert all(e["weight"] == 1 for e in validation["nodes"].values())
+        weighted = sum(e["accuracy"] for e in validation["nodes"].values()) / 2
         assert math.isclose(record["val_accuracy"], weighted) and math.isclose(validation["accuracy"], weighted)
     print("\nsilo validation per round:", [{n: round(e["accuracy"], 4) for n, e in r["node_validation"]["nodes"].items()}
                                           for r in evaluated])
