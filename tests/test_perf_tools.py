@@ -17,6 +17,13 @@ def _line(t, pid, program, event="log", **fields):
     return json.dumps({"t": t, "pid": pid, "program": program, "event": event, **fields})
 
 
+def _breakdown(tmp_path, lines: list[str]) -> dict:
+    """round_breakdown of a trace file holding ``lines``."""
+    trace = tmp_path / "trace"
+    trace.write_text("\n".join(lines) + "\n")
+    return round_breakdown(trace)
+
+
 def test_round_breakdown_splits_a_round_into_its_stages(tmp_path):
     server, node_a, node_b = "flwr-serverapp --runtime-api-address 127.0.0.1:9", "flower-supernode --port 7001", \
         "flower-supernode --port 7002"
@@ -37,9 +44,7 @@ def test_round_breakdown_splits_a_round_into_its_stages(tmp_path):
         _line(109.4, 1, server, message="aggregate_train: 2 replies accepted, 0 rejected"),
         _line(110.0, 1, server, message="round 2: val_accuracy=0.5 ..."),
     ]
-    trace = tmp_path / "trace"
-    trace.write_text("\n".join(lines) + "\n")
-    stages = round_breakdown(trace)
+    stages = _breakdown(tmp_path, lines)
     expect = {"poll": [1.0, 2.5], "pull": [0.5, 0.2], "spawn": [0.6, 0.3], "clientapp": [4.0, 5.0],
               "clientapp_cpu": [3.5, 4.5], "push": [0.5, 1.0], "collect": [0.5], "validate": [0.6], "round": [10.0]}
     for key, values in expect.items():
@@ -98,8 +103,6 @@ def test_round_breakdown_reads_the_warm_executors_forked_children(tmp_path):
         _line(104.0, 1, server, message="aggregate_train: 1 replies accepted, 0 rejected"),
         _line(104.5, 1, server, message="round 2: val_accuracy=0.5 ..."),
     ]
-    trace = tmp_path / "trace"
-    trace.write_text("\n".join(lines) + "\n")
-    stages = round_breakdown(trace)
+    stages = _breakdown(tmp_path, lines)
     assert stages["spawn"] == pytest.approx([0.2]) and stages["clientapp"] == pytest.approx([2.0])
     assert stages["clientapp_cpu"] == pytest.approx([1.25]) and stages["round"] == pytest.approx([4.5])

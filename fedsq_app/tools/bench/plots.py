@@ -56,11 +56,7 @@ def plot_runs(preset: Preset, rows: list[dict], out: Path) -> list[str]:
                 ax.grid(alpha=0.3)
             axes[0][0].set_ylabel("validation accuracy (%)")
             _legend(axes[0], fontsize=8)
-            fig.tight_layout()
-            name = f"curves_{setup.name}_e{epochs}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            names.append(name)
+            names.append(_save(fig, out, f"curves_{setup.name}_e{epochs}.png"))
 
             if not has_gates:
                 continue
@@ -83,11 +79,7 @@ def plot_runs(preset: Preset, rows: list[dict], out: Path) -> list[str]:
                 for row in (0, 1):
                     axes[row][col].grid(alpha=0.3)
             _legend(axes[0], fontsize=7, title="dashed: FedSQ's Q with its own ReLUs", title_fontsize=7)
-            fig.tight_layout()
-            name = f"gates_{setup.name}_e{epochs}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            names.append(name)
+            names.append(_save(fig, out, f"gates_{setup.name}_e{epochs}.png"))
 
         # Rounds-to-best, bars per strategy for every partition × epochs.
         combos = [(p, e) for e in preset.epochs for p in preset.partitions]
@@ -107,11 +99,7 @@ def plot_runs(preset: Preset, rows: list[dict], out: Path) -> list[str]:
         ax.set_ylabel("rounds to best val. acc.")
         ax.legend(fontsize=8, ncol=len(preset.strategies))
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        name = f"rounds_to_best_{setup.name}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        names.append(name)
+        names.append(_save(fig, out, f"rounds_to_best_{setup.name}.png"))
     return names
 
 
@@ -146,11 +134,7 @@ def plot_paired(comparisons: list[dict], out: Path) -> list[str]:
     axes[0][0].invert_yaxis()
     fig.suptitle("paired difference per seed, mean and 95 % CI (green: claim holds, red: significantly against)",
                  fontsize=9)
-    fig.tight_layout()
-    name = "paired_differences.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return [_save(fig, out, "paired_differences.png")]
 
 
 def plot_robustness(preset: Preset, rows: list[dict], out: Path, tail_pp: float = 5.0) -> list[str]:
@@ -192,11 +176,17 @@ def plot_robustness(preset: Preset, rows: list[dict], out: Path, tail_pp: float 
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"per-seed BVA: black = median, dashed red = 10th percentile, dotted red = median − {tail_pp:g} pp",
                  fontsize=8)
+    return [_save(fig, out, "robustness_bva.png")]
+
+
+def _save(fig, out: Path, name: str) -> str:
+    """Lay out, write ``out/name`` and free the figure; returns the file name for the report."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    name = "robustness_bva.png"
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
-    return [name]
+    return name
 
 
 def _legend(axes, **kwargs) -> None:
