@@ -36,12 +36,14 @@ def update_keys(template: dict[str, np.ndarray]) -> list[str]:
     return [k for k, v in template.items() if v.dtype.kind == "f" and not k.endswith(BN_BUFFER_SUFFIXES)]
 
 
+def distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str]) -> float:
+    """‖a − b‖₂ in float64 over ``keys``."""
+    return math.sqrt(sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in keys))
+
+
 def update_norm(reply, template: dict[str, np.ndarray], keys: list[str] | None = None) -> float:
     """‖x_k − x_t‖₂ in float64 over ``update_keys``."""
-    total = 0.0
-    for key in keys if keys is not None else update_keys(template):
-        total += float(np.sum((reply.arrays[key].astype(np.float64) - template[key].astype(np.float64)) ** 2))
-    return math.sqrt(total)
+    return distance(reply.arrays, template, keys if keys is not None else update_keys(template))
 
 
 def clip_bound(norms: list[float], multiplier: float) -> float | None:

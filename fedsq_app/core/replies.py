@@ -234,7 +234,7 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
         p = position.get(i)
         result.outcomes.append(ReplyOutcome(
             node_id=node_id, accepted=i not in reasons, reason=reasons.get(i, ""),
-            num_examples=reply.claimed if reply else None, weight=weights.get(i) if p is not None else None,
+            num_examples=reply.claimed if reply else None, weight=weights.get(i),
             train_loss=reply.metrics.get(TRAIN_LOSS) if reply else None, created_at=_created_at(message),
             clip_scale=scales[p] if p is not None else None,
             bn_clamped=clamp_counts[p] if p is not None else None))

@@ -35,12 +35,8 @@ class PartitionWeights:
         self.num_partitions: int | None = None
 
     def __call__(self, replies: list) -> list[int | str]:
-        weights: list[int | str] = []
-        taken: set[int] = set()
-        for reply in replies:
-            weight = self.weigh(reply, taken)
-            weights.append(weight)
-        return weights
+        taken: set[int] = set()  # partitions already named this round
+        return [self.weigh(reply, taken) for reply in replies]
 
     def weigh(self, reply, taken: set[int]) -> int | str:
         pid, count = reply.metrics.get(PARTITION_ID), reply.metrics.get(NUM_PARTITIONS)

@@ -28,19 +28,18 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from flwr.app import Array, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from tqdm import tqdm
 
 from fedsq_app import server_app
 from fedsq_app.config import RunConfig
 from fedsq_app.core import wire
-from fedsq_app.core.aggregation import aggregate
-from fedsq_app.core.defenses import BN_STATISTICS, update_keys
-from fedsq_app.core.replies import CheckedReply, screen_replies
-from fedsq_app.core.weights import AutoWeights, PartitionWeights
-from fedsq_app.data.partitions import DataKey, partition_sizes
+from fedsq_app.core.defenses import distance, update_keys
+from fedsq_app.data.partitions import DataKey
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedsq_app.runtime.metrics import mean_std
+from fedsq_app.runtime.strategies import make_strategy
+from fedsq_app.runtime.weighting import weight_policy
 from fedsq_app.tools.bench.stats import paired_test
 
 NONE = {"clip-multiplier": 0.0, "bn-clamp": False, "min-valid-replies": 1}
@@ -55,10 +54,6 @@ TWO_SILO = {"min-valid-replies": 2}
 
 def _floating(arrays: dict[str, np.ndarray]) -> list[str]:
     return [k for k, v in arrays.items() if v.dtype.kind == "f"]
-
-
-def _norm(a: dict, b: dict, keys: list[str]) -> float:
-    return math.sqrt(sum(float(np.sum((a[k].astype(np.float64) - b[k].astype(np.float64)) ** 2)) for k in keys))
 
 
 def _set(reply: Message, arrays: dict[str, np.ndarray]) -> None:
@@ -91,7 +86,7 @@ def against_honest(length: float | None, factor: float | None = None) -> Attack:
     def attack(start, hostile, honest):
         keys = update_keys(start)
         mean = _honest_mean_update(honest, start, keys)
-        norms = [_norm(h, start, keys) for h in honest]
+        norms = [distance(h, start, keys) for h in honest]
         mean_norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in mean.values())) or 1.0
         scale = factor if factor is not None else length * float(np.median(norms)) / mean_norm
         for reply in hostile:
@@ -161,23 +156,20 @@ class HostileGrid(InProcessGrid):
         self.damages.append(self.damage(start, replies, honest))
         return replies
 
-    def aggregate(self, start: dict, replies: list[Message]) -> tuple[dict, list[CheckedReply]]:
-        """What the server makes of ``replies`` (the validated average; the start model if it keeps it)."""
-        config = self.config
-        weigh = AutoWeights(PartitionWeights(lambda count: partition_sizes(DataKey.of(config), count)))
-        checked = screen_replies(replies, start, weigh=weigh, clip_multiplier=config.clip_multiplier,
-                                 clamp_bn=config.bn_clamp)
-        if len(checked.accepted) < config.min_valid_replies:
-            return start, checked.accepted
-        return aggregate(checked.accepted, start, config.aggregation, config.trim_fraction), checked.accepted
+    def aggregate(self, start: dict, replies: list[Message]) -> dict:
+        """What the server makes of ``replies``: the run's own strategy and weight policy, fed the same
+        replies (the start model where it keeps it)."""
+        strategy = make_strategy(self.config, "", weigh=weight_policy(self.config, DataKey.of(self.config), self))
+        strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+        arrays, _ = strategy.aggregate_train(0, replies)
+        return start if arrays is None else {k: a.numpy() for k, a in arrays.items()}
 
     def damage(self, start: dict, replies: list[Message], honest: list[Message]) -> float:
         keys = _floating(start)
-        mixed, _ = self.aggregate(start, replies)
-        alone, accepted = self.aggregate(start, honest)
-        norms = [_norm({k: a.numpy() for k, a in r.content[wire.ARRAYS].items()}, start, keys)
+        mixed, alone = self.aggregate(start, replies), self.aggregate(start, honest)
+        norms = [distance({k: a.numpy() for k, a in r.content[wire.ARRAYS].items()}, start, keys)
                  for r in honest if not r.has_error()]
-        return _norm(mixed, alone, keys) / max(float(np.median(norms)), 1e-12) if norms else math.nan
+        return distance(mixed, alone, keys) / max(float(np.median(norms)), 1e-12) if norms else math.nan
 
 
 def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, hostile: int = 0,
