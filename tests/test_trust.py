@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -189,6 +190,23 @@ def test_clamp_and_clip_leave_honest_lookalikes_alone():
     assert scales == [1.0] * 6 and bound > 0
     _, counts = clamp_bn_statistics(clipped, GLOBAL)
     assert sum(counts) == 2 * 2 * 4  # each coordinate's extreme pair, nothing else
+
+
+def test_a_larger_silos_bound_grows_with_its_server_weight_only():
+    """A silo of 4x the median size may send an update up to sqrt(4) = 2x longer before it is clipped; the
+    factor comes from the server's weight (num_examples after weighing), so a claim cannot buy it."""
+    rng = np.random.default_rng(7)
+    sizes = [100, 100, 100, 100, 400]
+    replies = [CheckedReply(n, _with_update(_honest(rng), 2.5 if size > 100 else 1.0), size, {})
+               for n, size in enumerate(sizes)]
+    _, scales, bound = clip_updates(replies, GLOBAL, 1.5)
+    assert scales == [1.0] * 5  # 2.5x the median norm, inside 1.5 x sqrt(4) = 3x
+    equal = [replace(r, num_examples=1) for r in replies]
+    _, scales_equal, bound_equal = clip_updates(equal, GLOBAL, 1.5)
+    assert bound_equal == bound and scales_equal[4] < 0.7  # the same update, without the weight, is cut
+    longer = replies[:4] + [replace(replies[4], arrays=_with_update(replies[4].arrays, 2.0))]
+    clipped, scales_long, _ = clip_updates(longer, GLOBAL, 1.5)
+    assert update_norm(clipped[4], GLOBAL) == pytest.approx(2 * bound, rel=1e-5)  # at most 2 x tau
 
 
 # ------------------------------------------------------------------------------------------ fail closed

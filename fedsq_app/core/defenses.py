@@ -4,11 +4,12 @@ Rejecting outliers alone lets an attacker choose any update just inside the boun
 Here every update's influence is bounded instead, whatever its direction:
 
 - **Centered norm clipping** (Sun et al. 2019, "Can you really backdoor FL?"): each update
-  Δ_k = x_k − x_t on the trainable parameters is scaled to at most τ = ``clip-multiplier`` × the round's
-  median ‖Δ‖. The median of the norms is the round's exact 50 % quantile (Andrew et al. 2021 estimate a
+  Δ_k = x_k − x_t on the trainable parameters is scaled to at most τ_k = τ · √(max(1, w_k / median w)),
+  τ = ``clip-multiplier`` × the round's median ‖Δ‖ and w the server's weights (a larger silo takes more
+  local steps). The median of the norms is the round's exact 50 % quantile (Andrew et al. 2021 estimate a
   quantile privately across rounds because a DP server must not see the norms; this server sees them).
   A minority cannot move the median out of the honest range, so one reply of n shifts the weighted mean by
-  at most its weight share × (τ + ‖honest mean‖), pointing anywhere.
+  at most its weight share × (τ_k + ‖honest mean‖), pointing anywhere.
 - **BN running statistics clamp**: each coordinate of each reply's ``running_mean`` / ``running_var`` is
   clamped into the range the other replies span (the 2nd smallest to the 2nd largest value), so one silo
   cannot move them beyond the honest spread.
@@ -57,18 +58,37 @@ def clip_bound(norms: list[float], multiplier: float) -> float | None:
     return multiplier * reference
 
 
+def weight_factors(weights: list[float]) -> list[float]:
+    """√(max(1, w_k / median w)) per reply: how much wider a silo's clip bound is than the round's τ.
+
+    A silo with more data takes more local steps, so its honest update is longer; without this factor the
+    clip cuts the largest honest silos every round, re-weighting them below their size. The weights are the
+    server's own (``core/weights.py``), never a claim, so no reply can widen its bound by what it says. The
+    square root keeps a large silo's extra reach below its extra weight."""
+    if not weights:
+        return []
+    ordered = sorted(weights)
+    reference = ordered[(len(ordered) - 1) // 2]
+    if reference <= 0:
+        return [1.0] * len(weights)
+    return [math.sqrt(max(1.0, w / reference)) for w in weights]
+
+
 def clip_updates(replies: list, template: dict[str, np.ndarray],
                  multiplier: float) -> tuple[list, list[float], float | None]:
-    """(replies with each update scaled to norm <= τ, each reply's scale factor, τ). Off when
-    ``multiplier`` is 0. Only ``update_keys`` are scaled; other arrays are left as sent."""
+    """(replies with each update scaled to norm <= τ_k, each reply's scale factor, τ). Off when
+    ``multiplier`` is 0. τ_k = τ × ``weight_factors`` of the replies' server weights (``num_examples``).
+    Only ``update_keys`` are scaled; other arrays are left as sent."""
     keys = update_keys(template)
     norms = [update_norm(reply, template, keys) for reply in replies]
     bound = clip_bound(norms, multiplier)
     if bound is None:
         return list(replies), [1.0] * len(replies), None
+    factors = weight_factors([float(reply.num_examples) for reply in replies])
     clipped, scales = [], []
-    for reply, norm in zip(replies, norms):
-        scale = 1.0 if norm <= bound else (bound / norm if norm > 0 else 0.0)
+    for reply, norm, factor in zip(replies, norms, factors):
+        own_bound = bound * factor
+        scale = 1.0 if norm <= own_bound else (own_bound / norm if norm > 0 else 0.0)
         scales.append(scale)
         if scale == 1.0:
             clipped.append(reply)
