@@ -8,12 +8,15 @@ short runs fit on a small CPU machine). Two experiments:
    floating arrays; the same screening and averaging the server uses, once with and once without the
    hostile replies), and the run records BVA. Under: no defenses, the defaults, and the defaults with
    the median or the trimmed mean.
-2. **cost**: an honest federation (by default 20 silos, Dirichlet α = 0.05, 6,000 Fashion-MNIST images from
-   the Debian package), defaults vs no defenses on the same seeds: the paired BVA difference with its
+2. **cost**: an honest federation (by default 20 silos, Dirichlet α = 0.05, 6,000 Fashion-MNIST images of
+   the Debian package's ``train[9000:]``, S pretrained on its ``train[:6000]``), defaults vs no defenses on
+   the same seeds: the paired BVA difference with its
    95 % CI, honest replies rejected, honest weights changed, and how often honest updates were clipped.
 
     fedsq-defenses attacks --out outputs/defenses
-    fedsq-defenses cost --pretrained ~/.cache/fedsq/backbones/smallcnn-embedded.safetensors
+    fedsq-pretrain --dataset idx:/usr/share/datasets/fashion-mnist --split "train[:6000]" --epochs 8 \
+        --out outputs/bench/smallcnn-fmnist-idx-train0-6000.safetensors
+    fedsq-defenses cost
 
 Prints the tables and writes ``summary.md``, ``summary.json`` and a PNG.
 """
@@ -50,6 +53,8 @@ DEFENSES = {  # name -> run-config keys on top of the run's
     "trimmed-mean": {"aggregation": "trimmed-mean"},
 }
 TWO_SILO = {"min-valid-replies": 2}
+# S for the cost experiment, pretrained on train[:6000]; the federation reads train[9000:] (docs/RELIABILITY.md).
+COST_BACKBONE = "outputs/bench/smallcnn-fmnist-idx-train0-6000.safetensors"
 
 
 def _floating(arrays: dict[str, np.ndarray]) -> list[str]:
@@ -208,6 +213,8 @@ def base_config(args: argparse.Namespace, out: Path) -> dict:
               "min-partition-size": args.min_partition_size}
     if args.pretrained:
         config["pretrained"] = args.pretrained
+    if args.train_split:
+        config["train-split"] = args.train_split
     return config
 
 
@@ -340,13 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-samples", type=int, default=0)
     parser.add_argument("--min-partition-size", type=int, default=5)
     parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--pretrained", default="", help="run-config pretrained (default: 'auto')")
+    parser.add_argument("--pretrained", default="", help="run-config pretrained (attacks: 'auto'; cost: COST_BACKBONE)")
     parser.add_argument("--test-split", default="test[:1000]", help="test rows (touched once per run)")
+    parser.add_argument("--train-split", default="", help="run-config train-split: rows the backbone never saw")
     args = parser.parse_args(argv)
     defaults = {"attacks": dict(out="outputs/defenses", seeds="0,1,2", rounds=4, clients=6, dataset="embedded",
                                 alpha=0.3, max_train_samples=1200),
                 "cost": dict(out="outputs/defenses-cost", seeds="0,1,2,3,4", rounds=8, clients=20,
-                             dataset="idx:/usr/share/datasets/fashion-mnist", alpha=0.05, max_train_samples=6000)}
+                             dataset="idx:/usr/share/datasets/fashion-mnist", alpha=0.05, max_train_samples=6000,
+                             train_split="train[9000:]", pretrained=COST_BACKBONE)}
     for key, value in defaults[args.experiment].items():
         if not getattr(args, key):
             setattr(args, key, value)
