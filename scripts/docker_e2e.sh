@@ -273,7 +273,7 @@ echo "$STATUS" > "$WORK/out/status.txt"
 # fedsq-superexec), at least one per round, not in new flwr-clientapp processes.
 for i in 1 2; do
   "${COMPOSE[@]}" logs --no-color "superexec-clientapp-$i" 2>&1 |
-    grep -E "warm executor: task [0-9]+ starts in child [0-9]+" >"$WORK/out/forks-$i.txt" || true
+    sed 's/\x1b\[[0-9;]*m//g' | grep -E "warm executor: task [0-9]+ starts in child [0-9]+" >"$WORK/out/forks-$i.txt" || true
   forks="$(wc -l <"$WORK/out/forks-$i.txt")"
   say "superexec-clientapp-$i: $forks ClientApp tasks forked by the warm executor"
   [ "$forks" -ge "$ROUNDS" ] || { "${COMPOSE[@]}" logs --no-color "superexec-clientapp-$i" | tail -n 40 >&2
