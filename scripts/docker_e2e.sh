@@ -13,7 +13,8 @@
 #      stand-in), then the gen-certs image (docker/certs.Dockerfile)
 #   5. certificates and node keys with the demo's own `gen-certs` service (docker/certs.yml)
 #   6. compose.yml + with-host-network.yml + with-tls.yml + with-auth.yml up; register the two silos' keys;
-#      `flwr run` of ROUNDS FedSQ rounds; `flwr ls` must say finished:completed; results.json copied out
+#      `flwr run` of ROUNDS FedSQ rounds; `flwr ls` must say finished:completed; results.json copied out;
+#      each silo's warm executor (fedsq-superexec) must have forked at least ROUNDS ClientApp tasks
 #   7. `down -v`, engine stopped by PID (also on failure: trap)
 #
 # Cache (FEDSQ_DOCKER_CACHE, default ~/.cache/fedsq-docker), keyed by requirements.lock's sha256: the
@@ -268,6 +269,16 @@ echo "$STATUS" > "$WORK/out/status.txt"
 [ "$STATUS" = "finished:completed" ] || { tail -n 40 "$WORK/logs/run.log" >&2; say "run $RUN_ID status '$STATUS'"; exit 1; }
 "$DOCKER" cp "$("${COMPOSE[@]}" ps -q superexec-serverapp):/app/outputs/$RUN_NAME/results.json" "$WORK/out/results.json"
 "${COMPOSE[@]}" logs --no-color >"$WORK/logs/containers.log" 2>&1 || true
+# Each silo's ClientApps ran in children forked by the warm executor (compose.yml's entrypoint
+# fedsq-superexec), at least one per round, not in new flwr-clientapp processes.
+for i in 1 2; do
+  "${COMPOSE[@]}" logs --no-color "superexec-clientapp-$i" 2>&1 |
+    sed 's/\x1b\[[0-9;]*m//g' | grep -E "warm executor: task [0-9]+ starts in child [0-9]+" >"$WORK/out/forks-$i.txt" || true
+  forks="$(wc -l <"$WORK/out/forks-$i.txt")"
+  say "superexec-clientapp-$i: $forks ClientApp tasks forked by the warm executor"
+  [ "$forks" -ge "$ROUNDS" ] || { "${COMPOSE[@]}" logs --no-color "superexec-clientapp-$i" | tail -n 40 >&2
+    say "superexec-clientapp-$i forked $forks tasks, expected at least $ROUNDS"; exit 1; }
+done
 
 # 7. Down, volumes included; the engine stops in cleanup().
 t="$(now)"

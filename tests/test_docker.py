@@ -10,8 +10,9 @@ Static (no engine needed, nothing is pulled or run):
   crosses the compose network, runtime dependency installation off, host networking on 127.0.0.1 only.
 
 End to end (`test_compose_demo_runs_for_real`): scripts/docker_e2e.sh starts its own dockerd, builds the
-images offline, brings the demo up with TLS + SuperNode authentication, runs 2 FedSQ rounds, copies
-results.json out and brings it down. It skips where the OS forbids an engine (not root, no overlay
+images offline, brings the demo up with TLS + SuperNode authentication, runs 2 FedSQ rounds, checks that
+each silo's ClientApps were forked by the warm executor (fedsq-superexec), copies results.json out and
+brings it down. It skips where the OS forbids an engine (not root, no overlay
 filesystem, no cgroups) and, outside CI, where a package of requirements/system-tests.txt is missing (the
 reason names the install command); anywhere else an engine that cannot start is a failure.
 """
@@ -383,6 +384,18 @@ def test_host_network_overlay_keeps_everything_on_loopback(files: tuple[str, ...
     assert _arg(moved["supernode-1"]["command"], "--superlink") == "127.0.0.1:18000"
 
 
+def test_silos_run_the_warm_executor() -> None:
+    """Each silo's ClientApps run under fedsq-superexec (a fork per message), in every documented combination;
+    the ServerApp keeps the image's flower-superexec."""
+    for files in COMBINATIONS[:-1]:
+        services = _services(files)
+        silos = [name for name in services if name.startswith("superexec-clientapp-")]
+        assert len(silos) >= 2, files
+        for name in silos:
+            assert _entrypoint(services[name]) == "fedsq-superexec", (files, name)
+        assert _entrypoint(services["superexec-serverapp"]) == "flower-superexec", files
+
+
 def test_tls_overlay_secures_every_network_hop() -> None:
     services = _services(("compose.yml", "with-tls.yml"))
     link = services["superlink"]["command"]
@@ -530,6 +543,10 @@ def test_compose_demo_runs_for_real(docker_work: Path) -> None:
         assert 0.0 <= record["val_accuracy"] <= 1.0, record
         if "accepted" in record:  # both silos trained and were aggregated
             assert record["accepted"] == 2, record
+    for i in (1, 2):  # the silos' ClientApps ran in children forked by the warm executor
+        forks = (out / f"forks-{i}.txt").read_text().splitlines()
+        assert len(forks) >= len(rounds), f"superexec-clientapp-{i}: {forks}"
+        print(f"docker e2e superexec-clientapp-{i}: {len(forks)} forks, first: {forks[0].strip()}")
     timings = json.loads((out / "timings.json").read_text())
     print("\ndocker e2e timings (s):", json.dumps(timings))
     print("docker e2e validation accuracy per round:", [round(r["val_accuracy"], 4) for r in rounds])

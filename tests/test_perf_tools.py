@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fedsq_app.tools.perf.deploy import TRACING, round_breakdown
@@ -106,3 +107,24 @@ def test_round_breakdown_reads_the_warm_executors_forked_children(tmp_path):
     stages = _breakdown(tmp_path, lines)
     assert stages["spawn"] == pytest.approx([0.2]) and stages["clientapp"] == pytest.approx([2.0])
     assert stages["clientapp_cpu"] == pytest.approx([1.25]) and stages["round"] == pytest.approx([4.5])
+
+
+def test_flower_floor_packs_the_same_bytes_into_fewer_arrays():
+    """--floor-arrays N: the small CNN's 22 arrays as they are, or the same bytes as N flat float32 arrays;
+    Flower then moves 2 objects per array (Array and its chunk) besides the record's own two."""
+    from flwr.app import Array, ArrayRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedsq_app.tools.perf.floor import SMALL_CNN_SHAPES, floor_arrays
+
+    model = floor_arrays(len(SMALL_CNN_SHAPES))
+    assert [a.shape for a in model] == SMALL_CNN_SHAPES
+    total = sum(a.nbytes for a in model)
+    for count in (1, 2, 7, 40):
+        packed = floor_arrays(count)
+        assert len(packed) == count and sum(a.nbytes for a in packed) == total, count
+        assert all(a.dtype == np.float32 and a.ndim == 1 for a in packed), count
+        content = RecordDict({"arrays": ArrayRecord({f"a{i}": Array(a) for i, a in enumerate(packed)})})
+        assert len(get_all_nested_objects(content)) == 2 + 2 * count, count
+    with pytest.raises(ValueError):
+        floor_arrays(0)

@@ -6,7 +6,7 @@
     fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (tools/perf/compat.py; docs/LIBRARY.md)
     fedsq-perf coldstart [--app DIR ...] [--runs 4]      (tools/perf/cold.py)
     fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE] [--flower-floor] [--executor standard warm]
-                                                         (tools/perf/cold.py)
+                         [--floor-arrays 22 1] [--only-floor]   (tools/perf/deploy.py, floor.py)
 
 Never a test: numbers depend on the machine; wrap runs in ``flock /tmp/fedsq-bench.lock``.
 """
@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--flower-floor", action="store_true",
                            help="also run tools/perf/floor.py, a ClientApp that echoes arrays shaped like the "
                                 "small CNN's: what Flower alone costs per round, simulated and deployed")
+            p.add_argument("--floor-arrays", type=int, nargs="+", default=[22], metavar="N",
+                           help="the no-op app once per N, each message the same bytes as N arrays: 22 = the small "
+                                "CNN's own arrays, any other N = N flat float32 arrays; Flower moves ~2 objects "
+                                "per array, one RPC each, so this shows what fewer, larger transfers save")
+            p.add_argument("--only-floor", action="store_true",
+                           help="only the no-op app's deployments (implies --flower-floor): no FedSQ app, "
+                                "no simulation")
             p.add_argument("--trace", default="", help="write the deployment's process and Flower log events to "
                            "TRACE.<i> (one per --app) and print each deployed round stage by stage")
     compat.add_parser(sub)

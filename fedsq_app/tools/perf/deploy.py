@@ -96,9 +96,10 @@ def _start_deployment(procs, env: dict, work: Path, cache: Path, nodes: int, sup
 
 def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int, superexec_poll: float,
                 limit_s: float, threads_per_node: int = 1, trace: Path | None = None,
-                executors: tuple[str, ...] = ("standard",)) -> dict:
-    """One simulation and, per executor, one loopback deployment of ``app``, each with ``nodes`` SuperNodes,
-    one after the other on this machine (results keyed ``sim`` and ``deploy-<executor>``).
+                executors: tuple[str, ...] = ("standard",), simulate: bool = True) -> dict:
+    """One simulation (unless not ``simulate``) and, per executor, one loopback deployment of ``app``, each
+    with ``nodes`` SuperNodes, one after the other on this machine (results keyed ``sim`` and
+    ``deploy-<executor>``).
 
     ``threads_per_node``: OMP_NUM_THREADS of each SuperNode, hence of its ClientApps (0: unset). The
     simulation gives each client one CPU, for which Ray sets OMP_NUM_THREADS=1; three SuperNodes on a shared
@@ -114,7 +115,7 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
     results = {}
     base = (f"num-server-rounds={rounds} min-available-nodes={nodes} min-train-nodes={nodes} "
             f"out-dir='{work / 'outputs'}' {overrides}").strip()
-    for mode in ("sim", *(f"deploy-{e}" for e in executors)):
+    for mode in (["sim"] if simulate else []) + [f"deploy-{e}" for e in executors]:
         procs = loopback.Processes(work / "logs" / mode)
         try:
             if mode == "sim":  # a --simulation SuperLink, `nodes` simulated SuperNodes of 1 CPU each
@@ -234,9 +235,12 @@ def print_deploy(rows: dict) -> None:
     print("\n| app | executor | SuperExec poll s | threads per node | load before→after | sim rounds s | "
           "deploy rounds s | sim steady s | deploy steady s | ratio | deploy − sim s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    def rounds(result: dict) -> str:
+        return ", ".join(map(str, result["rounds_s"])) or result["status"]
+
     verdicts = []
     for app, r in rows.items():
-        sim = r["sim"]
+        sim = r.get("sim") or {"status": "not run", "rounds_s": [], "steady_s": None}  # --only-floor
         settings = f"{r.get('superexec_poll_s', '')} | {r.get('threads_per_node', '')}"
         for mode, dep in r.items():
             if not (mode.startswith("deploy-") and isinstance(dep, dict)):
@@ -244,20 +248,42 @@ def print_deploy(rows: dict) -> None:
             executor = mode.split("-", 1)[1]
             load = f"{dep['load_before']}→{dep['load_after']}"
             if not (sim["steady_s"] and dep["steady_s"]):
-                print(f"| {app} | {executor} | {settings} | {load} | {sim['status']} | {dep['status']} | | | | | |")
+                print(f"| {app} | {executor} | {settings} | {load} | {rounds(sim)} | {rounds(dep)} | "
+                      f"{sim['steady_s'] or ''} | {dep['steady_s'] or ''} | | |")
                 continue
-            print(f"| {app} | {executor} | {settings} | {load} | {', '.join(map(str, sim['rounds_s']))} | "
-                  f"{', '.join(map(str, dep['rounds_s']))} | {sim['steady_s']} | {dep['steady_s']} | "
-                  f"{dep['steady_s'] / sim['steady_s']:.2f} | {dep['steady_s'] - sim['steady_s']:.2f} |")
+            print(f"| {app} | {executor} | {settings} | {load} | {rounds(sim)} | {rounds(dep)} | {sim['steady_s']} | "
+                  f"{dep['steady_s']} | {dep['steady_s'] / sim['steady_s']:.2f} | "
+                  f"{dep['steady_s'] - sim['steady_s']:.2f} |")
             met = dep["steady_s"] <= 2.0 * sim["steady_s"] or dep["steady_s"] <= sim["steady_s"] + 4.0
             verdicts.append(f"{app} [{executor}]: goal deployment <= 2x simulation or <= simulation + 4 s: "
                             f"{'met' if met else 'missed'}")
     print("\n".join(verdicts))
 
 
+def print_floor(rows: dict) -> None:
+    """The no-op app once per ``--floor-arrays`` N (same bytes each time): what fewer, larger arrays save."""
+    floor = [r for r in rows.values() if "floor_arrays" in r]
+    if not floor:
+        return
+    print("\nFlower floor by arrays per message (same bytes; steady = median of rounds 2..R; pull/push: median "
+          "per silo and round, with --trace)")
+    print("| arrays per message | executor | sim steady s | deploy steady s | pull s | push s |")
+    print("|---|---|---|---|---|---|")
+    for r in floor:
+        for mode, dep in r.items():
+            if not (mode.startswith("deploy-") and isinstance(dep, dict)):
+                continue
+            executor = mode.split("-", 1)[1]
+            stages = r.get("stages", {}).get(executor, {})
+            pull, push = (f"{statistics.median(stages[k]):.2f}" if stages.get(k) else "" for k in ("pull", "push"))
+            print(f"| {r['floor_arrays']} | {executor} | {(r.get('sim') or {}).get('steady_s') or ''} | "
+                  f"{dep['steady_s'] or dep['status']} | {pull} | {push} |")
+
+
 def run(args, apps: list[Path], cache: Path) -> None:
     """``fedsq-perf deploy``: each app simulated and deployed (per executor) with the same config, side by
-    side."""
+    side; with ``--flower-floor``, then the no-op app once per ``--floor-arrays`` value (``--only-floor``: only
+    its deployments)."""
     def per_app(values: list, flag: str) -> list:
         values = values * len(apps) if len(values) == 1 else values
         if len(values) != len(apps):
@@ -266,25 +292,35 @@ def run(args, apps: list[Path], cache: Path) -> None:
 
     polls, threads_each = per_app(args.superexec_poll, "--superexec-poll"), \
         per_app(args.threads_per_node, "--threads-per-node")
-    if args.flower_floor:  # the no-op app, with the last app's settings
+    if min(args.floor_arrays) < 1:
+        raise SystemExit("--floor-arrays takes counts >= 1")
+    # (label, app, SuperExec poll, threads per node, floor-arrays or None)
+    jobs = [] if args.only_floor else [(str(a), a, p, t, None) for a, p, t in zip(apps, polls, threads_each)]
+    if args.flower_floor or args.only_floor:  # the no-op app, with the last app's settings, once per array count
         from fedsq_app.tools.perf import floor as flower_floor
 
-        apps.append(flower_floor.make_app(Path(tempfile.mkdtemp(prefix="fedsq-floor-")) / "flower-floor"))
-        polls, threads_each = [*polls, polls[-1]], [*threads_each, threads_each[-1]]
+        floor_app = flower_floor.make_app(Path(tempfile.mkdtemp(prefix="fedsq-floor-")) / "flower-floor")
+        jobs += [(f"flower floor, floor-arrays={n}", floor_app, polls[-1], threads_each[-1], n)
+                 for n in args.floor_arrays]
     rows = {}
     executors = tuple(args.executor)
-    for i, (app, poll, threads) in enumerate(zip(apps, polls, threads_each)):
+    for i, (label, app, poll, threads, arrays) in enumerate(jobs):
         trace = Path(f"{args.trace}.{i}") if args.trace else None
         for executor in executors if trace else ():
             Path(f"{trace}.{executor}").unlink(missing_ok=True)
-        row = deploy_pair(app, cache, args.run_config, args.nodes, args.rounds, poll, args.limit, threads, trace,
-                          executors)
-        rows[f"{i}: {app}"] = {**row, "superexec_poll_s": poll, "threads_per_node": threads or "unset"}
+        overrides = f"{args.run_config} floor-arrays={arrays}" if arrays else args.run_config
+        row = deploy_pair(app, cache, overrides, args.nodes, args.rounds, poll, args.limit, threads, trace,
+                          executors, simulate=not args.only_floor)
+        name = f"{i}: {label}"
+        rows[name] = {**row, "superexec_poll_s": poll, "threads_per_node": threads or "unset"}
+        if arrays:
+            rows[name]["floor_arrays"] = arrays
         if trace:
-            rows[f"{i}: {app}"]["stages"] = {e: round_breakdown(Path(f"{trace}.{e}")) for e in executors
-                                             if Path(f"{trace}.{e}").is_file()}
+            rows[name]["stages"] = {e: round_breakdown(Path(f"{trace}.{e}")) for e in executors
+                                    if Path(f"{trace}.{e}").is_file()}
     print(json.dumps(rows), flush=True)
     print_deploy(rows)
+    print_floor(rows)
     for name, row in rows.items():
         for executor, stages in row.get("stages", {}).items():
             print(f"\n{name} [{executor}] (trace: {args.trace}.{name.split(':')[0]}.{executor})")

@@ -7,16 +7,22 @@ and waits for all replies, as FedSQ's ServerApp does (pulling every 0.2 s), and 
 to ``<out-dir>/<run-name>/results.json`` like the real app. Whatever a deployed round of this app costs
 above a simulated one is Flower's: processes, transport and polls. The ClientApp imports numpy and flwr
 only (the ServerApp reuses FedSQ's reply polling).
+
+Run config ``floor-arrays=N`` (``fedsq-perf deploy --floor-arrays``) sends the same bytes as N flat float32
+arrays instead of the 22: Flower moves about two objects per array, one RPC each, so this measures what
+packing a message into fewer arrays would save on the wire.
 """
 
 from __future__ import annotations
 
 import time
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 # The default small CNN's travelling arrays: conv 32-64-128 with BN, hidden 512 -> 128, head 128 -> 10.
@@ -35,6 +41,18 @@ def _array(shape: tuple, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def floor_arrays(count: int) -> list[np.ndarray]:
+    """The small CNN's arrays (``count`` = 22), or their total bytes as ``count`` flat float32 arrays."""
+    model = [_array(shape, seed=i) for i, shape in enumerate(SMALL_CNN_SHAPES)]
+    if count == len(model):
+        return model
+    if count < 1:
+        raise ValueError(f"floor-arrays must be >= 1, got {count}")
+    total = sum(a.nbytes for a in model) // 4  # float32 values; every array's size is a multiple of 4 bytes
+    flat = np.random.default_rng(len(model)).standard_normal(total).astype(np.float32)
+    return np.array_split(flat, count)
+
+
 @client.train()
 def echo(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
@@ -51,19 +69,24 @@ def rounds(grid: Grid, context: Context) -> None:
 
     config = context.run_config
     nodes_needed = int(config["min-train-nodes"])
-    arrays = ArrayRecord({f"a{i}": Array(_array(shape, seed=i)) for i, shape in enumerate(SMALL_CNN_SHAPES)})
+    count = int(config["floor-arrays"])
+    arrays = ArrayRecord({f"a{i}": Array(a) for i, a in enumerate(floor_arrays(count))})
     while len(nodes := list(grid.get_node_ids())) < nodes_needed:
         time.sleep(0.5)
     out_dir = Path(str(config["out-dir"])) / str(config["run-name"])
-    results = {"rounds": []}
-    for server_round in range(1, int(config["num-server-rounds"]) + 1):
+    results = {"floor_arrays": count, "rounds": []}
+    total_rounds = int(config["num-server-rounds"])
+    for server_round in range(1, total_rounds + 1):
         start = time.time()
+        log(INFO, "[ROUND %d/%d]", server_round, total_rounds)  # FedSQ's round start, as --trace reads it
         messages = [Message(RecordDict({"arrays": arrays}), dst_node_id=node, message_type="train",
                             group_id=str(server_round)) for node in nodes]
         replies = send_and_receive(grid, messages, timeout=None)
         if len(replies) != len(nodes) or any(reply.has_error() for reply in replies):
             raise RuntimeError(f"round {server_round}: {len(replies)} of {len(nodes)} replies, or an error")
         results["rounds"].append({"round": server_round, "wall_time_s": time.time() - start})
+        log(INFO, "round %d: val skipped (no-op app), %d arrays per message, %d replies (%.2fs)", server_round,
+            count, len(replies), time.time() - start)  # starts as FedSQ's round-end line, which --trace reads
     results["test_accuracy"] = None  # the mark of a finished run that fedsq-perf waits for
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "results.json", json.dumps(results, indent=2))
@@ -96,6 +119,7 @@ out-dir = "outputs"
 run-name = "floor"
 max-train-samples = 0
 device = "cpu"
+floor-arrays = 22
 """
 
 
