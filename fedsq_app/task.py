@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
 from fedsq_app.config import RunConfig
 from fedsq_app.core.dualcopy import DualCopy, state_dict_sha256, travelling_module
+from fedsq_app.core.packing import decode_arrays
 from fedsq_app.data.partitions import DatasetInfo
 from fedsq_app.data.sources import source_slug
 from fedsq_app.data.tensors import InputSpec
@@ -114,4 +116,9 @@ def global_arrays(model: nn.Module) -> ArrayRecord:
 
 
 def load_global_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
-    travelling_module(model).load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    """Load ``arrays`` (packed or one per key, ``core/packing.py``) into the travelling part of ``model``."""
+    travelling = travelling_module(model)
+    values = decode_arrays(arrays, {k: v.detach().cpu().numpy() for k, v in travelling.state_dict().items()})
+    if isinstance(values, str):
+        raise ValueError(f"the arrays do not fit this model: {values}")
+    travelling.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in values.items()}, strict=True)

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from flwr.serverapp.strategy import FedAdam
 
 from conftest import TINY_RUN
+from fedsq_app.core.packing import decode_arrays
 from fedsq_app.tools.bench.grid import Cell, main_cells, run_grid
 from fedsq_app.tools.bench.presets import Preset, Setup
 from fedsq_app.tools.bench.report import write_report
@@ -91,7 +92,7 @@ def _client_weights(client_app, strategy, run_config: dict, arrays: ArrayRecord)
                       state=RecordDict(), run_config=run_config)
     reply = client_app.train(message, context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    return decode_arrays(reply.content["arrays"], {k: a.numpy() for k, a in arrays.items()})  # packed on the wire
 
 
 def test_fedprox_with_mu_zero_equals_fedavg(fedsq_cache):

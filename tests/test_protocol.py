@@ -8,6 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from fedsq_app.core.aggregation import weighted_average
+from fedsq_app.core.packing import decode_arrays
 from fedsq_app.core.replies import CheckedReply, array_specs, split_replies
 
 
@@ -83,11 +84,14 @@ def test_client_sends_only_q_and_never_s(fedsq_client):
     reply = client_app.train(_train_message(ArrayRecord(model.quantitative.state_dict()),
                                             {"server-round": 1, "structural-sha256": sha}), _context(config))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    sent = set(reply.content["arrays"].keys())
-    assert sent == q_keys
-    assert not any(k.startswith("structural") for k in sent)
+    # Packed on the wire (one array per dtype), read back by Q's own keys, shapes and dtypes.
+    assert sorted(reply.content["arrays"].keys()) == ["packed/float32", "packed/int64"]
+    template = {k: v.numpy() for k, v in model.quantitative.state_dict().items()}
+    sent = decode_arrays(reply.content["arrays"], template)
+    assert not isinstance(sent, str), sent
+    assert set(sent) == q_keys and not any(k.startswith("structural") for k in sent)
     # Q's bytes only: same as the plain network's, so FedSQ's traffic equals FedAvg's.
-    assert reply.content["arrays"].count_bytes() == ArrayRecord(model.structural.state_dict()).count_bytes()
+    assert sum(v.nbytes for v in sent.values()) == sum(v.numpy().nbytes for v in model.structural.state_dict().values())
     assert reply.content["metrics"]["num-examples"] > 0
 
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fedsq_app.config import ConfigError, RunConfig
 from fedsq_app.core.defenses import clamp_bn_statistics, clip_updates, update_norm
+from fedsq_app.core.packing import decode_arrays, pack, pack_record
 from fedsq_app.core.replies import CheckedReply, screen_replies
 from fedsq_app.core.strategy import ValidatedFedAvg
 from fedsq_app.core.weights import AutoWeights, PartitionWeights, SiloSizes, load_silo_sizes
@@ -248,6 +249,52 @@ def test_removed_keys_fail_with_their_replacement():
         RunConfig.from_mapping({"clip-multiplier": 0.5})
 
 
+# ------------------------------------------------------------------------------------------ packed arrays
+def test_packed_arrays_round_trip_and_are_read_by_the_receivers_own_layout():
+    arrays = _honest(np.random.default_rng(8))
+    record = pack(arrays)
+    assert sorted(record.keys()) == ["packed/float32", "packed/int64"]  # 6 tensors, 2 arrays on the wire
+    back = decode_arrays(record, GLOBAL)
+    assert list(back) == list(GLOBAL) and all(np.array_equal(back[k], arrays[k]) for k in GLOBAL)
+    assert all(back[k].dtype == GLOBAL[k].dtype and back[k].shape == GLOBAL[k].shape for k in GLOBAL)
+    _, _, checked = _aggregate([_reply(a, n) for n, a in enumerate([_honest(np.random.default_rng(n))
+                                                                     for n in range(3)], start=1)])
+    packed = [_reply(_honest(np.random.default_rng(n)), n + 1) for n in range(3)]
+    for reply in packed:
+        reply.content["arrays"] = pack_record(reply.content["arrays"])
+    _, _, checked_packed = _aggregate(packed)
+    assert [r.arrays.keys() for r in checked_packed.accepted] == [r.arrays.keys() for r in checked.accepted]
+    assert all(np.array_equal(a.arrays[k], b.arrays[k]) for a, b in zip(checked.accepted, checked_packed.accepted)
+               for k in GLOBAL)
+
+
+@pytest.mark.parametrize("forgery, reason", [
+    ("short payload", "decodes to float32[3], expected float32"),
+    ("complex payload", "decodes to complex128"),
+    ("one array too many", "differ from the global model's"),
+    ("missing int64", "differ from the global model's"),
+    ("mixed with a per-key array", "array keys differ"),
+])
+def test_a_packed_reply_is_checked_on_what_it_decodes_to(forgery, reason):
+    rng = np.random.default_rng(9)
+    record = pack(_honest(rng))
+    declared = record["packed/float32"]
+    if forgery in ("short payload", "complex payload"):
+        carried = Array(np.zeros(3, np.float32) if forgery == "short payload" else np.full(declared.shape, 1 + 1j))
+        record["packed/float32"] = Array(dtype=declared.dtype, shape=tuple(declared.shape), stype=carried.stype,
+                                         data=carried.data)
+    elif forgery == "one array too many":
+        record["packed/float64"] = Array(np.zeros(2))
+    elif forgery == "missing int64":
+        del record["packed/int64"]
+    else:
+        record["fc.weight"] = Array(GLOBAL["fc.weight"])
+    bad = _reply(_honest(rng), 1)
+    bad.content["arrays"] = record
+    _, _, checked = _aggregate([bad] + [_reply(_honest(rng), n) for n in (2, 3, 4)])
+    assert [n for n, _ in checked.rejected] == [1] and reason in checked.rejected[0][1], checked.rejected
+
+
 # ------------------------------------------------------------------------------------------ fuzz
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e308, -1e308, 1e15, 0.0]))
 DTYPES = st.sampled_from(["float32", "float64", "float16", "complex64", "complex128", "int64", "int32", "bool",
@@ -278,13 +325,34 @@ def forged_array(draw, key: str):
     return Array(np.ascontiguousarray(value))
 
 
+@st.composite
+def forged_packed(draw, honest: ArrayRecord, key: str):
+    """One array of a packed record (``core/packing.py``): honest, with odd values, or declaring the honest
+    flat dtype and length while carrying another; a key the layout does not have carries anything."""
+    if key not in honest:
+        return Array(np.zeros(draw(SHAPES), dtype=draw(DTYPES)))
+    declared = honest[key]
+    value = declared.numpy().copy()
+    kind = draw(st.sampled_from(["honest", "values", "payload", "bytes"]))
+    if kind == "values" and value.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            value[draw(st.integers(0, value.size - 1))] = np.float32(draw(FLOATS))
+    if kind == "payload":
+        carried = Array(np.zeros(draw(SHAPES), dtype=draw(DTYPES)))
+        return Array(dtype=declared.dtype, shape=tuple(declared.shape), stype=carried.stype, data=carried.data)
+    if kind == "bytes":
+        return Array(dtype=declared.dtype, shape=tuple(declared.shape), stype="numpy.ndarray",
+                     data=draw(st.binary(max_size=64)))
+    return Array(value)
+
+
 METRIC_VALUES = st.one_of(FLOATS, st.integers(-2**62, 2**62), st.booleans(), st.none(), st.text(max_size=3),
                           st.lists(st.integers(0, 3), max_size=2))
 
 
 @st.composite
 def forged_reply(draw, node_id: int):
-    kind = draw(st.sampled_from(["reply", "error", "empty", "extra-record"]))
+    kind = draw(st.sampled_from(["reply", "packed", "error", "empty", "extra-record"]))
     if kind == "error":
         return Message(error=Error(code=draw(st.integers(0, 5)), reason=draw(st.text(max_size=5))),
                        metadata=_metadata(node_id))
@@ -293,6 +361,11 @@ def forged_reply(draw, node_id: int):
     keys = draw(st.lists(st.sampled_from(sorted(GLOBAL) + ["extra"]), unique=True, min_size=len(GLOBAL) - 1,
                          max_size=len(GLOBAL) + 1))
     arrays = ArrayRecord({k: draw(forged_array(k)) if k in GLOBAL else Array(np.zeros(2, np.float32)) for k in keys})
+    if kind == "packed":  # as the ClientApp sends Q: one flat array per dtype
+        honest = pack({k: (v + np.float32(0.01)) if v.dtype.kind == "f" else v for k, v in GLOBAL.items()})
+        keys = draw(st.lists(st.sampled_from(sorted(honest.keys()) + ["packed/float64", "extra"]), unique=True,
+                             min_size=1, max_size=3))
+        arrays = ArrayRecord({k: draw(forged_packed(honest, k)) for k in keys})
     metrics = MetricRecord()
     values = draw(st.dictionaries(st.sampled_from(["num-examples", "train_loss", "partition-id", "x"]),
                                   METRIC_VALUES, max_size=4))
@@ -314,6 +387,8 @@ def test_fuzzed_rounds_never_raise_and_the_aggregate_is_always_finite(data, aggr
     count = data.draw(st.integers(1, 6))
     forged = [data.draw(forged_reply(node_id)) for node_id in range(1, count + 1)]
     honest = [_reply(_honest(np.random.default_rng(n)), 100 + n) for n in range(data.draw(st.integers(0, 3)))]
+    for reply in honest[: data.draw(st.integers(0, len(honest)))]:
+        reply.content["arrays"] = pack_record(reply.content["arrays"])
     strategy = _strategy(aggregation=aggregation, min_valid_replies=floor)
     arrays, metrics = strategy.aggregate_train(1, forged + honest)  # must not raise
     checked = strategy.round_replies[1]

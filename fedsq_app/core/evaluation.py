@@ -28,6 +28,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedsq_app.core.packing import pack_record
 from fedsq_app.core.wire import EVAL_ACCURACY, EVAL_LOSS, METRICS, NUM_EXAMPLES
 
 MAX_EVAL_EXAMPLES = 10_000_000  # no silo of this app validates on more; a larger claim is not a count
@@ -147,7 +148,8 @@ class ScreenedEvaluation:
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         extra = self.extra_train_config() if hasattr(self, "extra_train_config") else {}
-        return super().configure_evaluate(server_round, arrays, ConfigRecord({**dict(config), **extra}), grid)
+        return super().configure_evaluate(server_round, pack_record(arrays), ConfigRecord({**dict(config), **extra}),
+                                          grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         # The weights this round's training used (the server's, never a claim); none before round 1.

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedsq_app.core.defenses import clamp_bn_statistics, clip_updates
+from fedsq_app.core.packing import decode_arrays
 from fedsq_app.core.wire import NUM_EXAMPLES, TRAIN_LOSS
 
 ArraySpecs = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
@@ -90,22 +91,6 @@ def check_array_sanity(key: str, value: np.ndarray, bound: float | None) -> str:
     return ""
 
 
-def decoded_array(array, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | str:
-    """The array's bytes decoded, or why they are not ``dtype[shape]``: checks what the payload holds (its
-    decoded dtype, shape and byte length), not the ``Array``'s declared metadata."""
-    try:
-        value = array.numpy()
-    except Exception as error:  # a payload numpy cannot read (or that would need pickle)
-        return f"'{key}' does not decode ({type(error).__name__}: {error})"
-    if not isinstance(value, np.ndarray):
-        return f"'{key}' decodes to {type(value).__name__}, not an array"
-    if value.dtype != dtype or tuple(value.shape) != shape:
-        return f"'{key}' decodes to {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}"
-    if value.nbytes != math.prod(shape) * dtype.itemsize:
-        return f"'{key}' holds {value.nbytes} bytes, expected {math.prod(shape) * dtype.itemsize}"
-    return value
-
-
 def check_metrics(metrics) -> dict[str, float] | str:
     """Every metric a finite number within ``METRIC_BOUND``, and ``num-examples`` a positive int."""
     num_examples = metrics.get(NUM_EXAMPLES)
@@ -126,8 +111,8 @@ def check_train_reply(message: Message, template: dict[str, np.ndarray],
                       bounds: dict[str, float] | None = None) -> CheckedReply | str:
     """Return the reply's checked contents, or the reason it must be rejected. Never raises.
 
-    Accepted only if: no error; exactly one ArrayRecord whose arrays decode to exactly the global model's
-    keys, dtypes, shapes and byte lengths, every floating value finite, BN running variances > 0 and every
+    Accepted only if: no error; exactly one ArrayRecord whose arrays (packed or not, ``core/packing.py``)
+    decode to exactly the global model's keys, dtypes, shapes and byte lengths, every floating value finite, BN running variances > 0 and every
     floating array within ``bounds`` (see ``magnitude_bounds``); and exactly one MetricRecord (see
     ``check_metrics``).
     """
@@ -139,21 +124,16 @@ def check_train_reply(message: Message, template: dict[str, np.ndarray],
         if len(array_records) != 1 or len(metric_records) != 1:
             return f"expected one ArrayRecord and one MetricRecord, got {len(array_records)} and {len(metric_records)}"
         arrays, metrics = array_records[0], metric_records[0]
-        missing, extra = sorted(set(template) - set(arrays)), sorted(set(arrays) - set(template))
-        if missing or extra:
-            return f"array keys differ from the global model: missing {missing[:3]}, unexpected {extra[:3]}"
-        values = {}
-        for key, current in template.items():
-            value = decoded_array(arrays[key], key, tuple(current.shape), current.dtype)
-            if isinstance(value, str):
-                return value
+        values = decode_arrays(arrays, template)
+        if isinstance(values, str):
+            return values
+        for key, value in values.items():
             if value.dtype.kind == "f":
                 if not np.isfinite(value).all():
                     return f"'{key}' holds NaN or Inf"
                 insane = check_array_sanity(key, value, (bounds or {}).get(key))
                 if insane:
                     return insane
-            values[key] = value
         scalars = check_metrics(metrics)
         if isinstance(scalars, str):
             return scalars

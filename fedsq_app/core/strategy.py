@@ -21,6 +21,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
 from fedsq_app.core.defenses import MIN_REPLIES_FOR_MEDIAN, update_keys
 from fedsq_app.core.evaluation import ScreenedEvaluation
+from fedsq_app.core.packing import pack_record
 from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
 
@@ -68,7 +69,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                         grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays  # the template replies are checked against, and the fallback model
         config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(super().configure_train(server_round, pack_record(arrays), config, grid))
         if len(messages) < self.min_valid_replies:
             log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model "
                 "(a two-silo federation sets min-valid-replies=2: docs/RELIABILITY.md)", server_round, len(messages),

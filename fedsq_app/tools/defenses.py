@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -38,11 +39,13 @@ from fedsq_app import server_app
 from fedsq_app.config import RunConfig
 from fedsq_app.core import wire
 from fedsq_app.core.defenses import distance, update_keys
-from fedsq_app.data.partitions import DataKey
+from fedsq_app.core.packing import PREFIX, decode_arrays, pack
+from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedsq_app.runtime.metrics import mean_std
 from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.weighting import weight_policy
+from fedsq_app.task import build_start_model, global_arrays, trainable_model
 from fedsq_app.tools.bench.stats import paired_test
 
 NONE = {"clip-multiplier": 0.0, "bn-clamp": False, "min-valid-replies": 1}
@@ -61,10 +64,16 @@ def _floating(arrays: dict[str, np.ndarray]) -> list[str]:
     return [k for k, v in arrays.items() if v.dtype.kind == "f"]
 
 
-def _set(reply: Message, arrays: dict[str, np.ndarray]) -> None:
-    record = reply.content[wire.ARRAYS]
-    for key, value in arrays.items():
-        record[key] = Array(np.ascontiguousarray(value))
+def _arrays(message: Message, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A message's travelling arrays (packed on the wire, ``core/packing.py``), by key."""
+    values = decode_arrays(message.content[wire.ARRAYS], template)
+    if isinstance(values, str):
+        raise ValueError(values)
+    return values
+
+
+def _set(reply: Message, arrays: dict[str, np.ndarray], template: dict[str, np.ndarray]) -> None:
+    reply.content[wire.ARRAYS] = pack({**_arrays(reply, template), **arrays})
 
 
 def _honest_mean_update(honest: list[dict], start: dict, keys: list[str]) -> dict:
@@ -79,9 +88,9 @@ def boosted(factor: float) -> Attack:
     """Each hostile node sends start + factor x (its own trained update), on the parameters."""
     def attack(start, hostile, honest):
         for reply in hostile:
-            trained = {k: a.numpy() for k, a in reply.content[wire.ARRAYS].items()}
+            trained = _arrays(reply, start)
             _set(reply, {k: (start[k] + factor * (trained[k] - start[k])).astype(trained[k].dtype)
-                         for k in update_keys(start)})
+                         for k in update_keys(start)}, start)
     return attack
 
 
@@ -95,7 +104,7 @@ def against_honest(length: float | None, factor: float | None = None) -> Attack:
         mean_norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in mean.values())) or 1.0
         scale = factor if factor is not None else length * float(np.median(norms)) / mean_norm
         for reply in hostile:
-            _set(reply, {k: (start[k] - scale * mean[k]).astype(start[k].dtype) for k in keys})
+            _set(reply, {k: (start[k] - scale * mean[k]).astype(start[k].dtype) for k in keys}, start)
     return attack
 
 
@@ -108,18 +117,19 @@ def inflated_claim(start, hostile, honest):
 def bn_shift(start, hostile, honest):
     """Every BN running_mean moved by 1.2 running standard deviations (inside every magnitude bound)."""
     for reply in hostile:
-        arrays = {k: a.numpy() for k, a in reply.content[wire.ARRAYS].items()}
+        arrays = _arrays(reply, start)
         _set(reply, {k: (v + np.float32(1.2) * np.sqrt(arrays[k.replace("running_mean", "running_var")]))
-                     .astype(v.dtype) for k, v in arrays.items() if k.endswith("running_mean")})
+                     .astype(v.dtype) for k, v in arrays.items() if k.endswith("running_mean")}, start)
 
 
 def forged(start, hostile, honest):
     """Arrays whose bytes are not what their metadata declares, a complex payload, and metrics at ±1e308."""
     for i, reply in enumerate(hostile):
         record = reply.content[wire.ARRAYS]
-        key = update_keys(start)[0]
-        payload = Array(np.zeros(3, np.float32)) if i % 2 == 0 else Array(np.full(start[key].shape, 1 + 1j))
-        record[key] = Array(dtype=str(start[key].dtype), shape=tuple(start[key].shape), stype=payload.stype,
+        key = PREFIX + "float32"  # the packed floating parameters
+        declared = record[key]
+        payload = Array(np.zeros(3, np.float32)) if i % 2 == 0 else Array(np.full(declared.shape, 1 + 1j))
+        record[key] = Array(dtype=declared.dtype, shape=tuple(declared.shape), stype=payload.stype,
                             data=payload.data)
         reply.content[wire.METRICS][wire.TRAIN_LOSS] = 1e308 if i % 2 == 0 else -1e308
 
@@ -147,17 +157,22 @@ class HostileGrid(InProcessGrid):
         self.config = RunConfig.from_mapping(run_config)
         self.damages: list[float] = []
 
+    @cached_property
+    def template(self) -> dict[str, np.ndarray]:
+        """The travelling arrays' keys, shapes and dtypes, to read the packed messages by."""
+        model = trainable_model(self.config, build_start_model(self.config, dataset_info(DataKey.of(self.config))))
+        return {k: a.numpy() for k, a in global_arrays(model).items()}
+
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         replies = [r for r in super().send_and_receive(messages, timeout=timeout)
                    if r.metadata.src_node_id not in self.dropped]
         if self.attack is None or not messages:
             return replies
-        start = {k: a.numpy() for k, a in messages[0].content[wire.ARRAYS].items()}
+        start = _arrays(messages[0], self.template)
         hostile = [r for r in replies if r.metadata.src_node_id in self.hostile_ids and not r.has_error()]
         honest = [r for r in replies if r.metadata.src_node_id not in self.hostile_ids]
-        self.attack(start, hostile, [{k: a.numpy() for k, a in r.content[wire.ARRAYS].items()}
-                                     for r in honest if not r.has_error()])
+        self.attack(start, hostile, [_arrays(r, start) for r in honest if not r.has_error()])
         self.damages.append(self.damage(start, replies, honest))
         return replies
 
@@ -172,8 +187,7 @@ class HostileGrid(InProcessGrid):
     def damage(self, start: dict, replies: list[Message], honest: list[Message]) -> float:
         keys = _floating(start)
         mixed, alone = self.aggregate(start, replies), self.aggregate(start, honest)
-        norms = [distance({k: a.numpy() for k, a in r.content[wire.ARRAYS].items()}, start, keys)
-                 for r in honest if not r.has_error()]
+        norms = [distance(_arrays(r, start), start, keys) for r in honest if not r.has_error()]
         return distance(mixed, alone, keys) / max(float(np.median(norms)), 1e-12) if norms else math.nan
 
 
