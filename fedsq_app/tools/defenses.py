@@ -41,6 +41,7 @@ from fedsq_app.core import wire
 from fedsq_app.core.defenses import distance, update_keys
 from fedsq_app.core.packing import PREFIX, decode_arrays, pack
 from fedsq_app.data.partitions import DataKey, dataset_info
+from fedsq_app.data.sources import DataError
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedsq_app.runtime.metrics import mean_std
 from fedsq_app.runtime.strategies import make_strategy
@@ -54,6 +55,8 @@ DEFENSES = {  # name -> run-config keys on top of the run's
     "defaults": {},
     "median": {"aggregation": "median"},
     "trimmed-mean": {"aggregation": "trimmed-mean"},
+    "clip only": {"bn-clamp": False},  # the cost experiment's split of the defaults into their two parts
+    "BN clamp only": {"clip-multiplier": 0.0},
 }
 TWO_SILO = {"min-valid-replies": 2}
 # S for the cost experiment, pretrained on train[:6000]; the federation reads train[9000:] (docs/RELIABILITY.md).
@@ -254,13 +257,20 @@ def run_attacks(args: argparse.Namespace, out: Path) -> dict:
 def run_cost(args: argparse.Namespace, out: Path) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     base = base_config(args, out)
-    runs, started = [], time.time()
-    cells = [(defense, seed) for seed in seeds for defense in ("defaults", "none")]
+    runs, unsplittable, started = [], {}, time.time()
+    cells = [(defense, seed) for seed in seeds for defense in args.arms.split(",")]
     for defense, seed in tqdm(cells, desc="fedsq-defenses cost", unit="run"):
+        if seed in unsplittable:
+            continue
         run_config = {**base, **DEFENSES[defense], "seed": seed, "run-name": f"cost-{defense}-s{seed}"}
-        runs.append({"scenario": "honest", "defense": defense, "seed": seed, **run_one(run_config, args.clients)})
+        try:
+            runs.append({"scenario": "honest", "defense": defense, "seed": seed, **run_one(run_config, args.clients)})
+        except DataError as error:  # e.g. no Dirichlet split with min-partition-size for this seed: next seed
+            unsplittable[seed] = str(error)
+            tqdm.write(f"seed {seed} skipped: {error}")
     return {"experiment": "cost", "sizes": {**base, "clients": args.clients, "seeds": seeds,
-                                            "wall_time_s": time.time() - started}, "runs": runs}
+                                            "wall_time_s": time.time() - started},
+            "unsplittable": unsplittable, "runs": runs}
 
 
 def _pct(values: list[float]) -> str:
@@ -287,20 +297,25 @@ def markdown(report: dict) -> str:
             f"FedSQ, small CNN, everything else the default run config. {len(runs)} runs in "
             f"{sizes['wall_time_s'] / 60:.1f} min.")
     if report["experiment"] == "cost":
-        on = {r["seed"]: r for r in runs if r["defense"] == "defaults"}
         off = {r["seed"]: r for r in runs if r["defense"] == "none"}
-        paired = paired_test([on[s]["bva"] - off[s]["bva"] for s in on if s in off])
-        cells = list(on.values())
+        arms = [d for d in dict.fromkeys(r["defense"] for r in runs) if d != "none"]
+        rows, costs = [], []
+        for arm in arms:
+            on = {r["seed"]: r for r in runs if r["defense"] == arm}
+            paired = paired_test([on[s]["bva"] - off[s]["bva"] for s in on if s in off])
+            cells = list(on.values())
+            rows.append(f"| {arm} | {_pct([r['bva'] for r in cells])} | "
+                        f"{_count(cells, 'honest_rejected', 'honest_replies')} | "
+                        f"{_count(cells, 'honest_weight_changed', 'honest_replies')} | "
+                        f"{_count(cells, 'honest_clipped', 'honest_replies')} | "
+                        f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |")
+            costs.append(f"Honest cost, {arm} − none (paired over {paired['n']} seeds, pp): {_ci(paired)}")
         return "\n".join([head, "", "| defenses | BVA (%) | honest replies rejected | honest weights changed | "
                           "honest updates norm-clipped | honest replies with BN coordinates clamped |",
-                          "|---|---|---|---|---|---|",
-                          f"| defaults | {_pct([r['bva'] for r in cells])} | "
-                          f"{_count(cells, 'honest_rejected', 'honest_replies')} | "
-                          f"{_count(cells, 'honest_weight_changed', 'honest_replies')} | "
-                          f"{_count(cells, 'honest_clipped', 'honest_replies')} | "
-                          f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |",
-                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – |", "",
-                          f"Honest cost, defaults − none (paired over {paired['n']} seeds, pp): {_ci(paired)}", ""])
+                          "|---|---|---|---|---|---|", *rows,
+                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – |", "", *costs, "",
+                          f"Seeds the partitioner could not split (skipped): {sorted(report['unsplittable']) or 'none'}",
+                          ""])
     lines = [head, "", "D = ‖aggregate − honest-only aggregate‖ / median honest update norm, per round (mean over "
              "rounds, and the worst round); BVA in %, mean ± std over seeds.", "",
              "| attack | defense | accepted (hostile replies) | D mean | D max | BVA | rounds that kept the model |",
@@ -363,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--pretrained", default="", help="run-config pretrained (attacks: 'auto'; cost: COST_BACKBONE)")
     parser.add_argument("--test-split", default="test[:1000]", help="test rows (touched once per run)")
+    parser.add_argument("--arms", default="defaults,none", help="cost: the defenses compared with 'none', "
+                        f"paired by seed (of {', '.join(DEFENSES)})")
     parser.add_argument("--train-split", default="", help="run-config train-split: rows the backbone never saw")
     args = parser.parse_args(argv)
     defaults = {"attacks": dict(out="outputs/defenses", seeds="0,1,2", rounds=4, clients=6, dataset="embedded",
