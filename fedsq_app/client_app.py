@@ -19,7 +19,7 @@ from torch import nn
 from fedsq_app.config import NodeConfig, RunConfig
 from fedsq_app.core import wire
 from fedsq_app.core.dualcopy import DualCopy
-from fedsq_app.core.packing import pack_record
+from fedsq_app.core.packing import is_packed, pack_record
 from fedsq_app.core.wire import StructuralMismatchError, check_structural_sha256
 from fedsq_app.data.cache import node_data, node_info, node_splits
 from fedsq_app.data.leakage import check_content_overlap
@@ -128,7 +128,9 @@ def train(msg: Message, context: Context) -> Message:
         else:  # the server weighs this node by the size of the partition it names, never by its claim
             metrics[wire.PARTITION_ID], metrics[wire.NUM_PARTITIONS] = node.partition_id, node.num_partitions
         metrics = MetricRecord(metrics)
-        return Message(RecordDict({wire.ARRAYS: pack_record(global_arrays(model)), wire.METRICS: metrics}), reply_to=msg)
+        arrays = global_arrays(model)  # in the server's format: packed if it sent Q packed (core/packing.py)
+        arrays = pack_record(arrays) if is_packed(msg.content[wire.ARRAYS]) else arrays
+        return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
         return _error_reply(msg, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
 

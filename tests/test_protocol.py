@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from fedsq_app.core.aggregation import weighted_average
-from fedsq_app.core.packing import decode_arrays
+from fedsq_app.core.packing import decode_arrays, pack_record
 from fedsq_app.core.replies import CheckedReply, array_specs, split_replies
 
 
@@ -81,8 +81,8 @@ def _context(run_config: dict) -> Context:
 def test_client_sends_only_q_and_never_s(fedsq_client):
     client_app, config, model, sha = fedsq_client
     q_keys = set(model.quantitative.state_dict())
-    reply = client_app.train(_train_message(ArrayRecord(model.quantitative.state_dict()),
-                                            {"server-round": 1, "structural-sha256": sha}), _context(config))
+    sent = pack_record(ArrayRecord(model.quantitative.state_dict()))  # as this app's server sends Q
+    reply = client_app.train(_train_message(sent, {"server-round": 1, "structural-sha256": sha}), _context(config))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     # Packed on the wire (one array per dtype), read back by Q's own keys, shapes and dtypes.
     assert sorted(reply.content["arrays"].keys()) == ["packed/float32", "packed/int64"]
@@ -93,6 +93,10 @@ def test_client_sends_only_q_and_never_s(fedsq_client):
     # Q's bytes only: same as the plain network's, so FedSQ's traffic equals FedAvg's.
     assert sum(v.nbytes for v in sent.values()) == sum(v.numpy().nbytes for v in model.structural.state_dict().values())
     assert reply.content["metrics"]["num-examples"] > 0
+    # A server that sends one array per key (Flower's own strategies) gets one array per key back.
+    plain = client_app.train(_train_message(ArrayRecord(model.quantitative.state_dict()),
+                                            {"server-round": 1, "structural-sha256": sha}), _context(config))
+    assert set(plain.content["arrays"].keys()) == q_keys
 
 
 def test_client_refuses_a_different_structural_copy(fedsq_client):

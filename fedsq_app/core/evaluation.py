@@ -148,8 +148,8 @@ class ScreenedEvaluation:
 
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         extra = self.extra_train_config() if hasattr(self, "extra_train_config") else {}
-        return super().configure_evaluate(server_round, pack_record(arrays), ConfigRecord({**dict(config), **extra}),
-                                          grid)
+        sent = pack_record(arrays) if getattr(self, "pack_arrays", False) else arrays
+        return super().configure_evaluate(server_round, sent, ConfigRecord({**dict(config), **extra}), grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         # The weights this round's training used (the server's, never a claim); none before round 1.

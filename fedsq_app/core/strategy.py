@@ -35,11 +35,12 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     ``clip_multiplier`` x the round's median norm and BN statistics are clamped into the other replies'
     range; a round with fewer than ``min_valid_replies`` valid replies keeps the previous model.
     ``aggregation`` 'median' or 'trimmed-mean' replaces the weighted mean by a coordinate-wise robust one.
+    ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
 
     def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN, clip_multiplier: float = 1.5,
                  bn_clamp: bool = True, weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
-                 trim_fraction: float = 0.2,
+                 trim_fraction: float = 0.2, pack_arrays: bool = False,
                  **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
@@ -49,6 +50,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.weigh = weigh
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
+        self.pack_arrays = pack_arrays  # send Q as one array per dtype (core/packing.py): nodes must unpack it
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
 
@@ -69,7 +71,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                         grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays  # the template replies are checked against, and the fallback model
         config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
-        messages = list(super().configure_train(server_round, pack_record(arrays), config, grid))
+        sent = pack_record(arrays) if self.pack_arrays else arrays
+        messages = list(super().configure_train(server_round, sent, config, grid))
         if len(messages) < self.min_valid_replies:
             log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model "
                 "(a two-silo federation sets min-valid-replies=2: docs/RELIABILITY.md)", server_round, len(messages),

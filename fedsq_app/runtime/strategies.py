@@ -53,7 +53,7 @@ def make_strategy(config, structural_sha256: str, weigh=None) -> ValidatedFedAvg
                   min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
                   min_valid_replies=config.min_valid_replies, clip_multiplier=config.clip_multiplier, bn_clamp=config.bn_clamp,
                   aggregation=config.aggregation,
-                  trim_fraction=config.trim_fraction)
+                  trim_fraction=config.trim_fraction, pack_arrays=True)  # this app's ClientApp unpacks
     if weigh is not None:
         common["weigh"] = weigh
     return STRATEGIES[config.strategy].build(config, structural_sha256, common)

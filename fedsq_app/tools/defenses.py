@@ -268,9 +268,8 @@ def run_cost(args: argparse.Namespace, out: Path) -> dict:
         except DataError as error:  # e.g. no Dirichlet split with min-partition-size for this seed: next seed
             unsplittable[seed] = str(error)
             tqdm.write(f"seed {seed} skipped: {error}")
-    return {"experiment": "cost", "sizes": {**base, "clients": args.clients, "seeds": seeds,
-                                            "wall_time_s": time.time() - started},
-            "unsplittable": unsplittable, "runs": runs}
+    sizes = {**base, "clients": args.clients, "seeds": seeds, "wall_time_s": time.time() - started}
+    return {"experiment": "cost", "sizes": sizes, "unsplittable": unsplittable, "runs": runs}
 
 
 def _pct(values: list[float]) -> str:
@@ -367,19 +366,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsq-defenses", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["attacks", "cost"])
-    parser.add_argument("--out", default="")
-    parser.add_argument("--seeds", default="")
-    parser.add_argument("--rounds", type=int, default=0)
-    parser.add_argument("--clients", type=int, default=0)
-    parser.add_argument("--dataset", default="")
-    parser.add_argument("--alpha", type=float, default=0.0)
-    parser.add_argument("--max-train-samples", type=int, default=0)
+    for flag, kind in (("--out", str), ("--seeds", str), ("--rounds", int), ("--clients", int), ("--dataset", str),
+                       ("--alpha", float), ("--max-train-samples", int)):
+        parser.add_argument(flag, type=kind, default=kind())  # "" or 0: the experiment's default (below)
     parser.add_argument("--min-partition-size", type=int, default=5)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--pretrained", default="", help="run-config pretrained (attacks: 'auto'; cost: COST_BACKBONE)")
     parser.add_argument("--test-split", default="test[:1000]", help="test rows (touched once per run)")
-    parser.add_argument("--arms", default="defaults,none", help="cost: the defenses compared with 'none', "
-                        f"paired by seed (of {', '.join(DEFENSES)})")
+    parser.add_argument("--arms", default="defaults,none", help=f"cost: paired with 'none' ({', '.join(DEFENSES)})")
     parser.add_argument("--train-split", default="", help="run-config train-split: rows the backbone never saw")
     args = parser.parse_args(argv)
     defaults = {"attacks": dict(out="outputs/defenses", seeds="0,1,2", rounds=4, clients=6, dataset="embedded",
