@@ -8,7 +8,8 @@ Nothing about the layout travels: both sides split by their *own* model's keys (
 dtypes. The server's checks (``fedsq_app.core.replies``) therefore still read what each payload decodes
 to: a packed array must decode to exactly its dtype and the summed size of the template's arrays of that
 dtype, or the reply is rejected. An unpacked ``ArrayRecord`` (one ``Array`` per key, as Flower's own apps
-send) is read too, with the same checks.
+send) is read too, with the same checks. The strategies pack only with ``pack_arrays=True`` (this app's
+``make_strategy``); this app's ClientApp replies in the format it received.
 """
 
 from __future__ import annotations
