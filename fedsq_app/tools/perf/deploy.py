@@ -148,7 +148,7 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
 
 STAGES_DEPLOYED = (
     ("round start → SuperNode has pulled the message (its 3 s poll)", "poll"),
-    ("pulling the message's objects from the SuperLink (41 for the small CNN)", "pull"),
+    ("pulling the message's objects from the SuperLink (packed Q: 6; one array per tensor: 42)", "pull"),
     ("pull started → ClientApp started (SuperExec poll + spawn or fork; overlaps the pull)", "spawn"),
     ("ClientApp process (warm: forked child), start → exit (wall)", "clientapp"),
     ("ClientApp process (warm: forked child) CPU seconds", "clientapp_cpu"),
