@@ -30,6 +30,7 @@ from fedsq_app.runtime.models import save_checkpoint
 from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.train import evaluate, pick_device
 from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, validation_source
+from fedsq_app.runtime.waiting import send_and_receive
 from fedsq_app.runtime.warmup import switch_to_structural
 from fedsq_app.runtime.weighting import check_federation, weight_policy
 from fedsq_app.task import StartModel, build_start_model, global_arrays, load_global_arrays, trainable_model
@@ -66,50 +67,6 @@ def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     # np.ascontiguousarray would turn 0-d arrays (BN's num_batches_tracked) into shape (1,)
     return ArrayRecord({key: Array(value if value.flags.c_contiguous else value.copy(order="C"))
                         for key, value in arrays.items()})
-
-
-WAIT_LOG_S = 30.0  # a round still waiting says so this often, naming the silos it waits on
-
-
-def send_and_receive(grid: Grid, messages: list, timeout: float | None, poll_s: float = 0.2) -> list:
-    """``grid.send_and_receive``, but Flower's deployment grid (HttpGrid) pulls replies only every 3 s, so a
-    round would end up to 3 s after its last reply: pull every ``poll_s`` instead (one cheap request to the
-    local SuperLink). Same result: the replies that arrived before ``timeout``. Other grids (simulation,
-    tests) poll fast already and are used as they are. A round still waiting after ``WAIT_LOG_S`` logs which
-    nodes it waits on and which of them the SuperLink lists as offline, every ``WAIT_LOG_S``."""
-    if type(grid).__name__ != "HttpGrid":
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    ids = list(grid.push_messages(messages))
-    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
-    waiting = set(ids)
-    start = time.time()
-    end = None if timeout is None else start + timeout
-    next_log = start + WAIT_LOG_S
-    replies: list = []
-    while waiting and (end is None or time.time() < end):
-        arrived = list(grid.pull_messages(waiting))
-        replies.extend(arrived)
-        waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
-        if waiting and time.time() >= next_log:
-            next_log += WAIT_LOG_S
-            log_wait(grid, sorted(node_of.get(m, 0) for m in waiting), time.time() - start, timeout)
-        if waiting:
-            time.sleep(poll_s)
-    return replies
-
-
-def log_wait(grid: Grid, nodes: list[int], waited_s: float, timeout: float | None) -> None:
-    try:
-        connected = set(grid.get_node_ids())
-    except Exception as error:  # the log line is a diagnostic: never let it end the round
-        connected, gone = None, f"; the SuperLink's node list failed ({type(error).__name__})"
-    if connected is not None:
-        lost = [n for n in nodes if n not in connected]
-        gone = (f"; offline now: {lost} (their replies will not come unless they return)" if lost else
-                "; all still online (a ClientApp still running, or one that ended without a reply: see "
-                "the silo's SuperExec log)")
-    until = f" of round-timeout {timeout:.0f} s" if timeout is not None else ""
-    log(WARNING, "waited %.0f s%s for %d replies, from nodes %s%s", waited_s, until, len(nodes), nodes, gone)
 
 
 def load_data(config: RunConfig):
