@@ -4,8 +4,8 @@ soak: a listed reply whose upload was still in flight held a round for minutes, 
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from logging import WARNING
 
 from flwr.common.logger import log
@@ -22,7 +22,7 @@ def send_and_receive(grid: Grid, messages: list, timeout: float | None, poll_s: 
     nodes it waits on and which of them the SuperLink lists as offline, every ``WAIT_LOG_S``.
 
     Flower's ``pull_messages`` blocks while a listed reply's objects are still being uploaded (it retries for
-    up to ``PULL_MAX_TIME``, 2 h): each pull runs in a worker thread, so the round keeps logging and ends at
+    up to ``PULL_MAX_TIME``, 2 h): each pull runs in a daemon thread, so the round keeps logging and ends at
     ``timeout`` whatever the pull does; a pull still running then is abandoned (its replies are late)."""
     if type(grid).__name__ != "HttpGrid":
         return list(grid.send_and_receive(messages, timeout=timeout))
@@ -33,33 +33,45 @@ def send_and_receive(grid: Grid, messages: list, timeout: float | None, poll_s: 
     end = float("inf") if timeout is None else start + timeout
     next_log = start + WAIT_LOG_S
     replies: list = []
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsq-pull")
-    try:
-        while waiting and time.time() < end:
-            pull = pool.submit(lambda asked=frozenset(waiting): list(grid.pull_messages(asked)))
-            arrived = None
-            while arrived is None and time.time() < end:
-                try:
-                    arrived = pull.result(timeout=max(0.0, min(next_log, end) - time.time()))
-                except FutureTimeout:
-                    if time.time() >= next_log:
-                        next_log += WAIT_LOG_S
-                        log_wait(grid, sorted(node_of.get(m, 0) for m in waiting), time.time() - start, timeout,
-                                 pulling=True)
-            if arrived is None:
-                log(WARNING, "round-timeout reached while Flower was still pulling a reply's objects (an upload "
-                    "still in flight): ending the round with %d replies", len(replies))
-                break
-            replies.extend(arrived)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
-            if waiting and time.time() >= next_log:
+    while waiting and time.time() < end:
+        done, box = _pull_aside(grid, frozenset(waiting))
+        while not done.wait(max(0.0, min(next_log, end) - time.time())) and time.time() < end:
+            if time.time() >= next_log:
                 next_log += WAIT_LOG_S
-                log_wait(grid, sorted(node_of.get(m, 0) for m in waiting), time.time() - start, timeout)
-            if waiting:
-                time.sleep(poll_s)
-    finally:
-        pool.shutdown(wait=False)
+                log_wait(grid, sorted(node_of.get(m, 0) for m in waiting), time.time() - start, timeout,
+                         pulling=True)
+        if not done.is_set():
+            log(WARNING, "round-timeout reached while Flower was still pulling a reply's objects (an upload "
+                "still in flight): ending the round with %d replies", len(replies))
+            break
+        if "error" in box:
+            raise box["error"]
+        arrived = box["replies"]
+        replies.extend(arrived)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        if waiting and time.time() >= next_log:
+            next_log += WAIT_LOG_S
+            log_wait(grid, sorted(node_of.get(m, 0) for m in waiting), time.time() - start, timeout)
+        if waiting:
+            time.sleep(poll_s)
     return replies
+
+
+def _pull_aside(grid: Grid, asked: frozenset) -> tuple[threading.Event, dict]:
+    """``grid.pull_messages(asked)`` in a daemon thread (an abandoned pull never holds the process at exit):
+    an event set when it ends, and a box that then holds its ``replies`` or its ``error``."""
+    done, box = threading.Event(), {}
+
+    def pull() -> None:
+        try:
+            box["replies"] = list(grid.pull_messages(asked))
+        except Exception as error:  # handed to the round's thread, which raises it as the pull would have
+            box["error"] = error
+        finally:
+            done.set()
+
+    threading.Thread(target=pull, name="fedsq-pull", daemon=True).start()
+    return done, box
 
 
 def log_wait(grid: Grid, nodes: list[int], waited_s: float, timeout: float | None, pulling: bool = False) -> None:
