@@ -55,11 +55,14 @@ def clip_bound(norms: list[float], multiplier: float) -> float | None:
     """τ: ``multiplier`` × the (lower) median norm (from 3 replies), or × the smaller norm (two-silo mode)."""
     if multiplier <= 0 or not norms:
         return None
-    ordered = sorted(norms)
-    # The lower median: with f < n/2 attackers it is at most the honest norms' upper middle, however long
-    # the attackers' updates are.
-    reference = ordered[(len(ordered) - 1) // 2] if len(norms) >= MIN_REPLIES_FOR_MEDIAN else ordered[0]
-    return multiplier * reference
+    # With f < n/2 attackers the lower median is at most the honest norms' upper middle, however long the
+    # attackers' updates are; of two norms it is the smaller one (two-silo mode).
+    return multiplier * lower_median(norms)
+
+
+def lower_median(values: list[float]) -> float:
+    """The lower middle value (the smaller one of two)."""
+    return sorted(values)[(len(values) - 1) // 2]
 
 
 def weight_factors(weights: list[float]) -> list[float]:
@@ -70,8 +73,7 @@ def weight_factors(weights: list[float]) -> list[float]:
     the server's own (``core/weights.py``), never a claim, so no reply can widen its bound by what it says."""
     if not weights:
         return []
-    ordered = sorted(weights)
-    reference = ordered[(len(ordered) - 1) // 2]
+    reference = lower_median(weights)
     if reference <= 0:
         return [1.0] * len(weights)
     return [max(1.0, w / reference) ** WEIGHT_EXPONENT for w in weights]

@@ -29,6 +29,10 @@ def send_and_receive(grid: Grid, messages: list, timeout: float | None, poll_s: 
     ids = list(grid.push_messages(messages))
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
     waiting = set(ids)
+
+    def pending() -> list[int]:  # the nodes still to reply
+        return sorted(node_of.get(m, 0) for m in waiting)
+
     start = time.time()
     end = float("inf") if timeout is None else start + timeout
     next_log = start + WAIT_LOG_S
@@ -38,8 +42,7 @@ def send_and_receive(grid: Grid, messages: list, timeout: float | None, poll_s: 
         while not done.wait(max(0.0, min(next_log, end) - time.time())) and time.time() < end:
             if time.time() >= next_log:
                 next_log += WAIT_LOG_S
-                log_wait(grid, sorted(node_of.get(m, 0) for m in waiting), time.time() - start, timeout,
-                         pulling=True)
+                log_wait(grid, pending(), time.time() - start, timeout, pulling=True)
         if not done.is_set():
             log(WARNING, "round-timeout reached while Flower was still pulling a reply's objects (an upload "
                 "still in flight): ending the round with %d replies", len(replies))
@@ -51,7 +54,7 @@ def send_and_receive(grid: Grid, messages: list, timeout: float | None, poll_s: 
         waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
         if waiting and time.time() >= next_log:
             next_log += WAIT_LOG_S
-            log_wait(grid, sorted(node_of.get(m, 0) for m in waiting), time.time() - start, timeout)
+            log_wait(grid, pending(), time.time() - start, timeout)
         if waiting:
             time.sleep(poll_s)
     return replies
