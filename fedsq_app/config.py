@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsq_app.core.aggregation import AGGREGATIONS
+from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER
 from fedsq_app.data.partitions import PARTITIONERS
 from fedsq_app.data.splits import parse_classes
 from fedsq_app.runtime.checkpoint import CHECKPOINT_FILE
@@ -59,7 +60,8 @@ class RunConfig:
     # Reliability (docs/RELIABILITY.md).
     min_available_nodes: int = 2  # Flower waits (forever) until this many nodes are connected
     min_valid_replies: int = 3  # fewer valid replies: the round keeps the previous model; 2 = two-silo mode
-    clip_multiplier: float = 1.5  # clip each update to k x the round's median update norm; 0 = off
+    clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER  # clip each update to k x the round's median update norm; 0 = off
+    direction_bound: bool = True  # remove each update's component against the round's median update
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
     silo_sizes: str = ""  # deployment: JSON {registered key sha256 or name: size}, the silos' weights
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)

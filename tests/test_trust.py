@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.core.defenses import clamp_bn_statistics, clip_updates, update_norm
+from fedsq_app.core.defenses import (OPPOSITION_COSINE, clamp_bn_statistics, clip_updates, remove_opposition,
+                                    update_norm)
 from fedsq_app.core.packing import decode_arrays, pack, pack_record
 from fedsq_app.core.replies import CheckedReply, screen_replies
 from fedsq_app.core.strategy import ValidatedFedAvg
@@ -160,6 +161,36 @@ def test_damage_is_bounded_by_the_defaults(attack):
             undefended = _damage(honest, bad, clip_multiplier=0.0)
             if abs(factor) > 1:
                 assert undefended > 2 * limit  # the bound, not the attack, keeps D small
+
+
+def test_a_reversed_update_keeps_only_its_part_across_the_median_update():
+    """Under the length bound, a reversed update loses its component against the round's median update
+    beyond the tolerated cosine;
+    honest updates that agree with it are untouched, and the damage stays far below a length-only bound's."""
+    rng = np.random.default_rng(8)
+    honest = [_honest(rng) for _ in range(5)]
+    mean_update = {k: (np.mean([a[k] for a in honest], axis=0).astype(v.dtype) if v.dtype.kind == "f" else v)
+                   for k, v in GLOBAL.items()}
+    reversed_ = _with_update(mean_update, -2.0)  # inside the default 2.5x length bound
+    replies = [CheckedReply(n, a, 1, {}) for n, a in enumerate(honest + [reversed_], start=1)]
+    aligned, cosines = remove_opposition(replies, GLOBAL)
+    assert cosines[:5] == [None] * 5 and all(aligned[i] is replies[i] for i in range(5))
+    assert cosines[5] < -0.9
+    median = {k: np.median([r.arrays[k] for r in replies], axis=0) - GLOBAL[k] for k in PARAMS}
+    kept = {k: aligned[5].arrays[k].astype(np.float64) - GLOBAL[k] for k in PARAMS}
+    cosine = sum(float(np.sum(kept[k] * median[k])) for k in PARAMS) / np.sqrt(
+        sum(float(np.sum(kept[k] ** 2)) for k in PARAMS) * sum(float(np.sum(median[k] ** 2)) for k in PARAMS))
+    assert cosine == pytest.approx(-OPPOSITION_COSINE, abs=1e-4)  # cut back to the tolerated opposition
+    assert _damage(honest, [reversed_]) < 0.5 * _damage(honest, [reversed_], direction_bound=False)
+    _, _, checked = _aggregate([_reply(a, n) for n, a in enumerate(honest + [reversed_], start=1)])
+    assert {o.node_id: o.opposed_cosine for o in checked.outcomes}[6] < -0.9
+
+
+def test_the_direction_bound_needs_a_median_of_three():
+    rng = np.random.default_rng(9)
+    replies = [CheckedReply(1, _honest(rng), 1, {}), CheckedReply(2, _with_update(_honest(rng), -1.0), 1, {})]
+    aligned, cosines = remove_opposition(replies, GLOBAL)
+    assert cosines == [None, None] and aligned == replies  # the median of two is their mean: either moves it
 
 
 def test_bn_statistics_cannot_leave_the_other_replies_range():

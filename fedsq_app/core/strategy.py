@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
-from fedsq_app.core.defenses import MIN_REPLIES_FOR_MEDIAN, update_keys
+from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, MIN_REPLIES_FOR_MEDIAN, update_keys
 from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.packing import pack_record
 from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
@@ -32,14 +32,15 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     Used as is for the FedAvg baseline. The trust model (docs/RELIABILITY.md): replies are checked on what
     they decode to; each node's weight is the server's (``weigh``, a ``fedsq_app.core.weights`` policy;
     default: equal weights, never the claimed ``num-examples``); each update is norm-clipped to
-    ``clip_multiplier`` x the round's median norm and BN statistics are clamped into the other replies'
+    ``clip_multiplier`` x the round's median norm after losing any component against the round's median
+    update (``direction_bound``), and BN statistics are clamped into the other replies'
     range; a round with fewer than ``min_valid_replies`` valid replies keeps the previous model.
     ``aggregation`` 'median' or 'trimmed-mean' replaces the weighted mean by a coordinate-wise robust one.
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
 
-    def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN, clip_multiplier: float = 1.5,
-                 bn_clamp: bool = True, weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
+    def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN, clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER,
+                 bn_clamp: bool = True, direction_bound: bool = True, weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
                  trim_fraction: float = 0.2, pack_arrays: bool = False,
                  **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
@@ -47,6 +48,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.min_valid_replies = min_valid_replies
         self.clip_multiplier = clip_multiplier
         self.bn_clamp = bn_clamp
+        self.direction_bound = direction_bound
         self.weigh = weigh
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
@@ -84,7 +86,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         assert self.current_arrays is not None, "configure_train must run before aggregate_train"
         template = {k: a.numpy() for k, a in self.current_arrays.items()}
         checked = screen_replies(list(replies), template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
-                                 clamp_bn=self.bn_clamp)
+                                 clamp_bn=self.bn_clamp, direction_bound=self.direction_bound)
         self.round_replies[server_round] = checked
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:

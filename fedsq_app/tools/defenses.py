@@ -29,7 +29,6 @@ import math
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
@@ -37,9 +36,7 @@ from tqdm import tqdm
 
 from fedsq_app import server_app
 from fedsq_app.config import RunConfig
-from fedsq_app.core import wire
-from fedsq_app.core.defenses import distance, update_keys
-from fedsq_app.core.packing import PREFIX, decode_arrays, pack
+from fedsq_app.core.defenses import distance
 from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.data.sources import DataError
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
@@ -47,16 +44,19 @@ from fedsq_app.runtime.metrics import mean_std
 from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.weighting import weight_policy
 from fedsq_app.task import build_start_model, global_arrays, trainable_model
+from fedsq_app.tools.attacks import ATTACKS, Attack, message_arrays
 from fedsq_app.tools.bench.stats import paired_test
 
-NONE = {"clip-multiplier": 0.0, "bn-clamp": False, "min-valid-replies": 1}
+NONE = {"clip-multiplier": 0.0, "direction-bound": False, "bn-clamp": False, "min-valid-replies": 1}
 DEFENSES = {  # name -> run-config keys on top of the run's
     "none": NONE,
     "defaults": {},
     "median": {"aggregation": "median"},
     "trimmed-mean": {"aggregation": "trimmed-mean"},
-    "clip only": {"bn-clamp": False},  # the cost experiment's split of the defaults into their two parts
-    "BN clamp only": {"clip-multiplier": 0.0},
+    # The cost experiment's split of the defaults into their parts.
+    "clip only": {"bn-clamp": False, "direction-bound": False},
+    "direction only": {"clip-multiplier": 0.0, "bn-clamp": False},
+    "BN clamp only": {"clip-multiplier": 0.0, "direction-bound": False},
 }
 TWO_SILO = {"min-valid-replies": 2}
 # S for the cost experiment, pretrained on train[:6000]; the federation reads train[9000:] (docs/RELIABILITY.md).
@@ -65,88 +65,6 @@ COST_BACKBONE = "outputs/bench/smallcnn-fmnist-idx-train0-6000.safetensors"
 
 def _floating(arrays: dict[str, np.ndarray]) -> list[str]:
     return [k for k, v in arrays.items() if v.dtype.kind == "f"]
-
-
-def _arrays(message: Message, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A message's travelling arrays (packed on the wire, ``core/packing.py``), by key."""
-    values = decode_arrays(message.content[wire.ARRAYS], template)
-    if isinstance(values, str):
-        raise ValueError(values)
-    return values
-
-
-def _set(reply: Message, arrays: dict[str, np.ndarray], template: dict[str, np.ndarray]) -> None:
-    reply.content[wire.ARRAYS] = pack({**_arrays(reply, template), **arrays})
-
-
-def _honest_mean_update(honest: list[dict], start: dict, keys: list[str]) -> dict:
-    return {k: np.mean([h[k].astype(np.float64) - start[k] for h in honest], axis=0) for k in keys}
-
-
-# An attack rewrites the hostile replies of one round. (start arrays, hostile replies, honest arrays) -> None.
-Attack = Callable[[dict, list[Message], list[dict]], None]
-
-
-def boosted(factor: float) -> Attack:
-    """Each hostile node sends start + factor x (its own trained update), on the parameters."""
-    def attack(start, hostile, honest):
-        for reply in hostile:
-            trained = _arrays(reply, start)
-            _set(reply, {k: (start[k] + factor * (trained[k] - start[k])).astype(trained[k].dtype)
-                         for k in update_keys(start)}, start)
-    return attack
-
-
-def against_honest(length: float | None, factor: float | None = None) -> Attack:
-    """Omniscient: start − (the honest mean update) scaled to ``length`` x the median honest norm (or by
-    ``factor``): the direction that undoes the honest step, at a length the attacker chooses."""
-    def attack(start, hostile, honest):
-        keys = update_keys(start)
-        mean = _honest_mean_update(honest, start, keys)
-        norms = [distance(h, start, keys) for h in honest]
-        mean_norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in mean.values())) or 1.0
-        scale = factor if factor is not None else length * float(np.median(norms)) / mean_norm
-        for reply in hostile:
-            _set(reply, {k: (start[k] - scale * mean[k]).astype(start[k].dtype) for k in keys}, start)
-    return attack
-
-
-def inflated_claim(start, hostile, honest):
-    """Honest arrays, num-examples claimed as 10^9."""
-    for reply in hostile:
-        reply.content[wire.METRICS][wire.NUM_EXAMPLES] = 10**9
-
-
-def bn_shift(start, hostile, honest):
-    """Every BN running_mean moved by 1.2 running standard deviations (inside every magnitude bound)."""
-    for reply in hostile:
-        arrays = _arrays(reply, start)
-        _set(reply, {k: (v + np.float32(1.2) * np.sqrt(arrays[k.replace("running_mean", "running_var")]))
-                     .astype(v.dtype) for k, v in arrays.items() if k.endswith("running_mean")}, start)
-
-
-def forged(start, hostile, honest):
-    """Arrays whose bytes are not what their metadata declares, a complex payload, and metrics at ±1e308."""
-    for i, reply in enumerate(hostile):
-        record = reply.content[wire.ARRAYS]
-        key = PREFIX + "float32"  # the packed floating parameters
-        declared = record[key]
-        payload = Array(np.zeros(3, np.float32)) if i % 2 == 0 else Array(np.full(declared.shape, 1 + 1j))
-        record[key] = Array(dtype=declared.dtype, shape=tuple(declared.shape), stype=payload.stype,
-                            data=payload.data)
-        reply.content[wire.METRICS][wire.TRAIN_LOSS] = 1e308 if i % 2 == 0 else -1e308
-
-
-# name -> (attack, hostile node count, nodes in the federation: None = --clients, honest replies dropped)
-ATTACKS: dict[str, tuple[Attack, int, int | None, int]] = {
-    "inflated num-examples (1 of 6)": (inflated_claim, 1, None, 0),
-    "boosted x30 (1 of 6)": (boosted(30.0), 1, None, 0),
-    "reversed at 1.9x honest norm (1 of 6)": (against_honest(1.9), 1, None, 0),
-    "reversed x30, Sybils (2 of 6)": (against_honest(None, 30.0), 2, None, 0),
-    "BN running_mean +1.2 sd (1 of 6)": (bn_shift, 1, None, 0),
-    "forged arrays and metrics (1 of 6)": (forged, 1, None, 0),
-    "boosted x1240, two-reply rounds (1 of 3, one honest lost)": (boosted(1240.0), 1, 3, 1),
-}
 
 
 class HostileGrid(InProcessGrid):
@@ -172,10 +90,10 @@ class HostileGrid(InProcessGrid):
                    if r.metadata.src_node_id not in self.dropped]
         if self.attack is None or not messages:
             return replies
-        start = _arrays(messages[0], self.template)
+        start = message_arrays(messages[0], self.template)
         hostile = [r for r in replies if r.metadata.src_node_id in self.hostile_ids and not r.has_error()]
         honest = [r for r in replies if r.metadata.src_node_id not in self.hostile_ids]
-        self.attack(start, hostile, [_arrays(r, start) for r in honest if not r.has_error()])
+        self.attack(start, hostile, [message_arrays(r, start) for r in honest if not r.has_error()])
         self.damages.append(self.damage(start, replies, honest))
         return replies
 
@@ -190,7 +108,7 @@ class HostileGrid(InProcessGrid):
     def damage(self, start: dict, replies: list[Message], honest: list[Message]) -> float:
         keys = _floating(start)
         mixed, alone = self.aggregate(start, replies), self.aggregate(start, honest)
-        norms = [distance(_arrays(r, start), start, keys) for r in honest if not r.has_error()]
+        norms = [distance(message_arrays(r, start), start, keys) for r in honest if not r.has_error()]
         return distance(mixed, alone, keys) / max(float(np.median(norms)), 1e-12) if norms else math.nan
 
 

@@ -1,0 +1,118 @@
+"""The attacks ``fedsq-defenses attacks`` runs (``fedsq_app.tools.defenses``): each rewrites the hostile
+replies of one round, knowing the honest ones (an omniscient attacker, the worst case the bounds must hold
+against). The threats are those of docs/RELIABILITY.md's trust model."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from flwr.app import Array, Message
+
+from fedsq_app.config import RunConfig
+from fedsq_app.core import wire
+from fedsq_app.core.defenses import distance, update_keys
+from fedsq_app.core.packing import PREFIX, decode_arrays, pack
+
+
+def message_arrays(message: Message, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A message's travelling arrays (packed on the wire, ``core/packing.py``), by key."""
+    values = decode_arrays(message.content[wire.ARRAYS], template)
+    if isinstance(values, str):
+        raise ValueError(values)
+    return values
+
+
+def _set(reply: Message, arrays: dict[str, np.ndarray], template: dict[str, np.ndarray]) -> None:
+    reply.content[wire.ARRAYS] = pack({**message_arrays(reply, template), **arrays})
+
+
+def _honest_mean_update(honest: list[dict], start: dict, keys: list[str]) -> dict:
+    return {k: np.mean([h[k].astype(np.float64) - start[k] for h in honest], axis=0) for k in keys}
+
+
+# An attack rewrites the hostile replies of one round. (start arrays, hostile replies, honest arrays) -> None.
+Attack = Callable[[dict, list[Message], list[dict]], None]
+
+
+def boosted(factor: float) -> Attack:
+    """Each hostile node sends start + factor x (its own trained update), on the parameters."""
+    def attack(start, hostile, honest):
+        for reply in hostile:
+            trained = message_arrays(reply, start)
+            _set(reply, {k: (start[k] + factor * (trained[k] - start[k])).astype(trained[k].dtype)
+                         for k in update_keys(start)}, start)
+    return attack
+
+
+def against_honest(length: float | None, factor: float | None = None) -> Attack:
+    """Omniscient: start − (the honest mean update) scaled to ``length`` x the median honest norm (or by
+    ``factor``): the direction that undoes the honest step, at a length the attacker chooses."""
+    def attack(start, hostile, honest):
+        keys = update_keys(start)
+        mean = _honest_mean_update(honest, start, keys)
+        norms = [distance(h, start, keys) for h in honest]
+        mean_norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in mean.values())) or 1.0
+        scale = factor if factor is not None else length * float(np.median(norms)) / mean_norm
+        for reply in hostile:
+            _set(reply, {k: (start[k] - scale * mean[k]).astype(start[k].dtype) for k in keys}, start)
+    return attack
+
+
+def across_honest(length: float) -> Attack:
+    """Omniscient: start + a random direction orthogonal to the honest mean update, at ``length`` x the
+    median honest norm: what the direction bound keeps, at the longest update the norm clip keeps."""
+    def attack(start, hostile, honest):
+        keys = update_keys(start)
+        mean = _honest_mean_update(honest, start, keys)
+        rng = np.random.default_rng(len(hostile))
+        noise = {k: rng.standard_normal(mean[k].shape) for k in keys}
+        along = sum(float(np.sum(noise[k] * mean[k])) for k in keys) / max(
+            sum(float(np.sum(mean[k] ** 2)) for k in keys), 1e-30)
+        across = {k: noise[k] - along * mean[k] for k in keys}
+        scale = length * float(np.median([distance(h, start, keys) for h in honest])) / math.sqrt(
+            sum(float(np.sum(v ** 2)) for v in across.values()))
+        for reply in hostile:
+            _set(reply, {k: (start[k] + scale * across[k]).astype(start[k].dtype) for k in keys}, start)
+    return attack
+
+
+def inflated_claim(start, hostile, honest):
+    """Honest arrays, num-examples claimed as 10^9."""
+    for reply in hostile:
+        reply.content[wire.METRICS][wire.NUM_EXAMPLES] = 10**9
+
+
+def bn_shift(start, hostile, honest):
+    """Every BN running_mean moved by 1.2 running standard deviations (inside every magnitude bound)."""
+    for reply in hostile:
+        arrays = message_arrays(reply, start)
+        _set(reply, {k: (v + np.float32(1.2) * np.sqrt(arrays[k.replace("running_mean", "running_var")]))
+                     .astype(v.dtype) for k, v in arrays.items() if k.endswith("running_mean")}, start)
+
+
+def forged(start, hostile, honest):
+    """Arrays whose bytes are not what their metadata declares, a complex payload, and metrics at ±1e308."""
+    for i, reply in enumerate(hostile):
+        record = reply.content[wire.ARRAYS]
+        key = PREFIX + "float32"  # the packed floating parameters
+        declared = record[key]
+        payload = Array(np.zeros(3, np.float32)) if i % 2 == 0 else Array(np.full(declared.shape, 1 + 1j))
+        record[key] = Array(dtype=declared.dtype, shape=tuple(declared.shape), stype=payload.stype,
+                            data=payload.data)
+        reply.content[wire.METRICS][wire.TRAIN_LOSS] = 1e308 if i % 2 == 0 else -1e308
+
+
+UNDER_BOUND = RunConfig().clip_multiplier - 0.1  # just inside the default clip bound
+# name -> (attack, hostile node count, nodes in the federation: None = --clients, honest replies dropped)
+ATTACKS: dict[str, tuple[Attack, int, int | None, int]] = {
+    "inflated num-examples (1 of 6)": (inflated_claim, 1, None, 0),
+    "boosted x30 (1 of 6)": (boosted(30.0), 1, None, 0),
+    f"reversed at {UNDER_BOUND}x honest norm (1 of 6)": (against_honest(UNDER_BOUND), 1, None, 0),
+    f"orthogonal at {UNDER_BOUND}x honest norm (1 of 6)": (across_honest(UNDER_BOUND), 1, None, 0),
+    "reversed x30, Sybils (2 of 6)": (against_honest(None, 30.0), 2, None, 0),
+    "BN running_mean +1.2 sd (1 of 6)": (bn_shift, 1, None, 0),
+    "forged arrays and metrics (1 of 6)": (forged, 1, None, 0),
+    "boosted x1240, two-reply rounds (1 of 3, one honest lost)": (boosted(1240.0), 1, 3, 1),
+}
