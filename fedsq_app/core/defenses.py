@@ -146,7 +146,7 @@ def remove_opposition(replies: list, template: dict[str, np.ndarray]) -> tuple[l
         if cosine >= -OPPOSITION_COSINE:
             result.append(reply)
             continue
-        # along = <Δ, û>; across = |Δ − along·û|; the least along with cosine >= −c is −c/√(1−c²)·across.
+        # along = <Δ, û>, across = |Δ − along·û|: the least along with cosine >= −c is −c/√(1−c²)·across.
         along = dot / math.sqrt(reference_sq)
         across = math.sqrt(max(norm ** 2 - along ** 2, 0.0))
         floor = -OPPOSITION_COSINE / math.sqrt(1 - OPPOSITION_COSINE ** 2) * across

@@ -1,0 +1,56 @@
+"""The attacks ``fedsq-defenses`` measures the defenses with (``fedsq_app.tools.attacks``): each must send
+what its name says, or the damage table measures something else."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Message, Metadata, MetricRecord, RecordDict
+
+from fedsq_app.core import wire
+from fedsq_app.core.defenses import distance, update_keys
+from fedsq_app.core.packing import pack
+from fedsq_app.tools.attacks import UNDER_BOUND, across_honest, against_honest, boosted, message_arrays
+
+START = {"conv.weight": np.full((4, 3, 3, 3), 0.1, np.float32), "bn.running_mean": np.zeros(4, np.float32),
+         "fc.weight": np.full((2, 4), -0.2, np.float32)}
+
+
+def _honest(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0.01, 0.01, v.shape)).astype(v.dtype) for k, v in START.items()}
+
+
+def _reply(arrays: dict) -> Message:
+    metadata = Metadata(run_id=1, message_id="m", src_node_id=1, dst_node_id=0, reply_to_message_id="",
+                        group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
+    return Message(content=RecordDict({wire.ARRAYS: pack(arrays), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10})}),
+                   metadata=metadata)
+
+
+def _update(arrays: dict) -> np.ndarray:
+    return np.concatenate([(arrays[k].astype(np.float64) - START[k]).ravel() for k in update_keys(START)])
+
+
+def test_reversed_and_orthogonal_attacks_send_what_they_say_at_the_length_they_say():
+    honest = [_honest(seed) for seed in range(4)]
+    mean = np.mean([_update(h) for h in honest], axis=0)
+    median_norm = float(np.median([distance(h, START, update_keys(START)) for h in honest]))
+    for attack, cosine in ((against_honest(UNDER_BOUND), -1.0), (across_honest(UNDER_BOUND), 0.0)):
+        hostile = [_reply(_honest(9))]
+        attack(START, hostile, honest)
+        sent = _update(message_arrays(hostile[0], START))
+        assert np.linalg.norm(sent) == pytest.approx(UNDER_BOUND * median_norm, rel=1e-4)
+        assert sent @ mean / (np.linalg.norm(sent) * np.linalg.norm(mean)) == pytest.approx(cosine, abs=1e-4)
+        assert np.array_equal(message_arrays(hostile[0], START)["bn.running_mean"], _honest(9)["bn.running_mean"])
+
+
+def test_boosted_scales_the_nodes_own_update():
+    own = _honest(3)
+    hostile = [_reply(own)]
+    boosted(30.0)(START, hostile, [])
+    assert np.allclose(_update(message_arrays(hostile[0], START)), 30 * _update(own), rtol=1e-4)
+    assert math.isclose(UNDER_BOUND, 1.9)  # just inside the default clip-multiplier of 2
