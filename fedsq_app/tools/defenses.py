@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from fedsq_app import server_app
 from fedsq_app.config import RunConfig
-from fedsq_app.core.defenses import distance
+from fedsq_app.core.defenses import OPPOSITION_COSINE, distance
 from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.data.sources import DataError
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
@@ -136,6 +136,8 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
             "honest_rejected": sum(not r["accepted"] for r in honest), "honest_replies": len(honest),
             "honest_clipped": sum(1 for r in honest if r["accepted"] and (r["clip_scale"] or 1) < 1),
             "honest_bn_clamped": sum(1 for r in honest if r["accepted"] and r["bn_clamped"]),
+            "honest_direction_cut": sum(1 for r in honest if r["accepted"] and (r.get("opposed_cosine") or 0)
+                                        < -OPPOSITION_COSINE),
             "honest_weight_changed": sum(1 for r in honest if r["accepted"] and r["weight"] != r["num_examples"]),
             "hostile_rejected": sum(not r["accepted"] for r in hostile), "hostile_replies": len(hostile),
             "hostile_clipped": sum(1 for r in hostile if r["accepted"] and (r["clip_scale"] or 1) < 1)}
@@ -158,6 +160,8 @@ def run_attacks(args: argparse.Namespace, out: Path) -> dict:
     base = base_config(args, out)
     cells = [("honest", "none", seed) for seed in seeds] + [("honest", "defaults", seed) for seed in seeds]
     for name, (_, _, nodes, _) in ATTACKS.items():
+        if args.only and not any(part.strip() in name for part in args.only.split(",")):
+            continue
         defenses = ["none", "defaults", "two-silo mode"] if nodes == 3 else list(DEFENSES)
         cells += [(name, defense, seed) for defense in defenses for seed in seeds]
     runs, started = [], time.time()
@@ -225,12 +229,14 @@ def markdown(report: dict) -> str:
                         f"{_count(cells, 'honest_rejected', 'honest_replies')} | "
                         f"{_count(cells, 'honest_weight_changed', 'honest_replies')} | "
                         f"{_count(cells, 'honest_clipped', 'honest_replies')} | "
+                        f"{_count(cells, 'honest_direction_cut', 'honest_replies')} | "
                         f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |")
             costs.append(f"Honest cost, {arm} − none (paired over {paired['n']} seeds, pp): {_ci(paired)}")
         return "\n".join([head, "", "| defenses | BVA (%) | honest replies rejected | honest weights changed | "
-                          "honest updates norm-clipped | honest replies with BN coordinates clamped |",
-                          "|---|---|---|---|---|---|", *rows,
-                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – |", "", *costs, "",
+                          "honest updates norm-clipped | honest updates cut by the direction bound | "
+                          "honest replies with BN coordinates clamped |",
+                          "|---|---|---|---|---|---|---|", *rows,
+                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – | – |", "", *costs, "",
                           f"Seeds the partitioner could not split (skipped): {sorted(report['unsplittable']) or 'none'}",
                           ""])
     lines = [head, "", "D = ‖aggregate − honest-only aggregate‖ / median honest update norm, per round (mean over "
@@ -291,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--pretrained", default="", help="run-config pretrained (attacks: 'auto'; cost: COST_BACKBONE)")
     parser.add_argument("--test-split", default="test[:1000]", help="test rows (touched once per run)")
+    parser.add_argument("--only", default="", help="attacks: only those whose name contains one of these (a,b)")
     parser.add_argument("--arms", default="defaults,none", help=f"cost: paired with 'none' ({', '.join(DEFENSES)})")
     parser.add_argument("--train-split", default="", help="run-config train-split: rows the backbone never saw")
     args = parser.parse_args(argv)
