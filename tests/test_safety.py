@@ -102,9 +102,11 @@ def test_duplicate_node_ids_never_crash_the_checks():
 
 def test_defaults_are_on_in_the_run_config():
     strategy = _defaults()
-    assert strategy.clip_multiplier == 1.5 and strategy.min_valid_replies == 3 and strategy.aggregation == "mean"
+    assert strategy.clip_multiplier == 2.0 and strategy.min_valid_replies == 3 and strategy.aggregation == "mean"
+    assert strategy.direction_bound and strategy.bn_clamp
     fedsq = FedSQ(structural_sha256="x")  # the classes' own defaults match the run config's
-    assert (fedsq.clip_multiplier, fedsq.min_valid_replies) == (strategy.clip_multiplier, strategy.min_valid_replies)
+    assert (fedsq.clip_multiplier, fedsq.min_valid_replies, fedsq.direction_bound) == (
+        strategy.clip_multiplier, strategy.min_valid_replies, strategy.direction_bound)
 
 
 # ------------------------------------------------------------------------------------ 2. robust options
