@@ -60,7 +60,7 @@ class RunConfig:
     # Reliability (docs/RELIABILITY.md).
     min_available_nodes: int = 2  # Flower waits (forever) until this many nodes are connected
     min_valid_replies: int = 3  # fewer valid replies: the round keeps the previous model; 2 = two-silo mode
-    clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER  # clip each update to k x the round's median update norm; 0 = off
+    clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER  # clip updates to k x the round's median update norm; 0 = off
     direction_bound: bool = True  # remove each update's component against the round's median update
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
     silo_sizes: str = ""  # deployment: JSON {registered key sha256 or name: size}, the silos' weights

@@ -109,12 +109,17 @@ def clip_updates(replies: list, template: dict[str, np.ndarray],
         if scale == 1.0:
             clipped.append(reply)
             continue
-        arrays = dict(reply.arrays)
-        for key in keys:
-            current = template[key].astype(np.float64)
-            arrays[key] = (current + scale * (arrays[key].astype(np.float64) - current)).astype(template[key].dtype)
-        clipped.append(replace(reply, arrays=arrays))
+        clipped.append(with_update(reply, template, {k: scale * (reply.arrays[k].astype(np.float64) - template[k])
+                                                     for k in keys}))
     return clipped, scales, bound
+
+
+def with_update(reply, template: dict[str, np.ndarray], updates: dict[str, np.ndarray]):
+    """``reply`` whose arrays in ``updates`` are x_t + that update, in the global model's dtypes."""
+    arrays = dict(reply.arrays)
+    for key, update in updates.items():
+        arrays[key] = (template[key].astype(np.float64) + update).astype(template[key].dtype)
+    return replace(reply, arrays=arrays)
 
 
 def median_update(replies: list, template: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
@@ -133,29 +138,25 @@ def remove_opposition(replies: list, template: dict[str, np.ndarray]) -> tuple[l
     if len(replies) < MIN_REPLIES_FOR_MEDIAN or not keys:
         return list(replies), [None] * len(replies)
     reference = median_update(replies, template, keys)
-    reference_sq = sum(float(np.sum(reference[k].astype(np.float64) ** 2)) for k in keys)
-    if reference_sq == 0:
+    reference_norm = math.sqrt(sum(float(np.sum(reference[k].astype(np.float64) ** 2)) for k in keys))
+    if reference_norm == 0:
         return list(replies), [None] * len(replies)
     result, cosines = [], []
     for reply in replies:
         deltas = {k: reply.arrays[k].astype(np.float64) - template[k].astype(np.float64) for k in keys}
         dot = sum(float(np.sum(deltas[k] * reference[k])) for k in keys)
         norm = math.sqrt(sum(float(np.sum(d ** 2)) for d in deltas.values()))
-        cosine = dot / (norm * math.sqrt(reference_sq)) if norm > 0 else 0.0
+        cosine = dot / (norm * reference_norm) if norm > 0 else 0.0
         cosines.append(cosine if cosine < 0 else None)
         if cosine >= -OPPOSITION_COSINE:
             result.append(reply)
             continue
         # along = <Δ, û>, across = |Δ − along·û|: the least along with cosine >= −c is −c/√(1−c²)·across.
-        along = dot / math.sqrt(reference_sq)
+        along = dot / reference_norm
         across = math.sqrt(max(norm ** 2 - along ** 2, 0.0))
         floor = -OPPOSITION_COSINE / math.sqrt(1 - OPPOSITION_COSINE ** 2) * across
-        shift = (floor - along) / math.sqrt(reference_sq)  # added along the (unnormalised) median update
-        arrays = dict(reply.arrays)
-        for key in keys:
-            kept = deltas[key] + shift * reference[key]
-            arrays[key] = (template[key].astype(np.float64) + kept).astype(template[key].dtype)
-        result.append(replace(reply, arrays=arrays))
+        shift = (floor - along) / reference_norm  # added along the (unnormalised) median update
+        result.append(with_update(reply, template, {k: deltas[k] + shift * reference[k] for k in keys}))
     return result, cosines
 
 

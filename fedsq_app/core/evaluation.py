@@ -146,10 +146,14 @@ class ScreenedEvaluation:
     def evaluate_rounds(self) -> dict[int, EvaluateReplies]:
         return vars(self).setdefault("_evaluate_rounds", {})
 
+    def outgoing_arrays(self, arrays):
+        """Q as the nodes receive it: packed when the strategy's ``pack_arrays`` says so (core/packing.py)."""
+        return pack_record(arrays) if getattr(self, "pack_arrays", False) else arrays
+
     def configure_evaluate(self, server_round: int, arrays, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         extra = self.extra_train_config() if hasattr(self, "extra_train_config") else {}
-        sent = pack_record(arrays) if getattr(self, "pack_arrays", False) else arrays
-        return super().configure_evaluate(server_round, sent, ConfigRecord({**dict(config), **extra}), grid)
+        return super().configure_evaluate(server_round, self.outgoing_arrays(arrays),
+                                          ConfigRecord({**dict(config), **extra}), grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         # The weights this round's training used (the server's, never a claim); none before round 1.

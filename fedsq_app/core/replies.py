@@ -203,7 +203,8 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
-    aligned, cosines = remove_opposition(weighted, template) if direction_bound else (weighted, [None] * len(weighted))
+    aligned, cosines = (remove_opposition(weighted, template) if direction_bound
+                        else (weighted, [None] * len(weighted)))
     clipped, scales, bound = clip_updates(aligned, template, clip_multiplier)
     clamped, clamp_counts = clamp_bn_statistics(clipped, template) if clamp_bn else (clipped, [0] * len(clipped))
 

@@ -21,7 +21,6 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
 from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, MIN_REPLIES_FOR_MEDIAN, update_keys
 from fedsq_app.core.evaluation import ScreenedEvaluation
-from fedsq_app.core.packing import pack_record
 from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
 
@@ -39,10 +38,10 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
 
-    def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN, clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER,
-                 bn_clamp: bool = True, direction_bound: bool = True, weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
-                 trim_fraction: float = 0.2, pack_arrays: bool = False,
-                 **fedavg_kwargs) -> None:
+    def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN,
+                 clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, direction_bound: bool = True, bn_clamp: bool = True,
+                 weigh: WeightPolicy = equal_weights, aggregation: str = "mean", trim_fraction: float = 0.2,
+                 pack_arrays: bool = False, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
         self.min_valid_replies = min_valid_replies
@@ -73,8 +72,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                         grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays  # the template replies are checked against, and the fallback model
         config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
-        sent = pack_record(arrays) if self.pack_arrays else arrays
-        messages = list(super().configure_train(server_round, sent, config, grid))
+        messages = list(super().configure_train(server_round, self.outgoing_arrays(arrays), config, grid))
         if len(messages) < self.min_valid_replies:
             log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model "
                 "(a two-silo federation sets min-valid-replies=2: docs/RELIABILITY.md)", server_round, len(messages),
