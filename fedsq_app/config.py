@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsq_app.core.aggregation import AGGREGATIONS
-from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER
+from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND
 from fedsq_app.data.partitions import PARTITIONERS
 from fedsq_app.data.splits import parse_classes
 from fedsq_app.runtime.checkpoint import CHECKPOINT_FILE
@@ -30,6 +30,7 @@ REMOVED_KEYS = {
     "max-num-examples-ratio": "weights are the server's (partition sizes, silo-sizes, or equal), never a "
                               "clipped num-examples claim",
     "max-num-examples": "weights are the server's (partition sizes, silo-sizes, or equal), never a claim",
+    "direction-bound": "each silo's pull on the mean is bounded in every direction (influence-bound)",
 }
 
 
@@ -60,8 +61,8 @@ class RunConfig:
     # Reliability (docs/RELIABILITY.md).
     min_available_nodes: int = 2  # Flower waits (forever) until this many nodes are connected
     min_valid_replies: int = 3  # fewer valid replies: the round keeps the previous model; 2 = two-silo mode
-    clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER  # clip updates to k x the round's median update norm; 0 = off
-    direction_bound: bool = True  # remove each update's component against the round's median update
+    clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER  # two-silo rounds: clip updates to k x the median norm; 0 = off
+    influence_bound: float = DEFAULT_INFLUENCE_BOUND  # a silo's pull on the mean <= this x median update norm
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
     silo_sizes: str = ""  # deployment: JSON {registered key sha256 or name: size}, the silos' weights
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
@@ -132,6 +133,9 @@ class RunConfig:
         if self.clip_multiplier != 0 and self.clip_multiplier < 1:
             raise ConfigError(f"clip-multiplier must be 0 (off) or >= 1 (a multiple of the round's median update "
                               f"norm: below 1 it clips half the honest updates every round), got {self.clip_multiplier}")
+        if not 0 <= self.influence_bound <= 1:
+            raise ConfigError(f"influence-bound must be in [0, 1] (0 = off: a silo's largest pull on the mean, a "
+                              f"fraction of the round's median update norm), got {self.influence_bound}")
         _choice("aggregation", self.aggregation, tuple(AGGREGATIONS))
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")

@@ -45,7 +45,6 @@ def reply_record(outcome: ReplyOutcome, round_start: float) -> dict:
     created = outcome.created_at
     return {"node_id": outcome.node_id, "num_examples": outcome.num_examples, "weight": outcome.weight,
             "clip_scale": outcome.clip_scale, "bn_clamped": outcome.bn_clamped,
-            "opposed_cosine": outcome.opposed_cosine,
             "train_loss": outcome.train_loss, "accepted": outcome.accepted, "reason": outcome.reason or None,
             "reply_time_s": round(created - round_start, 3) if created else None}
 

@@ -53,4 +53,4 @@ def test_boosted_scales_the_nodes_own_update():
     hostile = [_reply(own)]
     boosted(30.0)(START, hostile, [])
     assert np.allclose(_update(message_arrays(hostile[0], START)), 30 * _update(own), rtol=1e-4)
-    assert math.isclose(UNDER_BOUND, 1.9)  # just inside the default clip-multiplier of 2
+    assert math.isclose(UNDER_BOUND, 1.9)  # just inside the default clip-multiplier of 2 (two-silo rounds)

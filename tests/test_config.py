@@ -53,6 +53,7 @@ def test_wrong_types_name_the_key():
     ({"min-train-nodes": 0}, "min-train-nodes"), ({"min-available-nodes": 0}, "min-available-nodes"),
     ({"min-valid-replies": 0}, "min-valid-replies"), ({"round-timeout": 0}, "round-timeout"),
     ({"clip-multiplier": 0.5}, "clip-multiplier"), ({"max-num-examples": -1}, "max-num-examples"),
+    ({"influence-bound": -0.1}, "influence-bound"), ({"influence-bound": 1.5}, "influence-bound"),
     ({"weight-decay": -0.1}, "weight-decay"), ({"seed": -1}, "seed"), ({"out-dir": ""}, "out-dir"),
 ])
 def test_out_of_range_values_name_the_key(mapping, key):

@@ -103,10 +103,10 @@ def test_duplicate_node_ids_never_crash_the_checks():
 def test_defaults_are_on_in_the_run_config():
     strategy = _defaults()
     assert strategy.clip_multiplier == 2.0 and strategy.min_valid_replies == 3 and strategy.aggregation == "mean"
-    assert strategy.direction_bound and strategy.bn_clamp
+    assert strategy.influence_bound == 0.3 and strategy.bn_clamp
     fedsq = FedSQ(structural_sha256="x")  # the classes' own defaults match the run config's
-    assert (fedsq.clip_multiplier, fedsq.min_valid_replies, fedsq.direction_bound) == (
-        strategy.clip_multiplier, strategy.min_valid_replies, strategy.direction_bound)
+    assert (fedsq.clip_multiplier, fedsq.min_valid_replies, fedsq.influence_bound) == (
+        strategy.clip_multiplier, strategy.min_valid_replies, strategy.influence_bound)
 
 
 # ------------------------------------------------------------------------------------ 2. robust options
@@ -116,7 +116,7 @@ def test_robust_aggregation_uses_flowers_maths_and_resists_one_attacker(method):
     honest = [_update(rng) for _ in range(9)]
     attacker = _scaled(_update(rng), -1000.0)  # within the magnitude bounds, far beyond any honest one
     replies = [_reply(a, n) for n, a in enumerate(honest + [attacker], start=1)]
-    config = RunConfig(strategy="fedsq", aggregation=method, clip_multiplier=0)
+    config = RunConfig(strategy="fedsq", aggregation=method, clip_multiplier=0, influence_bound=0)
     from fedsq_app.runtime.strategies import make_strategy
 
     strategy = make_strategy(config, structural_sha256="x")  # FedSQ: the robust average applies to Q
@@ -275,7 +275,7 @@ def test_results_record_every_reply(fedsq_cache, tmp_path):
 
     def tamper(node_id: int, reply: Message) -> Message:
         arrays = reply.content["arrays"]
-        if node_id == FIRST_NODE_ID + 1:  # boosted far beyond the others: clipped, not rejected
+        if node_id == FIRST_NODE_ID + 1:  # boosted far beyond the others: bounded, not rejected
             arrays["packed/float32"] = Array(arrays["packed/float32"].numpy() * np.float32(40.0))  # Q, packed
         reply.content["metrics"]["num-examples"] = 10**9  # every node claims far more than it holds
         return reply
@@ -293,7 +293,8 @@ def test_results_record_every_reply(fedsq_cache, tmp_path):
     sizes = partition_sizes(DataKey.of(RunConfig.from_mapping(config)), 3)
     assert [r["weight"] for r in replies] == list(sizes)  # the server's partition sizes, never the claim
     assert all(r["num_examples"] == 10**9 for r in replies)  # the claim is recorded, nothing more
-    assert replies[1]["clip_scale"] < 0.2 and replies[0]["clip_scale"] == replies[2]["clip_scale"] == 1.0
+    # Of three silos, an honest one may pull harder than the bound too (docs/RELIABILITY.md), never as hard.
+    assert replies[1]["clip_scale"] < 0.2 and min(replies[0]["clip_scale"], replies[2]["clip_scale"]) > 0.5
     assert first["clip_bound"] > 0
     assert all(r["train_loss"] > 0 for r in replies)
     assert all(0 <= r["reply_time_s"] <= time.time() - started for r in replies)

@@ -1,7 +1,8 @@
 """The trust model (docs/RELIABILITY.md): what the server never takes on a silo's word.
 
-Weights are the server's; arrays are checked on what they decode to; each update's influence is bounded
-(norm clipping, BN statistics clamp); a round below min-valid-replies keeps the model. The property-based
+Weights are the server's; arrays are checked on what they decode to; each silo's influence is bounded
+(its pull on the mean, norm clipping in two-silo rounds, BN statistics clamp); a round below
+min-valid-replies keeps the model. The property-based
 test at the end throws thousands of forged replies at ``aggregate_train``.
 """
 
@@ -18,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.core.defenses import (OPPOSITION_COSINE, clamp_bn_statistics, clip_updates, remove_opposition,
-                                    update_norm)
+from fedsq_app.core.defenses import (DEFAULT_INFLUENCE_BOUND, bound_influence, clamp_bn_statistics, clip_updates,
+                                    median_update, update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays, pack, pack_record
 from fedsq_app.core.replies import CheckedReply, screen_replies
 from fedsq_app.core.strategy import ValidatedFedAvg
@@ -133,16 +134,27 @@ def test_a_claim_changes_neither_the_weight_nor_any_bound():
 
 
 # ------------------------------------------------------------------------------------------ influence
-def test_an_inflated_update_is_clipped_to_twice_the_median_norm():
+def _pull(reply: CheckedReply, center: dict, share: float) -> float:
+    """A reply's pull on the weighted mean: its weight share x its update's distance from ``center``."""
+    return share * np.sqrt(sum(float(np.sum((reply.arrays[k].astype(np.float64) - GLOBAL[k] - center[k]) ** 2))
+                               for k in PARAMS))
+
+
+def test_an_inflated_updates_pull_is_bounded_and_honest_ones_are_left_as_sent():
     rng = np.random.default_rng(1)
     honest = [_honest(rng) for _ in range(5)]
     attacker = _with_update(_honest(rng), -50.0)  # reversed, 50x the honest length
+    replies = [CheckedReply(n, a, 1, {}) for n, a in enumerate(honest + [attacker], start=1)]
     _, _, checked = _aggregate([_reply(a, n) for n, a in enumerate(honest + [attacker], start=1)])
     assert checked.rejected == []
     outcome = {o.node_id: o for o in checked.outcomes}
     assert outcome[6].clip_scale < 0.05 and all(outcome[n].clip_scale == 1.0 for n in range(1, 6))
+    median_norm = sorted(update_norm(r, GLOBAL) for r in replies)[2]
+    assert checked.clip_bound == pytest.approx(DEFAULT_INFLUENCE_BOUND * median_norm)
+    center = median_update(replies, GLOBAL, update_keys(GLOBAL))
     accepted = {r.node_id: r for r in checked.accepted}
-    assert update_norm(accepted[6], GLOBAL) == pytest.approx(checked.clip_bound, rel=1e-5)
+    assert _pull(accepted[6], center, 1 / 6) == pytest.approx(checked.clip_bound, rel=1e-5)
+    assert all(np.array_equal(accepted[n].arrays[k], honest[n - 1][k]) for n in range(1, 6) for k in PARAMS)
 
 
 @pytest.mark.parametrize("attack", ["inflated", "flip at honest length", "flip inflated"])
@@ -158,39 +170,33 @@ def test_damage_is_bounded_by_the_defaults(attack):
             bad = [_with_update(mean_update, factor) for _ in range(attackers)]
             damage = _damage(honest, bad)
             assert damage <= limit, (seed, attackers, damage)
-            undefended = _damage(honest, bad, clip_multiplier=0.0)
+            undefended = _damage(honest, bad, clip_multiplier=0.0, influence_bound=0.0)
             if abs(factor) > 1:
                 assert undefended > 2 * limit  # the bound, not the attack, keeps D small
 
 
-def test_a_reversed_update_keeps_only_its_part_across_the_median_update():
-    """Under the length bound, a reversed update loses its component against the round's median update
-    beyond the tolerated cosine;
-    honest updates that agree with it are untouched, and the damage stays far below a length-only bound's."""
-    rng = np.random.default_rng(8)
-    honest = [_honest(rng) for _ in range(5)]
+def test_silos_holding_half_the_data_cannot_buy_influence_with_their_weight():
+    """Two reversed Sybils with 47 % of the server's weight: the influence bound keeps D <= 1.0 (each pulls
+    at most 0.3 x the median norm); a length bound alone (norm clip, even with no weight factor) does not."""
+    rng = np.random.default_rng(10)
+    honest = [_honest(rng) for _ in range(4)]
     mean_update = {k: (np.mean([a[k] for a in honest], axis=0).astype(v.dtype) if v.dtype.kind == "f" else v)
                    for k, v in GLOBAL.items()}
-    reversed_ = _with_update(mean_update, -2.0)  # inside the default 2.5x length bound
-    replies = [CheckedReply(n, a, 1, {}) for n, a in enumerate(honest + [reversed_], start=1)]
-    aligned, cosines = remove_opposition(replies, GLOBAL)
-    assert cosines[:5] == [None] * 5 and all(aligned[i] is replies[i] for i in range(5))
-    assert cosines[5] < -0.9
-    median = {k: np.median([r.arrays[k] for r in replies], axis=0) - GLOBAL[k] for k in PARAMS}
-    kept = {k: aligned[5].arrays[k].astype(np.float64) - GLOBAL[k] for k in PARAMS}
-    cosine = sum(float(np.sum(kept[k] * median[k])) for k in PARAMS) / np.sqrt(
-        sum(float(np.sum(kept[k] ** 2)) for k in PARAMS) * sum(float(np.sum(median[k] ** 2)) for k in PARAMS))
-    assert cosine == pytest.approx(-OPPOSITION_COSINE, abs=1e-4)  # cut back to the tolerated opposition
-    assert _damage(honest, [reversed_]) < 0.5 * _damage(honest, [reversed_], direction_bound=False)
-    _, _, checked = _aggregate([_reply(a, n) for n, a in enumerate(honest + [reversed_], start=1)])
-    assert {o.node_id: o.opposed_cosine for o in checked.outcomes}[6] < -0.9
+    bad = [_with_update(mean_update, -30.0) for _ in range(2)]
+    sizes = {1: 100, 2: 100, 3: 100, 4: 100, 5: 180, 6: 180}
+
+    def weigh(replies):
+        return [sizes[r.node_id] for r in replies]
+
+    assert _damage(honest, bad, weigh=weigh) <= 1.0
+    assert _damage(honest, bad, weigh=weigh, influence_bound=0.0) > 1.5
 
 
-def test_the_direction_bound_needs_a_median_of_three():
+def test_the_influence_bound_needs_a_median_of_three():
     rng = np.random.default_rng(9)
-    replies = [CheckedReply(1, _honest(rng), 1, {}), CheckedReply(2, _with_update(_honest(rng), -1.0), 1, {})]
-    aligned, cosines = remove_opposition(replies, GLOBAL)
-    assert cosines == [None, None] and aligned == replies  # the median of two is their mean: either moves it
+    replies = [CheckedReply(1, _honest(rng), 1, {}), CheckedReply(2, _with_update(_honest(rng), -100.0), 1, {})]
+    bounded, scales, limit = bound_influence(replies, GLOBAL, DEFAULT_INFLUENCE_BOUND)
+    assert bounded == replies and scales == [1.0, 1.0] and limit is None  # two-silo rounds: the norm clip
 
 
 def test_bn_statistics_cannot_leave_the_other_replies_range():
@@ -215,9 +221,11 @@ def test_a_bn_running_variance_of_zero_is_rejected():
     assert [n for n, _ in checked.rejected] == [1] and "<= 0" in checked.rejected[0][1]
 
 
-def test_clamp_and_clip_leave_honest_lookalikes_alone():
+def test_clamp_and_bounds_leave_honest_lookalikes_alone():
     rng = np.random.default_rng(4)
     replies = [CheckedReply(n, _honest(rng), 1, {}) for n in range(6)]
+    bounded, scales, limit = bound_influence(replies, GLOBAL, DEFAULT_INFLUENCE_BOUND)
+    assert scales == [1.0] * 6 and limit > 0 and all(b is r for b, r in zip(bounded, replies))
     clipped, scales, bound = clip_updates(replies, GLOBAL, 2.0)
     assert scales == [1.0] * 6 and bound > 0
     _, counts = clamp_bn_statistics(clipped, GLOBAL)
@@ -273,7 +281,7 @@ def test_a_simulation_with_fewer_nodes_than_min_valid_replies_is_refused(fedsq_c
 
 
 def test_removed_keys_fail_with_their_replacement():
-    for key in ("max-update-norm-ratio", "max-num-examples-ratio", "max-num-examples"):
+    for key in ("max-update-norm-ratio", "max-num-examples-ratio", "max-num-examples", "direction-bound"):
         with pytest.raises(ConfigError, match=f"'{key}' is gone"):
             RunConfig.from_mapping({key: 5})
     with pytest.raises(ConfigError, match="clip-multiplier"):

@@ -3,25 +3,25 @@
 Rejecting outliers alone lets an attacker choose any update just inside the bound, in any direction.
 Here every update's influence is bounded instead, whatever its direction:
 
-- **Centered norm clipping** (Sun et al. 2019, "Can you really backdoor FL?"): each update
-  Δ_k = x_k − x_t on the trainable parameters is scaled to at most τ_k = τ · max(1, w_k / median w)^¼,
-  τ = ``clip-multiplier`` × the round's median ‖Δ‖ and w the server's weights (a larger silo takes more
-  local steps). The median of the norms is the round's exact 50 % quantile (Andrew et al. 2021 estimate a
-  quantile privately across rounds because a DP server must not see the norms; this server sees them).
-  A minority cannot move the median out of the honest range, so one reply of n shifts the weighted mean by
-  at most its weight share × (τ_k + ‖honest mean‖), pointing anywhere.
-- **Direction bound**: each update's component *against* the round's coordinate-wise median update
-  (Yin et al. 2018: a minority cannot move a coordinate's median out of the honest range) is removed;
-  what points along it or across it is kept. A reversed update (undoing the honest step at any length)
-  is left with only its part orthogonal to the consensus, so the length bound above need not be tight,
-  and honest silos with long updates (one-class data, many local steps) are rarely clipped.
+- **Influence bound** (from 3 replies): a silo's pull on the weighted mean is its weight share times its
+  update's distance from the round's coordinate-wise median update c (Yin et al. 2018: a minority cannot
+  move a coordinate's median out of the honest range). Each pull, w_k / W × ‖Δ_k − c‖, is scaled to at
+  most β × the round's median ‖Δ‖ (β = ``influence-bound``): Δ_k ← c + s_k (Δ_k − c), centred clipping
+  (Karimireddy et al. 2021) per unit of weight. If no honest update is bounded, the mean is
+  h + Σ_hostile w_k / W (c + s_k (Δ_k − c) − h) with h the honest mean: f hostile silos move it by at most
+  f β × the median norm plus their weight share × ‖c − h‖, in any direction, however much data they hold.
+  An honest update whose pull is within β is used bit for bit as sent.
+- **Norm clipping** (Sun et al. 2019, "Can you really backdoor FL?"): the bound of rounds with fewer than
+  3 replies (two-silo mode, where no median exists), and of every round when the influence bound is off.
+  Each update Δ_k = x_k − x_t is scaled to at most τ_k = τ · max(1, w_k / median w)^¼, τ =
+  ``clip-multiplier`` × the round's lower median ‖Δ‖ (of two replies, the smaller).
 - **BN running statistics clamp**: each coordinate of each reply's ``running_mean`` / ``running_var`` is
   clamped into the range the other replies span (the 2nd smallest to the 2nd largest value), so one silo
   cannot move them beyond the honest spread.
 
-Pure functions of checked replies (objects with ``arrays`` and ``num_examples``) and the global model's
-arrays. Below 3 replies a median cannot tell which reply is the outlier: the two-silo mode then clips to
-``clip-multiplier`` × the *smaller* norm and leaves BN statistics as sent (docs/RELIABILITY.md).
+Updates are measured on the trainable parameters (``update_keys``); the weights w_k are the server's own
+(``core/weights.py``), never a claim. Pure functions of checked replies (objects with ``arrays`` and
+``num_examples``) and the global model's arrays (docs/RELIABILITY.md, "Trust model").
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ import numpy as np
 BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 BN_STATISTICS = ("running_mean", "running_var")
 MIN_REPLIES_FOR_MEDIAN = 3
-# τ = this × the round's median update norm. With the direction bound a reversed update loses its harmful
-# part, so the length bound can let honest one-class silos' long updates through (docs/RELIABILITY.md).
+# τ = this × the round's median update norm: the length bound of two-silo rounds (docs/RELIABILITY.md).
 DEFAULT_CLIP_MULTIPLIER = 2.0
-# An update may point against the round's median update down to this cosine: honest updates of one-class
-# silos sometimes do, mildly (17 of 1,500 below -0.2 at α = 0.05); a reversed one is cut back to it.
-OPPOSITION_COSINE = 0.2
-# A silo's influence is its weight share times its update: the exponent trades the honest large silos'
-# longer updates (about sqrt of their size ratio, measured) against what an attacker holding a large silo
-# gains. 0.25 keeps D <= 0.5 for one attacker of six (0.5 does not): docs/RELIABILITY.md.
+# β: a silo may pull the round's mean at most this × the round's median update norm away from the median
+# update. Two hostile silos then move it by at most 2β plus their share of the median's own shift: D <= 1.0
+# with two of six holding 47 % of the data needs β <= 0.3; honest silos of a 20-silo α = 0.05 federation
+# rarely pull harder (docs/RELIABILITY.md).
+DEFAULT_INFLUENCE_BOUND = 0.3
+# The norm clip widens with a silo's weight: the exponent trades the honest large silos' longer updates
+# (about sqrt of their size ratio, measured) against what an attacker holding a large silo gains.
 WEIGHT_EXPONENT = 0.25
 
 
@@ -123,41 +123,32 @@ def with_update(reply, template: dict[str, np.ndarray], updates: dict[str, np.nd
 
 
 def median_update(replies: list, template: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
-    """The coordinate-wise median of the replies' updates x_k − x_t over ``keys`` (float32, key by key)."""
-    return {key: np.median(np.stack([reply.arrays[key].astype(np.float32) for reply in replies]), axis=0)
-            - template[key].astype(np.float32) for key in keys}
+    """The coordinate-wise median of the replies' updates x_k − x_t over ``keys`` (float64, key by key)."""
+    return {key: np.median(np.stack([reply.arrays[key].astype(np.float64) for reply in replies]), axis=0)
+            - template[key].astype(np.float64) for key in keys}
 
 
-def remove_opposition(replies: list, template: dict[str, np.ndarray]) -> tuple[list, list[float | None]]:
-    """(replies whose update points against the round's median update by more than ``OPPOSITION_COSINE``
-    with its component along that median raised until the cosine is −``OPPOSITION_COSINE`` (a purely
-    reversed update keeps nothing along it), each update's cosine with the median where negative, else None).
-    From 3 replies (a median of two is their mean, which either can move); below, unchanged. Only
-    ``update_keys`` change."""
+def bound_influence(replies: list, template: dict[str, np.ndarray],
+                    bound: float) -> tuple[list, list[float], float | None]:
+    """(replies whose pull w_k / W × ‖Δ_k − c‖ is scaled to at most the round's limit, each reply's scale
+    of Δ_k − c, the limit: ``bound`` × the lower median ‖Δ‖), c the coordinate-wise median update and w the
+    server's weights (``num_examples``). From 3 replies; below, or with ``bound`` 0: unchanged, limit None.
+    Only ``update_keys`` change; a reply within the limit is returned as sent."""
     keys = update_keys(template)
-    if len(replies) < MIN_REPLIES_FOR_MEDIAN or not keys:
-        return list(replies), [None] * len(replies)
-    reference = median_update(replies, template, keys)
-    reference_norm = math.sqrt(sum(float(np.sum(reference[k].astype(np.float64) ** 2)) for k in keys))
-    if reference_norm == 0:
-        return list(replies), [None] * len(replies)
-    result, cosines = [], []
+    if bound <= 0 or len(replies) < MIN_REPLIES_FOR_MEDIAN or not keys:
+        return list(replies), [1.0] * len(replies), None
+    limit = bound * lower_median([update_norm(reply, template, keys) for reply in replies])
+    total = float(sum(reply.num_examples for reply in replies))
+    center = median_update(replies, template, keys)
+    result, scales = [], []
     for reply in replies:
-        deltas = {k: reply.arrays[k].astype(np.float64) - template[k].astype(np.float64) for k in keys}
-        dot = sum(float(np.sum(deltas[k] * reference[k])) for k in keys)
-        norm = math.sqrt(sum(float(np.sum(d ** 2)) for d in deltas.values()))
-        cosine = dot / (norm * reference_norm) if norm > 0 else 0.0
-        cosines.append(cosine if cosine < 0 else None)
-        if cosine >= -OPPOSITION_COSINE:
-            result.append(reply)
-            continue
-        # along = <Δ, û>, across = |Δ − along·û|: the least along with cosine >= −c is −c/√(1−c²)·across.
-        along = dot / reference_norm
-        across = math.sqrt(max(norm ** 2 - along ** 2, 0.0))
-        floor = -OPPOSITION_COSINE / math.sqrt(1 - OPPOSITION_COSINE ** 2) * across
-        shift = (floor - along) / reference_norm  # added along the (unnormalised) median update
-        result.append(with_update(reply, template, {k: deltas[k] + shift * reference[k] for k in keys}))
-    return result, cosines
+        deviation = {k: reply.arrays[k].astype(np.float64) - template[k] - center[k] for k in keys}
+        pull = reply.num_examples / total * math.sqrt(sum(float(np.sum(d ** 2)) for d in deviation.values()))
+        scale = 1.0 if pull <= limit else limit / pull
+        scales.append(scale)
+        result.append(reply if scale == 1.0 else
+                      with_update(reply, template, {k: center[k] + scale * deviation[k] for k in keys}))
+    return result, scales, limit
 
 
 def clamp_bn_statistics(replies: list, template: dict[str, np.ndarray]) -> tuple[list, list[int]]:

@@ -16,7 +16,8 @@ from typing import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, clamp_bn_statistics, clip_updates, remove_opposition
+from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN,
+                                     bound_influence, clamp_bn_statistics, clip_updates)
 from fedsq_app.core.packing import decode_arrays
 from fedsq_app.core.wire import NUM_EXAMPLES, TRAIN_LOSS
 
@@ -60,9 +61,9 @@ class ReplyOutcome:
     weight: int | None = None  # the server's weight for this node; None if rejected
     train_loss: float | None = None
     created_at: float | None = None  # when the node created the reply (its clock), seconds since the epoch
-    clip_scale: float | None = None  # its update was scaled by this (< 1: norm-clipped); None if rejected
+    # Its update (influence bound: its distance from the median update) was scaled by this; < 1: bounded.
+    clip_scale: float | None = None  # None if rejected
     bn_clamped: int | None = None  # BN statistics coordinates clamped into the other replies' range
-    opposed_cosine: float | None = None  # its update's cosine with the round's median update, where negative
 
 
 @dataclass
@@ -70,7 +71,9 @@ class RoundReplies:
     accepted: list[CheckedReply] = field(default_factory=list)  # server weights, clipped updates
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (node id, reason)
     outcomes: list[ReplyOutcome] = field(default_factory=list)  # one per reply, in arrival order
-    clip_bound: float | None = None  # the round's update-norm bound (None: clipping off or no replies)
+    # The round's bound: the limit on each silo's pull (influence bound) or on each update's norm (norm
+    # clip); None: off or no replies.
+    clip_bound: float | None = None
 
 
 def magnitude_bounds(template: dict[str, np.ndarray]) -> dict[str, float]:
@@ -171,11 +174,12 @@ def equal_weights(replies: list[CheckedReply]) -> list[int | str]:
 
 def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], *,
                    weigh: WeightPolicy = equal_weights, clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER,
-                   check_magnitudes: bool = True, clamp_bn: bool = True,
-                   direction_bound: bool = True) -> RoundReplies:
+                   influence_bound: float = DEFAULT_INFLUENCE_BOUND, check_magnitudes: bool = True,
+                   clamp_bn: bool = True) -> RoundReplies:
     """All server-side checks of one round's training replies (pure, never raises): validation of what
-    decodes, one reply per node, the server's weights, then the influence bounds (update-norm clipping and
-    the direction bound, the BN statistics clamp, ``fedsq_app.core.defenses``).
+    decodes, one reply per node, the server's weights, then the influence bounds (``fedsq_app.core.defenses``:
+    from 3 replies each silo's pull bounded by ``influence_bound``, else each update norm-clipped by
+    ``clip_multiplier``; the BN statistics clamp).
 
     Accepted replies come back sorted by node id, so nothing depends on the order in which replies
     happened to arrive. Replies are tracked by index, never by equality.
@@ -203,9 +207,10 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
-    aligned, cosines = (remove_opposition(weighted, template) if direction_bound
-                        else (weighted, [None] * len(weighted)))
-    clipped, scales, bound = clip_updates(aligned, template, clip_multiplier)
+    if influence_bound > 0 and len(weighted) >= MIN_REPLIES_FOR_MEDIAN:
+        clipped, scales, bound = bound_influence(weighted, template, influence_bound)
+    else:
+        clipped, scales, bound = clip_updates(weighted, template, clip_multiplier)
     clamped, clamp_counts = clamp_bn_statistics(clipped, template) if clamp_bn else (clipped, [0] * len(clipped))
 
     result = RoundReplies(accepted=clamped, clip_bound=bound)
@@ -221,13 +226,12 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             num_examples=reply.claimed if reply else None, weight=weights.get(i),
             train_loss=reply.metrics.get(TRAIN_LOSS) if reply else None, created_at=_created_at(message),
             clip_scale=scales[p] if p is not None else None,
-            bn_clamped=clamp_counts[p] if p is not None else None,
-            opposed_cosine=cosines[p] if p is not None else None))
+            bn_clamped=clamp_counts[p] if p is not None else None))
     return result
 
 
 def split_replies(replies: Iterable[Message], expected: ArraySpecs) -> RoundReplies:
     """Validation alone (equal weights; no magnitude bounds, clipping or clamp)."""
     template = {key: np.zeros(shape, dtype=dtype) for key, (shape, dtype) in expected.items()}
-    return screen_replies(replies, template, clip_multiplier=0.0, check_magnitudes=False, clamp_bn=False,
-                          direction_bound=False)
+    return screen_replies(replies, template, clip_multiplier=0.0, influence_bound=0.0, check_magnitudes=False,
+                          clamp_bn=False)

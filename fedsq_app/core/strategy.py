@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
-from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, MIN_REPLIES_FOR_MEDIAN, update_keys
+from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN, update_keys
 from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
@@ -30,16 +30,18 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
 
     Used as is for the FedAvg baseline. The trust model (docs/RELIABILITY.md): replies are checked on what
     they decode to; each node's weight is the server's (``weigh``, a ``fedsq_app.core.weights`` policy;
-    default: equal weights, never the claimed ``num-examples``); each update is norm-clipped to
-    ``clip_multiplier`` x the round's median norm after losing any component against the round's median
-    update (``direction_bound``), and BN statistics are clamped into the other replies'
+    default: equal weights, never the claimed ``num-examples``); each silo's pull on the mean, its weight
+    share x its update's distance from the round's median update, is bounded by ``influence_bound`` x the
+    round's median update norm (below 3 replies, or with it 0: each update is norm-clipped to
+    ``clip_multiplier`` x that median), and BN statistics are clamped into the other replies'
     range; a round with fewer than ``min_valid_replies`` valid replies keeps the previous model.
     ``aggregation`` 'median' or 'trimmed-mean' replaces the weighted mean by a coordinate-wise robust one.
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
 
     def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN,
-                 clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, direction_bound: bool = True, bn_clamp: bool = True,
+                 clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, influence_bound: float = DEFAULT_INFLUENCE_BOUND,
+                 bn_clamp: bool = True,
                  weigh: WeightPolicy = equal_weights, aggregation: str = "mean", trim_fraction: float = 0.2,
                  pack_arrays: bool = False, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
@@ -47,7 +49,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.min_valid_replies = min_valid_replies
         self.clip_multiplier = clip_multiplier
         self.bn_clamp = bn_clamp
-        self.direction_bound = direction_bound
+        self.influence_bound = influence_bound
         self.weigh = weigh
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
@@ -84,14 +86,14 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         assert self.current_arrays is not None, "configure_train must run before aggregate_train"
         template = {k: a.numpy() for k, a in self.current_arrays.items()}
         checked = screen_replies(list(replies), template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
-                                 clamp_bn=self.bn_clamp, direction_bound=self.direction_bound)
+                                 influence_bound=self.influence_bound, clamp_bn=self.bn_clamp)
         self.round_replies[server_round] = checked
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:
             log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
         clipped = [o for o in checked.outcomes if o.accepted and o.clip_scale is not None and o.clip_scale < 1]
         for outcome in clipped:
-            log(INFO, "\t> node %s: update norm-clipped to %.4g (scaled by %.3g)", outcome.node_id,
+            log(INFO, "\t> node %s: update bounded to %.4g (scaled by %.3g)", outcome.node_id,
                 checked.clip_bound, outcome.clip_scale)
         if len(checked.accepted) < self.min_valid_replies:
             log(WARNING, "round %d: %d valid replies < min-valid-replies %d: keeping the previous global model "

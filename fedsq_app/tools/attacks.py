@@ -104,11 +104,12 @@ def forged(start, hostile, honest):
         reply.content[wire.METRICS][wire.TRAIN_LOSS] = 1e308 if i % 2 == 0 else -1e308
 
 
-UNDER_BOUND = RunConfig().clip_multiplier - 0.1  # just inside the default clip bound
+UNDER_BOUND = RunConfig().clip_multiplier - 0.1  # just inside the norm clip (two-silo rounds, or bound off)
 # name -> (attack, hostile node count, nodes in the federation: None = --clients, honest replies dropped)
 ATTACKS: dict[str, tuple[Attack, int, int | None, int]] = {
     "inflated num-examples (1 of 6)": (inflated_claim, 1, None, 0),
     "boosted x30 (1 of 6)": (boosted(30.0), 1, None, 0),
+    "reversed at 1x honest norm (1 of 6)": (against_honest(1.0), 1, None, 0),
     f"reversed at {UNDER_BOUND}x honest norm (1 of 6)": (against_honest(UNDER_BOUND), 1, None, 0),
     f"orthogonal at {UNDER_BOUND}x honest norm (1 of 6)": (across_honest(UNDER_BOUND), 1, None, 0),
     "reversed x30, Sybils (2 of 6)": (against_honest(None, 30.0), 2, None, 0),

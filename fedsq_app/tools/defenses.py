@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from fedsq_app import server_app
 from fedsq_app.config import RunConfig
-from fedsq_app.core.defenses import OPPOSITION_COSINE, distance
+from fedsq_app.core.defenses import distance
 from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.data.sources import DataError
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
@@ -47,16 +47,15 @@ from fedsq_app.task import build_start_model, global_arrays, trainable_model
 from fedsq_app.tools.attacks import ATTACKS, Attack, message_arrays
 from fedsq_app.tools.bench.stats import paired_test
 
-NONE = {"clip-multiplier": 0.0, "direction-bound": False, "bn-clamp": False, "min-valid-replies": 1}
+NONE = {"clip-multiplier": 0.0, "influence-bound": 0.0, "bn-clamp": False, "min-valid-replies": 1}
 DEFENSES = {  # name -> run-config keys on top of the run's
     "none": NONE,
     "defaults": {},
     "median": {"aggregation": "median"},
     "trimmed-mean": {"aggregation": "trimmed-mean"},
     # The cost experiment's split of the defaults into their parts.
-    "clip only": {"bn-clamp": False, "direction-bound": False},
-    "direction only": {"clip-multiplier": 0.0, "bn-clamp": False},
-    "BN clamp only": {"clip-multiplier": 0.0, "direction-bound": False},
+    "influence bound only": {"bn-clamp": False},
+    "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0},
 }
 TWO_SILO = {"min-valid-replies": 2}
 # S for the cost experiment, pretrained on train[:6000]; the federation reads train[9000:] (docs/RELIABILITY.md).
@@ -136,8 +135,6 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
             "honest_rejected": sum(not r["accepted"] for r in honest), "honest_replies": len(honest),
             "honest_clipped": sum(1 for r in honest if r["accepted"] and (r["clip_scale"] or 1) < 1),
             "honest_bn_clamped": sum(1 for r in honest if r["accepted"] and r["bn_clamped"]),
-            "honest_direction_cut": sum(1 for r in honest if r["accepted"] and (r.get("opposed_cosine") or 0)
-                                        < -OPPOSITION_COSINE),
             "honest_weight_changed": sum(1 for r in honest if r["accepted"] and r["weight"] != r["num_examples"]),
             "hostile_rejected": sum(not r["accepted"] for r in hostile), "hostile_replies": len(hostile),
             "hostile_clipped": sum(1 for r in hostile if r["accepted"] and (r["clip_scale"] or 1) < 1)}
@@ -229,14 +226,12 @@ def markdown(report: dict) -> str:
                         f"{_count(cells, 'honest_rejected', 'honest_replies')} | "
                         f"{_count(cells, 'honest_weight_changed', 'honest_replies')} | "
                         f"{_count(cells, 'honest_clipped', 'honest_replies')} | "
-                        f"{_count(cells, 'honest_direction_cut', 'honest_replies')} | "
                         f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |")
             costs.append(f"Honest cost, {arm} − none (paired over {paired['n']} seeds, pp): {_ci(paired)}")
         return "\n".join([head, "", "| defenses | BVA (%) | honest replies rejected | honest weights changed | "
-                          "honest updates norm-clipped | honest updates cut by the direction bound | "
-                          "honest replies with BN coordinates clamped |",
-                          "|---|---|---|---|---|---|---|", *rows,
-                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – | – |", "", *costs, "",
+                          "honest updates bounded (influence or norm) | honest replies with BN coordinates clamped |",
+                          "|---|---|---|---|---|---|", *rows,
+                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – |", "", *costs, "",
                           f"Seeds the partitioner could not split (skipped): {sorted(report['unsplittable']) or 'none'}",
                           ""])
     lines = [head, "", "D = ‖aggregate − honest-only aggregate‖ / median honest update norm, per round (mean over "
