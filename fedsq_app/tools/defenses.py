@@ -45,6 +45,7 @@ from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.weighting import weight_policy
 from fedsq_app.task import build_start_model, global_arrays, trainable_model
 from fedsq_app.tools.attacks import ATTACKS, Attack, message_arrays
+from fedsq_app.tools.bench.cli import parse_set
 from fedsq_app.tools.bench.stats import paired_test
 
 NONE = {"clip-multiplier": 0.0, "influence-bound": 0.0, "bn-clamp": False, "min-valid-replies": 1}
@@ -149,7 +150,7 @@ def base_config(args: argparse.Namespace, out: Path) -> dict:
         config["pretrained"] = args.pretrained
     if args.train_split:
         config["train-split"] = args.train_split
-    return config
+    return {**config, **parse_set(args.set)}
 
 
 def run_attacks(args: argparse.Namespace, out: Path) -> dict:
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="attacks: only those whose name contains one of these (a,b)")
     parser.add_argument("--arms", default="defaults,none", help=f"cost: paired with 'none' ({', '.join(DEFENSES)})")
     parser.add_argument("--train-split", default="", help="run-config train-split: rows the backbone never saw")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config key for every arm, under the arm's own keys (influence-bound=0.35 "
+                             "changes the defaults, not 'none')")
     args = parser.parse_args(argv)
     defaults = {"attacks": dict(out="outputs/defenses", seeds="0,1,2", rounds=4, clients=6, dataset="embedded",
                                 alpha=0.3, max_train_samples=1200),
