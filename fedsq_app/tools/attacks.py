@@ -62,7 +62,7 @@ def against_honest(length: float | None, factor: float | None = None) -> Attack:
 
 def across_honest(length: float) -> Attack:
     """Omniscient: start + a random direction orthogonal to the honest mean update, at ``length`` x the
-    median honest norm: what the direction bound keeps, at the longest update the norm clip keeps."""
+    median honest norm: a direction no reference update can tell from an honest one."""
     def attack(start, hostile, honest):
         keys = update_keys(start)
         mean = _honest_mean_update(honest, start, keys)
