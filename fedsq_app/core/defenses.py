@@ -137,8 +137,10 @@ def bound_influence(replies: list, template: dict[str, np.ndarray],
     keys = update_keys(template)
     if bound <= 0 or len(replies) < MIN_REPLIES_FOR_MEDIAN or not keys:
         return list(replies), [1.0] * len(replies), None
-    limit = bound * lower_median([update_norm(reply, template, keys) for reply in replies])
     total = float(sum(reply.num_examples for reply in replies))
+    if total <= 0:  # no weight to share: nothing to bound (the server's policies give positive weights)
+        return list(replies), [1.0] * len(replies), None
+    limit = bound * lower_median([update_norm(reply, template, keys) for reply in replies])
     center = median_update(replies, template, keys)
     result, scales = [], []
     for reply in replies:
