@@ -16,8 +16,8 @@ from typing import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN,
-                                     bound_influence, clamp_bn_statistics, clip_updates)
+from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, bound_influence,
+                                     clamp_bn_statistics, clip_updates)
 from fedsq_app.core.packing import decode_arrays
 from fedsq_app.core.wire import NUM_EXAMPLES, TRAIN_LOSS
 
@@ -207,9 +207,8 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
-    if influence_bound > 0 and len(weighted) >= MIN_REPLIES_FOR_MEDIAN:
-        clipped, scales, bound = bound_influence(weighted, template, influence_bound)
-    else:
+    clipped, scales, bound = bound_influence(weighted, template, influence_bound)
+    if bound is None:  # the influence bound is off, or fewer than 3 replies: the norm clip
         clipped, scales, bound = clip_updates(weighted, template, clip_multiplier)
     clamped, clamp_counts = clamp_bn_statistics(clipped, template) if clamp_bn else (clipped, [0] * len(clipped))
 

@@ -19,7 +19,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
-from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN, update_keys
+from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN,
+                                     update_keys)
 from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
@@ -41,9 +42,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
 
     def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN,
                  clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, influence_bound: float = DEFAULT_INFLUENCE_BOUND,
-                 bn_clamp: bool = True,
-                 weigh: WeightPolicy = equal_weights, aggregation: str = "mean", trim_fraction: float = 0.2,
-                 pack_arrays: bool = False, **fedavg_kwargs) -> None:
+                 bn_clamp: bool = True, weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
+                 trim_fraction: float = 0.2, pack_arrays: bool = False, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
         self.min_valid_replies = min_valid_replies
