@@ -14,6 +14,9 @@
   sends S's hash with every round so that nodes refuse to train under another S (``check_structural``,
   ``StructuralMismatchError``).
 
+- ``load_trained(run_dir)``: a finished run's best model (the DualCopy for FedSQ), in eval mode, with the
+  preprocessing its inputs need; S is rebuilt from the recorded backbone and checked against the run's hash.
+
 These names are the public surface; every other module and name in the package is internal to the app.
 Importing this package is light: the names load (torch, flwr) on first use.
 """
@@ -30,6 +33,9 @@ _EXPORTS = {
     "check_structural": "fedsq_app.core.dualcopy",
     "travelling_module": "fedsq_app.core.dualcopy",
     "FedSQ": "fedsq_app.core.strategy",
+    "load_trained": "fedsq_app.trained",
+    "Trained": "fedsq_app.trained",
+    "TrainedModelError": "fedsq_app.trained",
 }
 __all__ = sorted(_EXPORTS)
 

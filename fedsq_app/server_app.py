@@ -25,6 +25,7 @@ from fedsq_app.data.partitions import (DataKey, DatasetInfo, dataset_info, parti
 from fedsq_app.data.tensors import TensorData
 from fedsq_app.runtime.checkpoint import (RunState, capture_rng, load_run_state, restore_rng, save_run_state,
                                           seed_everything)
+from fedsq_app.runtime.delivery import deliver_final_model, nodes_that_asked
 from fedsq_app.runtime.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.runtime.models import save_checkpoint
 from fedsq_app.runtime.strategies import make_strategy
@@ -33,7 +34,8 @@ from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, vali
 from fedsq_app.runtime.waiting import send_and_receive
 from fedsq_app.runtime.warmup import switch_to_structural
 from fedsq_app.runtime.weighting import check_federation, weight_policy
-from fedsq_app.task import StartModel, build_start_model, global_arrays, load_global_arrays, trainable_model
+from fedsq_app.task import (StartModel, build_start_model, global_arrays, load_global_arrays, model_metadata,
+                            trainable_model)
 from fedsq_app.util import ConfigError, write_atomic
 
 app = ServerApp()
@@ -170,7 +172,7 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "no new best validation accuracy for %d rounds: stopping after round %d",
                 run.config.patience, server_round)
             break
-    finish(run, run_start)
+    finish(run, run_start, grid)
 
 
 NO_BEST = -1.0  # best_acc before any round had a validation accuracy (nodes' mode, no valid reply yet)
@@ -325,8 +327,9 @@ def save_round(run: Run, server_round: int) -> None:
     write_atomic(run.out_dir / "results.json", json.dumps(run.results, indent=2))
 
 
-def finish(run: Run, run_start: float) -> None:
-    """The test split, touched exactly once (with the best round's model), the best model and the summary."""
+def finish(run: Run, run_start: float, grid: Grid) -> None:
+    """The test split, touched exactly once (with the best round's model), the best model (also to the silos
+    that ask for it) and the summary."""
     results, config = run.results, run.config
     if "pending" in results.get("label_distribution", {}):
         results["label_distribution"] = {"skipped": "no round had an accepted reply"}
@@ -336,14 +339,34 @@ def finish(run: Run, run_start: float) -> None:
     results.update(best_val_accuracy=_best(run), best_round=run.best_round, rounds_to_best=run.best_round,
                    test_accuracy=test_acc, test_loss=test_loss, total_wall_time_s=time.time() - run_start)
     save_checkpoint(run.out_dir / "best_model.safetensors", run.best_arrays.to_torch_state_dict(),
-                    {"model": config.model, "strategy": config.strategy, "round": run.best_round,
-                     "val_accuracy": run.best_acc, "structural_sha256": run.start.sha256,
-                     "note": "Q's weights (the travelling arrays). FedSQ evaluates them gated by S: "
-                             "load them into DualCopy(start model).quantitative."})
+                    {**model_metadata(config, run.info, run.start, results["structural_sha256"]), "round": run.best_round,
+                     "val_accuracy": run.best_acc, "test_accuracy": test_acc,
+                     "note": "Q's weights (the travelling arrays): fedsq_app.load_trained(<this file>) rebuilds "
+                             "the model (for FedSQ, S gates them) and checks S's hash."})
+    results["model_delivered_to"] = deliver_best_model(run, grid)
     write_atomic(run.out_dir / "results.json", json.dumps(results, indent=2))
     write_rounds_csv(run.out_dir / "rounds.csv", results["rounds"])
     log(INFO, "best val_accuracy=%s at round %d (validation from the %s); test_accuracy=%.4f; results in %s",
         _fmt(_best(run)), run.best_round, results["validation_source"], test_acc, run.out_dir / "results.json")
+
+
+def deliver_best_model(run: Run, grid: Grid) -> list[dict]:
+    """The best round's model, under the S it was validated with, to the nodes that asked for it (node config
+    ``keep-model``; runtime/delivery.py). Returns results.json's ``model_delivered_to``."""
+    strategy, structural = run.strategy, None
+    sha = getattr(strategy, "structural_sha256", None)
+    if isinstance(strategy, FedSQWarmup):  # the start model before its switch, the S it switched to after
+        switched = strategy.structural is not None and run.best_round >= run.config.warmup_rounds
+        sha, structural = (sha, strategy.structural) if switched else (run.start.sha256, None)
+    config = {wire.FINAL_MODEL: True, wire.MODEL_ROUND: run.best_round, wire.NUM_CLASSES: run.info.num_classes}
+    if sha is not None:
+        config[wire.STRUCTURAL_SHA256] = sha
+    if _best(run) is not None:
+        config[wire.FEDERATION_VAL_ACCURACY] = float(_best(run))
+    asked = nodes_that_asked(strategy.round_replies)  # nothing asked (a simulation): nothing is sent
+    return deliver_final_model(grid, asked, strategy.outgoing_arrays(run.best_arrays), config, send_and_receive,
+                               run.config.round_timeout, structural=structural,
+                               holders=getattr(strategy, "holders", ()))
 
 
 def _content_order(outcomes: list) -> list:

@@ -20,8 +20,8 @@ from fedsq_app.core.packing import decode_arrays
 from fedsq_app.data.partitions import DatasetInfo
 from fedsq_app.data.sources import source_slug
 from fedsq_app.data.tensors import InputSpec
-from fedsq_app.runtime.models import (IMAGENET_MEAN, IMAGENET_STD, MODELS, imagenet_state_dict, load_backbone,
-                                      load_checkpoint, model_entry, reset_head)
+from fedsq_app.runtime.models import (IMAGENET_MEAN, IMAGENET_STD, MODELS, head_module, imagenet_state_dict,
+                                      load_backbone, load_checkpoint, model_entry, reset_head)
 from fedsq_app.util import ConfigError, cache_dir
 
 
@@ -104,6 +104,19 @@ def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
         spec = replace(spec, size=config.input_size)
     reset_head(model, config.model, head_seed=config.seed)
     return StartModel(model, spec, source)
+
+
+def model_metadata(config: RunConfig, info: DatasetInfo, start: StartModel, start_sha256: str) -> dict:
+    """What a trained model's sidecar records so that ``fedsq_app.load_trained`` can rebuild its start model
+    and check it against S's hash, with no dataset at hand. ``start_sha256``: the start model's hash taken
+    before training (a baseline trains ``start.model`` itself)."""
+    spec = start.spec
+    return {"model": config.model, "strategy": config.strategy, "structural_sha256": start_sha256,
+            "pretrained_from": start.pretrained_from,
+            "num_classes": head_module(start.model, config.model).out_features,
+            "data": {"channels": info.channels, "image_size": info.image_size},
+            "input": {"channels": spec.channels, "size": spec.size, "mean": list(spec.mean), "std": list(spec.std)},
+            "run_config": {k.replace("_", "-"): v for k, v in vars(config).items()}}
 
 
 def trainable_model(config: RunConfig, start: StartModel) -> nn.Module:
