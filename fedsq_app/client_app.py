@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import traceback
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -18,15 +19,16 @@ from torch import nn
 
 from fedsq_app.config import NodeConfig, RunConfig
 from fedsq_app.core import wire
-from fedsq_app.core.dualcopy import DualCopy
+from fedsq_app.core.dualcopy import DualCopy, travelling_module
 from fedsq_app.core.packing import is_packed, pack_record
 from fedsq_app.core.wire import StructuralMismatchError, check_structural_sha256
-from fedsq_app.data.cache import node_data, node_info, node_splits
+from fedsq_app.data.cache import node_data, node_info, node_splits, silo_validation_files
 from fedsq_app.data.leakage import check_content_overlap
 from fedsq_app.data.partitions import DataKey
-from fedsq_app.data.tensors import InputSpec
+from fedsq_app.data.tensors import InputSpec, TensorData
 from fedsq_app.runtime import warmup
 from fedsq_app.runtime.maskcache import choose_mask_cache, client_cache, store_path
+from fedsq_app.runtime.models import save_checkpoint
 from fedsq_app.runtime.strategies import STRATEGIES
 from fedsq_app.runtime.train import LocalSchedule, evaluate, pick_device, train_local
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, resolve_pretrained, trainable_model
@@ -82,20 +84,27 @@ def _error_reply(msg: Message, reason: str) -> Message:
     return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
 
 
+def named_model(config: RunConfig, node: NodeConfig, msg: Message,
+                context: Context) -> tuple[nn.Module, InputSpec, str]:
+    """(model, input spec, S's SHA-256) gated by the S this message names: fedsq-warmup's plain network
+    during its warm-up, then the S it switched to. Raises ``StructuralMismatchError`` for another S."""
+    model, spec, structural_sha256 = local_model(config, node.data_path)
+    expected_sha = wire.named_structural_sha256(msg.content.config_records.get(wire.CONFIG, {}))
+    if STRATEGIES[config.strategy].switches:  # plain during the warm-up, then gated by the S the server names
+        model, structural_sha256 = warmup.client_model(model, structural_sha256, expected_sha, msg, context.state)
+    # required=False: this app's own FedSQ server always names S; the library's check_structural refuses.
+    check_structural_sha256(expected_sha, structural_sha256, required=False)
+    return model, spec, structural_sha256
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
         config = RunConfig.from_mapping(context.run_config)
         node = NodeConfig.from_mapping(context.node_config)
-        model, spec, structural_sha256 = local_model(config, node.data_path)
         server_config = msg.content.config_records.get(wire.CONFIG, {})
-        expected_sha = wire.named_structural_sha256(server_config)
         try:
-            if STRATEGIES[config.strategy].switches:  # plain during the warm-up, then gated by the S the server names
-                model, structural_sha256 = warmup.client_model(model, structural_sha256, expected_sha, msg,
-                                                               context.state)
-            # required=False: this app's own FedSQ server always names S; the library's check_structural refuses.
-            check_structural_sha256(expected_sha, structural_sha256, required=False)
+            model, spec, structural_sha256 = named_model(config, node, msg, context)
         except StructuralMismatchError as error:
             return _error_reply(msg, str(error))
         check_leakage(config, node)  # before any training: refuse data the backbone was pretrained on
@@ -127,6 +136,8 @@ def train(msg: Message, context: Context) -> Message:
             metrics[wire.SILO] = 1  # the server then writes no label distribution of its own pool for this run
         else:  # the server weighs this node by the size of the partition it names, never by its claim
             metrics[wire.PARTITION_ID], metrics[wire.NUM_PARTITIONS] = node.partition_id, node.num_partitions
+        if node.keep_model:  # the server sends the final model only to the nodes that say they want it
+            metrics[wire.WANTS_MODEL] = 1
         metrics = MetricRecord(metrics)
         arrays = global_arrays(model)  # in the server's format: packed if it sent Q packed (core/packing.py)
         arrays = pack_record(arrays) if is_packed(msg.content[wire.ARRAYS]) else arrays
@@ -138,18 +149,15 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation (run config ``fraction-evaluate`` > 0): the global model's accuracy on this node's
-    own validation data (its validation files, or its held-out share), gated by the S the server names."""
+    own validation data (its validation files, or its held-out share), gated by the S the server names.
+    The evaluate message that ends a run (``final-model``) is the federation's final model: ``keep_final_model``."""
     try:
+        if msg.content.config_records.get(wire.CONFIG, {}).get(wire.FINAL_MODEL):
+            return keep_final_model(msg, context)
         config = RunConfig.from_mapping(context.run_config)
         node = NodeConfig.from_mapping(context.node_config)
-        model, spec, structural_sha256 = local_model(config, node.data_path)
-        server_config = msg.content.config_records.get(wire.CONFIG, {})
-        expected_sha = wire.named_structural_sha256(server_config)
         try:
-            if STRATEGIES[config.strategy].switches:
-                model, structural_sha256 = warmup.client_model(model, structural_sha256, expected_sha, msg,
-                                                               context.state)
-            check_structural_sha256(expected_sha, structural_sha256, required=False)
+            model, spec, _ = named_model(config, node, msg, context)
         except StructuralMismatchError as error:
             return _error_reply(msg, str(error))
         check_leakage(config, node)
@@ -163,3 +171,68 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
         return _error_reply(msg, f"{type(error).__name__}: {error}")
+
+
+MODEL_FILE = "best_model.safetensors"  # as the server names its copy: <keep-model>/<run-name>/best_model.safetensors
+
+
+def final_validation(config: RunConfig, node: NodeConfig) -> tuple[TensorData | None, str]:
+    """(data, where it comes from) for this node's accuracy on the final model: what it validated on during
+    the run (``fraction-evaluate`` > 0), else a silo's own validation files; never data it trained on, so a
+    node that trained on all of its data measures nothing (None)."""
+    _, validation = node_splits(config, node)
+    if validation is not None:
+        return validation, "its validation data during the run (its validation files, or its held-out share)"
+    own = silo_validation_files(DataKey.of(config), node) if node.data_path else None
+    if own is not None:
+        return own, "its own validation files"
+    return None, ("none: with fraction-evaluate=0 the node trained on all of its data and has no validation "
+                  "files of its own")
+
+
+def keep_final_model(msg: Message, context: Context) -> Message:
+    """The federation's final model (the best round's arrays, sent once after the last round). A node whose
+    node config sets ``keep-model`` checks that it gates with the S the server names, measures the model's
+    accuracy on its own validation data, and saves it as ``<keep-model>/<run-name>/best_model.safetensors``
+    (atomically; the JSON sidecar next to it records the run, the round, S's hash and that accuracy); it
+    replies ``kept`` = 1 with the accuracy. Any other node replies ``kept`` = 0 at once and saves nothing."""
+    node = NodeConfig.from_mapping(context.node_config)
+    if not node.keep_model:
+        return Message(RecordDict({wire.METRICS: MetricRecord({wire.KEPT: 0})}), reply_to=msg)
+    config = RunConfig.from_mapping(context.run_config)
+    server_config = msg.content.config_records.get(wire.CONFIG, {})
+    try:
+        model, spec, structural_sha256 = named_model(config, node, msg, context)
+    except StructuralMismatchError as error:  # Q gated by another S computes another function: keep nothing
+        return _error_reply(msg, f"not kept: {error}")
+    check_leakage(config, node)
+    load_global_arrays(model, msg.content[wire.ARRAYS])
+    validation, source = final_validation(config, node)
+    metrics = {wire.KEPT: 1}
+    loss = accuracy = None
+    if validation is not None:
+        loss, accuracy = evaluate(model, validation, spec, device=pick_device(config.device), amp=config.amp)
+        metrics.update({wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy, wire.NUM_EXAMPLES: len(validation)})
+    info = node_info(config, node)
+    folder = Path(node.keep_model) / config.resolved_run_name()
+    metadata = {
+        "model": config.model, "strategy": config.strategy, "round": int(server_config.get(wire.MODEL_ROUND, -1)),
+        "structural_sha256": structural_sha256, "run_id": int(context.run_id), "run_name": config.resolved_run_name(),
+        "node_id": int(context.node_id), "num_classes": int(server_config.get(wire.NUM_CLASSES, 0)),
+        "data": {"channels": info.channels, "image_size": info.image_size},
+        "run_config": {k.replace("_", "-"): v for k, v in vars(config).items()},
+        "federation_val_accuracy": server_config.get(wire.FEDERATION_VAL_ACCURACY),
+        "val_accuracy": accuracy, "val_loss": loss, "val_examples": 0 if validation is None else len(validation),
+        "validation": source,
+        "note": ("Q's weights (the travelling arrays; S, the start model, gates them)" if config.uses_dualcopy else
+                 "the network's weights") + " of the federation's best round, as the server sent them; "
+                "val_accuracy is this node's own, on its validation data.",
+    }
+    if isinstance(model, DualCopy) and STRATEGIES[config.strategy].switches:  # fedsq-warmup's S is no start model
+        save_checkpoint(folder / "structural.safetensors", model.structural.state_dict(),
+                        {"structural_sha256": structural_sha256, "note": "S of fedsq-warmup, frozen at its switch"})
+        metadata["note"] += " fedsq-warmup: S is structural.safetensors next to this file."
+    save_checkpoint(folder / MODEL_FILE, travelling_module(model).state_dict(), metadata)
+    log(INFO, "kept the federation's model of round %s in %s (own validation accuracy %s)", metadata["round"],
+        folder / MODEL_FILE, "none" if accuracy is None else f"{accuracy:.4f}")
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)

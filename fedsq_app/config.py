@@ -7,6 +7,7 @@ Flower hands apps a flat ``{"key-name": value}`` mapping (``[tool.flwr.app.confi
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -231,17 +232,21 @@ class NodeConfig:
     which simulation fills automatically), or the silo's own data (``data-path``: the silo is the partition).
     ``val-fraction``: the share of its data a node holds out for federated evaluation when it has no
     validation split of its own (-1 = the run config's ``local-val-fraction``). ``allow-pretrain-overlap``:
-    train even on images the backbone was pretrained on (found by content; docs/DATA.md)."""
+    train even on images the backbone was pretrained on (found by content; docs/DATA.md). ``keep-model``: an
+    absolute folder where this node keeps the federation's final model (``<folder>/<run-name>/``), with its own
+    validation accuracy on it; empty = keep nothing (docs/DEPLOYMENT.md)."""
 
     partition_id: int = 0
     num_partitions: int = 1
     data_path: str = ""
     val_fraction: float = -1.0
     allow_pretrain_overlap: bool = False
+    keep_model: str = ""
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> NodeConfig:
-        known = ("partition-id", "num-partitions", "data-path", "val-fraction", "allow-pretrain-overlap")
+        known = ("partition-id", "num-partitions", "data-path", "val-fraction", "allow-pretrain-overlap",
+                 "keep-model")
         for key in mapping:
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
@@ -252,7 +257,8 @@ class NodeConfig:
             raise ConfigError(f"node config val-fraction must be in (0, 1), got {val_fraction}")
         extra = dict(val_fraction=val_fraction,
                      allow_pretrain_overlap=_coerce("allow-pretrain-overlap",
-                                                    mapping.get("allow-pretrain-overlap", False), "bool"))
+                                                    mapping.get("allow-pretrain-overlap", False), "bool"),
+                     keep_model=_keep_model_folder(mapping.get("keep-model", "")))
         if mapping.get("data-path"):
             data_path = _coerce("data-path", mapping["data-path"], "str")
             partition_id = _coerce("partition-id", mapping.get("partition-id", 0), "int")  # only seeds training
@@ -270,6 +276,26 @@ class NodeConfig:
         if not 0 <= partition_id < num_partitions:
             raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
         return cls(partition_id, num_partitions, **extra)
+
+
+def _keep_model_folder(value: Any) -> str:
+    """The node config's ``keep-model``, checked when the node starts its first task rather than when the run
+    ends: an absolute path (a ClientApp's working directory is Flower's choice), a folder or nothing yet, and
+    writable where it exists or where it would be created."""
+    folder = _coerce("keep-model", value, "str")
+    if not folder:
+        return ""
+    path = Path(folder).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"node config keep-model='{folder}' must be an absolute path (e.g. "
+                          "keep-model='/silo/models'): a ClientApp's working directory is Flower's, not yours")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"node config keep-model='{folder}' is a file: give a folder (the model is saved "
+                          "under <folder>/<run-name>/)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"node config keep-model='{folder}': this node cannot write under {existing}")
+    return str(path)
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

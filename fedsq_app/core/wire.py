@@ -27,9 +27,19 @@ TRAIN_LOSS = "train_loss"
 SILO = "silo"  # 1: the node trains on its own data (data-path), not on a partition of the server's pool
 PARTITION_ID = "partition-id"  # which partition of the server's pool the node trains on (its weight's key)
 NUM_PARTITIONS = "num-partitions"
-IDENTITY_METRICS = (NUM_EXAMPLES, SILO, PARTITION_ID, NUM_PARTITIONS)  # who a node is, not what it measured
+WANTS_MODEL = "wants-model"  # 1: the node's config asks to keep the final model (keep-model); absent otherwise
+# Who a node is, not what it measured: never averaged into the round's train metrics.
+IDENTITY_METRICS = (NUM_EXAMPLES, SILO, PARTITION_ID, NUM_PARTITIONS, WANTS_MODEL)
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
+
+# The final model: after the last round, one evaluate message to each node that asked for it (WANTS_MODEL in its
+# train replies) carries the best round's arrays with these config keys; the node saves them (docs/DEPLOYMENT.md).
+FINAL_MODEL = "final-model"  # true: this evaluate message delivers the final model (never a validation round)
+MODEL_ROUND = "model-round"  # the round whose model it is (the best round; 0 = the start model)
+NUM_CLASSES = "num-classes"  # the model's class count, for the node's sidecar
+FEDERATION_VAL_ACCURACY = "federation-val-accuracy"  # the best round's validation accuracy, as the server judged it
+KEPT = "kept"  # reply metric: 1 = saved under the node's keep-model folder, 0 = the node's config does not ask
 
 
 class StructuralMismatchError(ValueError):
