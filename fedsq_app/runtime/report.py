@@ -161,6 +161,14 @@ def _img(figure, alt: str) -> str:
     return f"<img alt=\"{_e(alt)}\" src=\"data:image/png;base64,{data}\">\n"
 
 
+def _round_axis(axes, rounds: list) -> None:
+    # Every round on the axis, integer ticks: a round with nothing to plot still has its place.
+    xs = [r for r in rounds if isinstance(r, int)]
+    if xs:
+        axes.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+
+
 def _series(rounds: list[dict], key: str) -> list[float]:
     return [float(r[key]) if isinstance(r.get(key), (int, float)) else math.nan for r in rounds]
 
@@ -222,7 +230,7 @@ def _curves(results: dict, rounds: list[dict]) -> str:
     for axes in (accuracy, loss):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        _round_axis(axes, x)
     return _img(figure, "validation accuracy and loss per round")
 
 
@@ -268,12 +276,12 @@ def _node_validation(results: dict, rounds: list[dict]) -> str:
             axes.plot([p["round"] for p in points], [math.nan if y is None else y for y in ys], "o-",
                       color=f"C{i % 10}", linewidth=1, markersize=4, label=label[node])
         weighted = [p["node_validation"].get("accuracy") for p in points]
-        axes.plot([p["round"] for p in points], [math.nan if y is None else y for y in weighted], "k--",
-                  linewidth=2, label="sample-weighted")
+        axes.plot([p["round"] for p in points], [math.nan if y is None else y for y in weighted], "kD--",
+                  linewidth=2, markersize=4, label="sample-weighted")
         axes.set(xlabel="round", ylabel="accuracy", title="Each node's accuracy on its own validation data")
         axes.grid(alpha=0.3)
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        _round_axis(axes, [p["round"] for p in points])
+        axes.legend(fontsize=7, ncol=1 if len(nodes) <= 10 else 2, loc="center left", bbox_to_anchor=(1.0, 0.5))
         body.append(_img(figure, "per-node validation accuracy per round"))
     rows = []
     for p in points:
@@ -312,7 +320,7 @@ def _replies(rounds: list[dict]) -> str:
         axes.bar(x, values, bottom=bottom, color=color, label=name, width=0.7)
         bottom = [b + v for b, v in zip(bottom, values)]
     axes.set(xlabel="round", ylabel="replies", title="What became of each round's replies")
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    _round_axis(axes, x)
     axes.yaxis.get_major_locator().set_params(integer=True)
     axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     body = [_img(figure, "replies accepted, bounded, rejected and missing per round")]
@@ -593,7 +601,8 @@ def _limits(results: dict, config: dict, rounds: list[dict], data: dict) -> str:
                    f"images as claimed by {len(data.get('nodes') or {})} nodes; the server has seen none of them "
                    f"and cannot confirm their labels or their distribution.")
     items = [trained,
-             f"Started from '{results.get('pretrained_from')}' (S sha256 {str(results.get('structural_sha256'))[:12]}…); "
+             f"Started from '{results.get('pretrained_from')}' (S sha256 "
+             f"{str(results.get('structural_sha256'))[:12]}…); "
              f"{results.get('num_classes')} classes"
              + (f" (labels {config.get('classes')} only)" if config.get("classes") else "") + ".",
              f"Best round chosen by validation ({results.get('validation_source')}); tested once on split "
