@@ -28,6 +28,7 @@ from fedsq_app.runtime.checkpoint import (RunState, capture_rng, load_run_state,
 from fedsq_app.runtime.delivery import deliver_final_model, nodes_that_asked
 from fedsq_app.runtime.metrics import DriftProbe, run_summary, write_rounds_csv
 from fedsq_app.runtime.models import save_checkpoint
+from fedsq_app.runtime.report import write_report_or_warn
 from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.train import evaluate, pick_device
 from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, validation_source
@@ -346,6 +347,7 @@ def finish(run: Run, run_start: float, grid: Grid) -> None:
     results["model_delivered_to"] = deliver_best_model(run, grid)
     write_atomic(run.out_dir / "results.json", json.dumps(results, indent=2))
     write_rounds_csv(run.out_dir / "rounds.csv", results["rounds"])
+    write_report_or_warn(run.out_dir, results, input_spec=run.start.spec)  # last: it may fail, results may not
     log(INFO, "best val_accuracy=%s at round %d (validation from the %s); test_accuracy=%.4f; results in %s",
         _fmt(_best(run)), run.best_round, results["validation_source"], test_acc, run.out_dir / "results.json")
 
