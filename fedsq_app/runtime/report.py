@@ -529,6 +529,11 @@ def _model_kind(strategy: str | None, config: dict) -> str:
     return "plain network: every weight is trained locally and aggregated (S is only the start point)"
 
 
+def _gated(strategy: str | None) -> bool:
+    entry = STRATEGIES.get(strategy or "")
+    return entry is not None and (entry.gated or entry.switches)
+
+
 def _input_spec(spec: Any) -> str:
     if spec is None:
         return "not recorded"
@@ -562,10 +567,9 @@ def _model_card(results: dict, config: dict, rounds: list[dict], data: dict, inp
               ("best validation accuracy", _pct(results.get("best_val_accuracy"))),
               ("test accuracy", f"{_pct(results.get('test_accuracy'))} on split <code>"
                                 f"{_e(config.get('test-split'))}</code> (loss {_num(results.get('test_loss'))})"),
-              ("weights file", "<code>best_model.safetensors</code> (Q's weights of the best round"
-               + ("; load them into DualCopy(start model).quantitative" if (STRATEGIES.get(strategy or "") and
-                                                                           STRATEGIES[strategy].candidate) else "")
-               + ")")]
+              ("weights file", "<code>best_model.safetensors</code>: the best round's travelling weights; "
+               "<code>fedsq_app.load_trained(&lt;run dir&gt;)</code> rebuilds the model"
+               + (" under S and checks S's hash" if _gated(strategy) else ""))]
     trust = [[f"<code>{_e(k)}</code>", f"<code>{_e(_config_value(config[k]))}</code>", _e(why)]
              for k, why in TRUST_KEYS.items() if k in config]
     pairs = [[f"<code>{_e(k)}</code>", f"<code>{_e(_config_value(v))}</code>"] for k, v in sorted(config.items())]
@@ -613,7 +617,7 @@ def _limits(results: dict, config: dict, rounds: list[dict], data: dict) -> str:
     if not config.get("server-validation", True):
         items.append("The best round was chosen on the nodes' self-reported accuracy, which the server screens "
                      "but cannot verify.")
-    if entry is not None and (entry.gated or entry.switches):
+    if _gated(strategy):
         source = "the warm-up rounds' global model" if entry.switches else "the pretrained network"
         items.append(f"FedSQ's gates are fixed by S: which units fire for an input was decided by {source} and "
                      "never trained, so the model only re-weights features S already detects. Q's weights are "
