@@ -93,7 +93,7 @@ h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;border-bottom:2px solid #d
  margin-top:32px}h3{font-size:15px;margin-bottom:6px}
 table{border-collapse:collapse;margin:8px 0 12px;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4}table.kv th{white-space:nowrap}td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.best td{background:#eef7ee}
 .scroll{overflow-x:auto;max-width:100%}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
@@ -144,7 +144,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]], numeric: set[in
 
 
 def _kv_table(pairs: Iterable[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in pairs) + "</table>\n"
+    return "<table class=\"kv\">" + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in pairs) + "</table>\n"
 
 
 def _figure(width: float, height: float):
@@ -424,16 +424,15 @@ def _read_counts(path: str | None, out_dir: Path | None) -> dict[str, dict[str, 
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         return None
-    with open(found, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            return None
-        counts = {}
-        for row in reader:
-            if row:
-                counts[row[0]] = {label: int(float(v or 0)) for label, v in zip(header[1:], row[1:])}
-    return counts
+    try:
+        with open(found, newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            counts = {row[0]: {label: int(float(v or 0)) for label, v in zip(header[1:], row[1:])}
+                      for row in reader if row}
+    except (OSError, ValueError, TypeError, csv.Error):  # unreadable counts: the replies' sizes still tell
+        return None
+    return counts or None
 
 
 def _data_section(results: dict, config: dict, data: dict) -> str:
