@@ -23,6 +23,12 @@ its last ReLU (the layers behind it only feed S's unused logits). ``fold_bn=True
 eval-mode BatchNorm into the conv before it. Both are exact up to float reordering; folding can flip the
 mask of a unit whose pre-activation is within ~1e-7 of 0, so it is off by default. ``fast=False`` is the
 straightforward reference that the tests compare every fast path against.
+
+Tracing: under ``torch.compile``, ``torch.export`` (so also ``torch.onnx.export(..., dynamo=True)``) and
+``torch.jit.trace``, S runs as is, not as the fast graph: the fast graph's cache key reads S's data pointers,
+which a tracer's fake tensors do not have, building the graph inside a trace would record that build too, and
+the tracer drops S's unused head by itself. S, the gates and Q then trace into one graph (S inside a no-grad
+region), with no graph break, whether S runs or ``gates`` are passed in; ``fold_bn`` has no effect there.
 """
 
 from __future__ import annotations
@@ -236,8 +242,8 @@ class DualCopy(nn.Module):
 
     def _structural_runner(self) -> nn.Module:
         """The module that runs S's forward: the fast graph when enabled and traceable, else S itself."""
-        if not self.fast or self._watch_first_pass:
-            return self.structural
+        if not self.fast or self._watch_first_pass or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.structural  # under a tracer: see the module docstring
         key = self._structural_tensors_key()
         if self._fast_key != key:
             try:
