@@ -356,6 +356,9 @@ def deliver_best_model(run: Run, grid: Grid) -> list[dict]:
     """The best round's model, under the S it was validated with, to the nodes that asked for it (node config
     ``keep-model``; runtime/delivery.py). Returns results.json's ``model_delivered_to``."""
     strategy, structural = run.strategy, None
+    asked = nodes_that_asked(strategy.round_replies)
+    if not asked:  # nobody asked (every simulation): nothing to build, nothing sent
+        return []
     sha = getattr(strategy, "structural_sha256", None)
     if isinstance(strategy, FedSQWarmup):  # the start model before its switch, the S it switched to after
         switched = strategy.structural is not None and run.best_round >= run.config.warmup_rounds
@@ -365,7 +368,6 @@ def deliver_best_model(run: Run, grid: Grid) -> list[dict]:
         config[wire.STRUCTURAL_SHA256] = sha
     if _best(run) is not None:
         config[wire.FEDERATION_VAL_ACCURACY] = float(_best(run))
-    asked = nodes_that_asked(strategy.round_replies)  # nothing asked (a simulation): nothing is sent
     return deliver_final_model(grid, asked, strategy.outgoing_arrays(run.best_arrays), config, send_and_receive,
                                run.config.round_timeout, structural=structural,
                                holders=getattr(strategy, "holders", ()))
