@@ -71,6 +71,13 @@ if [ ! -f "$CKPT" ]; then
 fi
 LR=$(grep '^lr' "$OUT/calibrated.toml" | cut -d= -f2 | tr -d ' ' || echo 0.05)
 echo "pretrain + calibration: $(( $(date +%s) - START )) s; calibrated lr=$LR"
+# With a GPU: compiled (torch.compile, inductor, fullgraph) against eager training steps, fp32, batch 32, for the
+# plain step and FedSQ's with the mask cache (the preset's); capped at COMPILE_S seconds (0 skips it), which come
+# out of the bench's 540 s.
+if [ "${COMPILE_S:-150}" -gt 0 ] && $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    timeout "${COMPILE_S:-150}" $PY -m fedsq_app.tools.perf.cli steps --compile --device cuda --models resnet18-32 \
+        --variants plain cache --rounds 30 | tee "$OUT/compile.md" || true
+fi
 LEFT=$(( 540 - ($(date +%s) - START) ))
 timeout "$LEFT" $PY -m fedsq_app.tools.bench.cli --preset gpu-cell --out "$OUT/bench" \
     --seeds ${SEEDS:-0 1} --set "dataset=idx:$DATA" --set "pretrained=$CKPT" --set "lr=$LR" $EXTRA || true

@@ -1,6 +1,7 @@
 """``fedsq-perf``: what FedSQ costs per training step, and what Flower costs per round. Prints figures.
 
     fedsq-perf steps    [--models ...] [--rounds 15] [--threads N] [--variants ...]   (tools/perf/micro.py)
+                        [--compile [--backend inductor]]   (compiled against eager steps)
     fedsq-perf overhead [--clients 4] [--rounds 3] [--samples 2000]                    (tools/perf/sim.py)
     fedsq-perf scale    [--clients 20 100] [--rounds 3]                                (tools/perf/sim.py)
     fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (tools/perf/compat.py; docs/LIBRARY.md)
@@ -19,8 +20,9 @@ import torch
 
 from fedsq_app.tools.perf import compat
 from fedsq_app.tools.perf import cold, sim
-from fedsq_app.tools.perf.micro import (DEFAULT_VARIANTS, MODELS, VARIANTS, machine, mask_bytes_per_sample,
-                                        print_step_markdown, step_table)
+from fedsq_app.tools.perf.micro import (COMPILABLE, DEFAULT_VARIANTS, MODELS, VARIANTS, machine,
+                                        mask_bytes_per_sample, print_compile_markdown, print_step_markdown,
+                                        step_table)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,11 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     steps = sub.add_parser("steps", help="step ratio FedSQ/FedAvg per model and optimisation")
     steps.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    steps.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    steps.add_argument("--variants", nargs="+", choices=VARIANTS,
+                       help=f"default: {' '.join(DEFAULT_VARIANTS)}; with --compile: {' '.join(COMPILABLE)}")
     steps.add_argument("--rounds", type=int, default=15)
     steps.add_argument("--batch", type=int, default=32)
     steps.add_argument("--device", default="cpu", help="cpu | cuda (a GPU: images/s under 'images_per_s')")
     steps.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    steps.add_argument("--compile", action="store_true",
+                       help=f"also time {', '.join(COMPILABLE)} with forward and loss under "
+                            "torch.compile(fullgraph=True): compiled/eager images/s and compile seconds")
+    steps.add_argument("--backend", default="inductor",
+                       help="torch.compile backend for --compile (aot_eager: tracing without code generation)")
     for name in ("overhead", "scale"):
         p = sub.add_parser(name)
         p.add_argument("--clients", type=int, nargs="+", default=[4] if name == "overhead" else [20, 100])
@@ -91,10 +99,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     print(f"# machine: {machine()}", flush=True)
     if args.command == "steps":
+        args.variants = args.variants or list(COMPILABLE if args.compile else DEFAULT_VARIANTS)
         if "plain" not in args.variants:
             args.variants.insert(0, "plain")
-        rows = step_table(args.models, tuple(args.variants), args.rounds, args.batch, args.device)
+        rows = step_table(args.models, tuple(args.variants), args.rounds, args.batch, args.device,
+                          backend=args.backend if args.compile else None)
         print_step_markdown(rows)
+        if args.compile:
+            print_compile_markdown(rows)
         for name in args.models:
             print(f"mask cache bytes/sample {name}: {mask_bytes_per_sample(name)} "
                   f"({mask_bytes_per_sample(name) / 1024:.1f} KiB)")

@@ -4,6 +4,10 @@
 configuration, interleaved (one step of each configuration per round, rotating the order) and reports
 medians and ratios to the plain FedAvg step, next to the floor ``1 + S_forward / plain_step``, where
 S_forward is the plain network's no-grad eval forward: the one extra pass FedSQ cannot avoid.
+
+``steps --compile`` adds, next to each of the variants plain, fast and cache, the same step with its forward
+and loss under ``torch.compile(fullgraph=True)`` (backward and the SGD step stay eager; the mask cache's lookup
+runs before the compiled region), and reports compiled against eager images/s and the compile time.
 Never a test: numbers depend on the machine; wrap runs in ``flock /tmp/fedsq-bench.lock``.
 """
 
@@ -36,6 +40,7 @@ MODELS = {
 }
 VARIANTS = ("plain", "s-forward", "ref", "fast", "fold", "cache", "mul-gate", "with-grad", "channels-last")
 DEFAULT_VARIANTS = ("plain", "s-forward", "ref", "fast", "fold", "cache")
+COMPILABLE = ("plain", "fast", "cache")  # --compile: each gets a compiled twin named "<variant>+compiled"
 
 
 def pretrained_like(name: str, seed: int = 0) -> nn.Module:
@@ -93,16 +98,26 @@ def _dualcopy(name: str, model: nn.Module) -> nn.Module:
 class Case:
     name: str
     step: Callable[[], None]
+    compile_s: float = 0.0  # a compiled case: its first step (tracing and compiling)
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None) -> Callable[[], None]:
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None, gates=None,
+               backend: str | None = None) -> Callable[[], None]:
+    """One SGD step of ``model`` on (x, y). ``gates``: called each step for the DualCopy's gates (the mask
+    cache's lookup). ``backend``: compile forward and loss with ``torch.compile(fullgraph=True)``."""
     model.train()
     optimizer = MomentumSGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
                             weight_decay=0.0)  # train_local's optimiser
     forward = forward or model
 
+    def loss_of(x: torch.Tensor, y: torch.Tensor, gates: list[torch.Tensor] | None) -> torch.Tensor:
+        return F.cross_entropy(forward(x) if gates is None else forward(x, gates=gates), y)
+
+    if backend:
+        loss_of = torch.compile(loss_of, fullgraph=True, backend=backend)
+
     def step() -> None:
-        loss = F.cross_entropy(forward(x), y)
+        loss = loss_of(x, y, gates() if gates else None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -110,8 +125,18 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward=None)
     return step
 
 
+def compiled_case(name: str, step: Callable[[], None], device: str) -> Case:
+    """The compiled twin's case, its first step (the compile) already run and timed."""
+    start = time.perf_counter()
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return Case(f"{name}+compiled", step, compile_s=round(time.perf_counter() - start, 1))
+
+
 def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: int = 0,
-                device: str = "cpu") -> list[Case]:
+                device: str = "cpu", backend: str | None = None) -> list[Case]:
+    """One case per variant; with ``backend``, also a compiled twin of each variant in ``COMPILABLE``."""
     base = pretrained_like(model_name, seed).to(device)
     shape = MODELS[model_name][2]
     generator = torch.Generator().manual_seed(seed + 1)
@@ -122,6 +147,9 @@ def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: in
         model = copy.deepcopy(base)
         if variant == "plain":
             cases.append(Case(variant, train_step(model, x, y)))
+            if backend:
+                compiled = copy.deepcopy(base)
+                cases.append(compiled_case(variant, train_step(compiled, x, y, backend=backend), device))
         elif variant == "s-forward":
             model.eval()
 
@@ -139,8 +167,15 @@ def build_cases(model_name: str, variants: tuple[str, ...], batch: int, seed: in
             indices = torch.arange(batch)  # CPU: the cache's bookkeeping lives there
             cache.gates(dual, x, indices)  # fill once, as the first epoch does
             cases.append(Case(variant, train_step(dual, x, y, lambda x: maskcache.forward(dual, x, indices, cache))))
+            if backend:
+                twin = copy.deepcopy(dual)
+                step = train_step(twin, x, y, gates=lambda: cache.gates(twin, x, indices), backend=backend)
+                cases.append(compiled_case(variant, step, device))
         else:
             cases.append(Case(variant, train_step(_dualcopy(variant, model), x, y)))
+            if backend and variant in COMPILABLE:
+                step = train_step(_dualcopy(variant, copy.deepcopy(base)), x, y, backend=backend)
+                cases.append(compiled_case(variant, step, device))
     return cases
 
 
@@ -162,10 +197,14 @@ def time_cases(cases: list[Case], rounds: int, warmup: int = 2, device: str = "c
     return times
 
 
-def step_table(model_names, variants, rounds: int, batch: int, device: str = "cpu") -> list[dict]:
+def step_table(model_names, variants, rounds: int, batch: int, device: str = "cpu",
+               backend: str | None = None) -> list[dict]:
     rows = []
     for name in model_names:
-        times = time_cases(build_cases(name, variants, batch, device=device), rounds, device=device)
+        cases = build_cases(name, variants, batch, device=device, backend=backend)
+        times = time_cases(cases, rounds, device=device)
+        if backend:
+            torch._dynamo.reset()  # each model's compiled steps are its own; keeps under dynamo's recompile limit
         med = {k: statistics.median(v) for k, v in times.items()}
         plain = med.get("plain")
         row = {"model": name, "batch": batch, "rounds": rounds, "ms": {k: round(v * 1e3, 2) for k, v in med.items()}}
@@ -174,6 +213,11 @@ def step_table(model_names, variants, rounds: int, batch: int, device: str = "cp
             row["ratio"] = {k: round(v / plain, 3) for k, v in med.items() if k != "plain"}
             if "s-forward" in med:
                 row["floor"] = round(1 + med["s-forward"] / plain, 3)
+        compiled = {c.name.removesuffix("+compiled"): c for c in cases if c.compile_s}
+        if compiled:
+            row["backend"] = backend
+            row["compile_s"] = {k: c.compile_s for k, c in compiled.items()}
+            row["speedup"] = {k: round(med[k] / med[c.name], 3) for k, c in compiled.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -196,6 +240,17 @@ def machine() -> str:
         pass
     return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; python {platform.python_version()}")
+
+
+def print_compile_markdown(rows: list[dict]) -> None:
+    """Compiled against eager, per model and variant: images/s, their ratio, and the compile time."""
+    print(f"\n| model | variant | eager images/s | compiled images/s ({rows[0].get('backend', '')}) "
+          "| compiled/eager | compile s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for variant, speedup in r.get("speedup", {}).items():
+            eager, compiled = (round(r["batch"] * 1e3 / r["ms"][k], 1) for k in (variant, f"{variant}+compiled"))
+            print(f"| {r['model']} | {variant} | {eager} | {compiled} | {speedup} | {r['compile_s'][variant]} |")
 
 
 def print_step_markdown(rows: list[dict]) -> None:
