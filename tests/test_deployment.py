@@ -510,7 +510,8 @@ def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> N
     for proc in [p for p in fed.procs if p.name in ("silo-1", "silo-2")]:
         fed.stop(proc)
     data = _silo_data(fed)
-    node_configs = {"silo-1": f"data-path='{data['silo-1']}'",
+    kept = fed.tmp / "kept"  # silo-1 keeps the federation's model (keep-model); silo-2 does not ask
+    node_configs = {"silo-1": f"data-path='{data['silo-1']}' keep-model='{kept}'",
                     "silo-2": f"data-path='{data['silo-2']}' allow-pretrain-overlap=true"}
     runtime_ports = _free_ports(2)
     for index, silo in enumerate(("silo-1", "silo-2")):
@@ -537,6 +538,20 @@ def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> N
           [{node: round(e["accuracy"], 4) for node, e in r["node_validation"]["nodes"].items()}
            for r in [results["initial"], *results["rounds"]]])
     assert results["best_val_accuracy"] == max(curve) and results["rounds_to_best"] == curve.index(max(curve))
+
+    # silo-1 asked for the model: it holds the server's best model and its own accuracy on it; silo-2 got nothing.
+    (delivered,) = results["model_delivered_to"]
+    assert delivered["node_id"] == int(fed.node_ids["silo-1"]) and delivered["kept"], delivered
+    assert delivered["num_examples"] == expected[fed.node_ids["silo-1"]]  # its hold-out, as in every round
+    model_file = kept / f"{RUN_NAME}-warm" / "best_model.safetensors"
+    sidecar = json.loads(Path(f"{model_file}.json").read_text())
+    assert sidecar["val_accuracy"] == delivered["val_accuracy"] and sidecar["round"] == results["best_round"]
+    assert sidecar["structural_sha256"] == results["structural_sha256"] and sidecar["node_id"] == delivered["node_id"]
+    from safetensors.numpy import load_file
+
+    theirs = load_file(str(model_file))
+    ours = load_file(str(fed.tmp / "outputs" / f"{RUN_NAME}-warm" / model_file.name))
+    assert sorted(theirs) == sorted(ours) and all(np.array_equal(theirs[k], ours[k]) for k in ours)
 
     for silo in ("silo-1", "silo-2"):
         log = _tail(next(p for p in fed.procs if p.name == f"{silo}-superexec").log, 500_000)
