@@ -224,14 +224,16 @@ def keep_final_model(msg: Message, context: Context) -> Message:
         "federation_val_accuracy": server_config.get(wire.FEDERATION_VAL_ACCURACY),
         "val_accuracy": accuracy, "val_loss": loss, "val_examples": 0 if validation is None else len(validation),
         "validation": source,
-        "note": ("Q's weights (the travelling arrays; S, the start model, gates them)" if config.uses_dualcopy else
+        "note": ("Q's weights (the travelling arrays; S gates them)" if isinstance(model, DualCopy) else
                  "the network's weights") + " of the federation's best round, as the server sent them; "
                 "val_accuracy is this node's own, on its validation data.",
     }
     if isinstance(model, DualCopy) and STRATEGIES[config.strategy].switches:  # fedsq-warmup's S is no start model
         save_checkpoint(folder / "structural.safetensors", model.structural.state_dict(),
                         {"structural_sha256": structural_sha256, "note": "S of fedsq-warmup, frozen at its switch"})
-        metadata["note"] += " fedsq-warmup: S is structural.safetensors next to this file."
+        metadata["note"] += " S (fedsq-warmup's, from its switch) is structural.safetensors next to this file."
+    elif isinstance(model, DualCopy):
+        metadata["note"] += " S is the start model (the run's pretrained backbone)."
     save_checkpoint(folder / MODEL_FILE, travelling_module(model).state_dict(), metadata)
     log(INFO, "kept the federation's model of round %s in %s (own validation accuracy %s)", metadata["round"],
         folder / MODEL_FILE, "none" if accuracy is None else f"{accuracy:.4f}")
