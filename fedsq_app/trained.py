@@ -131,23 +131,23 @@ def load_trained(path: str | Path, *, backbone: str | Path | None = None, device
     except FileNotFoundError as error:
         raise TrainedModelError(f"the run's backbone is missing: {error}. Pass the backbone's file "
                                 "(backbone=... / --backbone)") from error
+    model = trainable_model(config, start)
+    weights, _ = load_checkpoint(model_file)
+    travelling = travelling_module(model)
+    own = travelling.state_dict()
+    misfit = sorted(set(own) ^ set(weights)) or [k for k in own if own[k].shape != weights[k].shape]
+    if misfit:
+        key = misfit[0]
+        detail = (f"'{key}' is {tuple(weights[key].shape)} in the file, {tuple(own[key].shape)} in model "
+                  f"'{config.model}'" if key in own and key in weights else f"keys {misfit[:4]} differ")
+        raise TrainedModelError(f"{model_file} does not fit the run's model (class count or architecture "
+                                f"differ): {detail}")
     recorded = metadata.get("structural_sha256", "")
     if recorded and start.sha256 != recorded:
         raise TrainedModelError(
             f"the backbone {start.pretrained_from} is not the S this model was trained under: S's SHA-256 is "
             f"{start.sha256[:16]}..., the run recorded {recorded[:16]}... Gated by another S, Q computes another "
             "function: find the backbone the run used (results.json 'pretrained_from')")
-    model = trainable_model(config, start)
-    weights, _ = load_checkpoint(model_file)
-    travelling = travelling_module(model)
-    own = travelling.state_dict()
-    wrong = sorted(set(own) ^ set(weights)) + sorted(k for k in own if k in weights and own[k].shape != weights[k].shape)
-    if wrong:
-        head = [k for k in wrong if k in weights and k in own]
-        detail = (f"{tuple(weights[head[0]].shape)} in the file, {tuple(own[head[0]].shape)} in model "
-                  f"'{config.model}' with {info.num_classes} classes" if head else f"keys {wrong[:4]}")
-        raise TrainedModelError(f"{model_file} does not fit the run's model (class count or architecture "
-                                f"differ): {detail}")
     travelling.load_state_dict(weights, strict=True)
     model.to(torch.device(device)).eval()
     shape = (info.channels, info.image_size, info.image_size)

@@ -38,13 +38,20 @@ def _detect_column(dataset: Dataset, wanted: str, candidates: tuple[str, ...], w
 
 
 def normalise_columns(dataset: Dataset, image_column: str = "", label_column: str = "",
-                      where: str = "the dataset") -> Dataset:
-    """Keep just an ``image`` and an integer/ClassLabel ``label`` column, whatever the source called them."""
+                      where: str = "the dataset", *, unlabelled: int | None = None) -> Dataset:
+    """Keep just an ``image`` and an integer/ClassLabel ``label`` column, whatever the source called them.
+    ``unlabelled``: data without a label column is fine, its ``label`` column holds this value (prediction)."""
     from datasets import Array2D, Array3D, ClassLabel, Image, Value
 
     image = _detect_column(dataset, image_column, IMAGE_COLUMNS, "image", "image-column", where,
                            (Image, Array2D, Array3D))
-    label = _detect_column(dataset, label_column, LABEL_COLUMNS, "label", "label-column", where, (ClassLabel,))
+    try:
+        label = _detect_column(dataset, label_column, LABEL_COLUMNS, "label", "label-column", where, (ClassLabel,))
+    except DataError:
+        if unlabelled is None or label_column:
+            raise
+        dataset = dataset.select_columns([image]).rename_columns({image: "image"} if image != "image" else {})
+        return dataset.add_column("label", [unlabelled] * len(dataset))
     if image == label:
         raise DataError(f"image-column and label-column are both '{image}' in {where}")
     dataset = dataset.select_columns([image, label])

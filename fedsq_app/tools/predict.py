@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from fedsq_app.data.partitions import DataKey, server_split
-from fedsq_app.data.sources import DataError
-from fedsq_app.data.splits import load_dataset_split, select_classes
+from fedsq_app.data.sources import DataError, parse_source, raw_splits
+from fedsq_app.data.splits import load_dataset_split, normalise_columns, parse_split, slice_range
 from fedsq_app.data.tensors import TensorData, decode
 from fedsq_app.trained import Trained, TrainedModelError, load_trained
 from fedsq_app.util import ConfigError, write_atomic
@@ -50,6 +50,27 @@ def _file_paths(dataset) -> list[str] | None:
     return paths if all(paths) else None
 
 
+UNLABELLED = -1
+
+
+def _local_split(spec: str, split: str | None):
+    """A split of local files, whole and as stored (a folder of new images is one split, none held out), with
+    or without labels."""
+    source = parse_source(spec)
+    splits = raw_splits(source)
+    if split is None:
+        if len(splits) != 1 and "test" not in splits:
+            raise DataError(f"'{spec}' has splits {sorted(splits)}: choose one with --split")
+        split = "test" if "test" in splits else next(iter(splits))
+    name, start, stop = parse_split(split)
+    if name not in splits:
+        raise DataError(f"'{spec}' has splits {sorted(splits)}, not '{name}'")
+    dataset = normalise_columns(splits[name], where=f"'{spec}' split '{name}'", unlabelled=UNLABELLED)
+    if start or stop:
+        dataset = dataset.select(slice_range(len(dataset), start, stop))
+    return dataset, split
+
+
 def read_images(trained: Trained, dataset: str | None, split: str | None) -> Images:
     """The images to predict: the run's own dataset and test split by default, as the server tested on."""
     config = trained.config
@@ -58,11 +79,15 @@ def read_images(trained: Trained, dataset: str | None, split: str | None) -> Ima
         data = server_split(key, "test")  # the same decoding and class selection as the server's test
         ids = [str(i) for i in range(len(data))]
         return Images(data.images, data.labels, ids, f"'{config.dataset}' split '{key.test_split}'")
-    split = split or "test"
-    loaded = load_dataset_split(dataset, split)
+    if parse_source(dataset).kind in ("embedded", "hub"):
+        split = split or "test"
+        loaded = load_dataset_split(dataset, split)
+    else:
+        loaded, split = _local_split(dataset, split)
     decoded: TensorData = decode(loaded)
     ids = _file_paths(loaded) or [str(i) for i in range(len(decoded))]
-    return Images(decoded.images, decoded.labels, ids, f"'{dataset}' split '{split}'")
+    labels = None if (decoded.labels == UNLABELLED).all() else decoded.labels
+    return Images(decoded.images, labels, ids, f"'{dataset}' split '{split}'")
 
 
 def predict(trained: Trained, images: torch.Tensor, *, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
