@@ -65,7 +65,7 @@ class RunConfig:
     clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER  # two-silo rounds: clip updates to k x the median norm; 0 = off
     influence_bound: float = DEFAULT_INFLUENCE_BOUND  # a silo's pull on the mean <= this x median update norm
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
-    silo_sizes: str = ""  # deployment: JSON {registered key sha256 or name: size}, the silos' weights
+    silo_sizes: str = ""  # deployment, a path on the coordinator: JSON {registered name or key sha256: size}
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
     trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped
     allow_pretrain_overlap: bool = False  # true: run even if train/test split overlaps the backbone's pretraining
@@ -208,8 +208,9 @@ class RunConfig:
         if self.pretrained not in ("auto", "imagenet", "none") and not Path(self.pretrained).expanduser().is_file():
             raise ConfigError(f"pretrained='{self.pretrained}': no such checkpoint file")
         if self.silo_sizes and not Path(self.silo_sizes).expanduser().is_file():
-            raise ConfigError(f"silo-sizes='{self.silo_sizes}': no such file (a JSON object: registered key "
-                              "sha256 or name -> the silo's size)")
+            raise ConfigError(f"silo-sizes='{self.silo_sizes}': no such file on the coordinator (the machine "
+                              "running the SuperLink and the ServerApp reads it, not the one running flwr run): a "
+                              "JSON object {registered name or public-key SHA-256: all the silo's training images}")
         if self.resume_from:
             folder = Path(self.resume_from).expanduser()
             if not (folder / CHECKPOINT_FILE).is_file():

@@ -1,6 +1,11 @@
 """Where the server's aggregation weights come from in a run (``fedsq_app.core.weights``): the operator's
 ``silo-sizes`` file matched against the SuperLink's registered node identities, or the server's own
-partition sizes, or equal weights; never a node's claim."""
+partition sizes, or equal weights; never a node's claim.
+
+``silo-sizes`` (a path on the coordinator) maps a silo's registered name or its public key's SHA-256 to
+**all the images of its training split, before any validation hold-out**. A reply's ``num-examples`` is
+what the silo trained on, after its hold-out; ``SizeCheckedSiloSizes`` compares the two like with like (the
+registry's size less the run's hold-out) and logs, at WARNING, a silo whose count is far from it."""
 
 from __future__ import annotations
 
@@ -43,7 +48,73 @@ def weight_policy(config, data_key: DataKey, grid: Grid) -> AutoWeights:
             known.update(node_identities(grid))
         return known.get(node_id, [])
 
-    return AutoWeights(partitions, SiloSizes(sizes, identities_of, f"'{config.silo_sizes}'"))
+    held_out = config.local_val_fraction if config.fraction_evaluate > 0 else 0.0
+    return AutoWeights(partitions, SizeCheckedSiloSizes(sizes, identities_of, f"'{config.silo_sizes}'",
+                                                        held_out=held_out))
+
+
+# How far a silo's reported training count may be from what its registered size leads the server to expect
+# (relative): a silo's own val-fraction or validation files move it by a few per cent, a wrong registry entry
+# or a silo on other data by much more.
+SIZE_TOLERANCE = 0.25
+
+
+def expected_training_count(size: int, held_out: float) -> float:
+    """What a silo of ``size`` images (all of its training split) trains on in a run holding out ``held_out``
+    of it for validation (the run's local-val-fraction when fraction-evaluate > 0, else 0)."""
+    return size * (1.0 - held_out)
+
+
+def size_mismatch(size: int, reported, held_out: float, tolerance: float = SIZE_TOLERANCE) -> str | None:
+    """Why ``reported`` (a reply's num-examples) is far from ``size`` (its silo-sizes entry), or None."""
+    expected = expected_training_count(size, held_out)
+    if reported is None or expected <= 0:
+        return None
+    if abs(reported - expected) <= tolerance * expected:
+        return None
+    hold_out = f" less the run's {held_out:.0%} validation hold-out" if held_out else ""
+    return (f"reported {reported} training examples, but silo-sizes says {size} images ({expected:.0f} to train "
+            f"on{hold_out}): off by more than {tolerance:.0%}")
+
+
+class SizeCheckedSiloSizes(SiloSizes):
+    """The operator's silo sizes as weights, and each reply's reported count checked against them: a silo
+    reporting far fewer or more examples than its entry is logged at WARNING (once per node and count) and
+    named in ``mismatches`` (node id -> why, for the replies of the latest round). The weight stays the
+    registry's: a claim never becomes a weight."""
+
+    def __init__(self, sizes, identities_of, source: str = "", *, held_out: float = 0.0) -> None:
+        super().__init__(sizes, identities_of, source)
+        self.held_out = held_out
+        self.mismatches: dict[int, str] = {}
+        self._logged: set[tuple[int, object]] = set()
+
+    def __call__(self, replies: list) -> list[int | str]:
+        weights = super().__call__(replies)
+        self.mismatches = {}
+        for reply, weight in zip(replies, weights):
+            if isinstance(weight, str):
+                continue
+            why = size_mismatch(weight, getattr(reply, "claimed", None), self.held_out)
+            if why is None:
+                continue
+            self.mismatches[reply.node_id] = why
+            if (reply.node_id, reply.claimed) not in self._logged:
+                self._logged.add((reply.node_id, reply.claimed))
+                log(WARNING, "node %d: %s (silo-sizes %s; its weight stays %d)", reply.node_id, why, self.source,
+                    weight)
+        return weights
+
+    def mismatch_of(self, node_id: int) -> str | None:
+        """This round's size mismatch of ``node_id`` (for its reply's record), or None."""
+        return self.mismatches.get(node_id)
+
+
+def size_mismatch_of(weigh, node_id: int) -> str | None:
+    """For a reply's record in results.json: why ``node_id``'s reported count this round is far from its
+    silo-sizes entry (``weigh``: the strategy's weight policy from ``weight_policy``), or None."""
+    silos = getattr(weigh, "silos", None)
+    return silos.mismatch_of(node_id) if isinstance(silos, SizeCheckedSiloSizes) else None
 
 
 def check_federation(config, grid: Grid, num_nodes: int) -> None:
