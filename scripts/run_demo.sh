@@ -53,5 +53,9 @@ c, rounds = r["config"], r["rounds"]
 print(f"== {c['strategy']}, {c['model']} on {c['dataset']}, {max(x['expected'] for x in rounds)} nodes: val. accuracy "
       f"round 0 {r['initial']['val_accuracy']:.3f} -> best {r['best_val_accuracy']:.3f} at round "
       f"{r['best_round']} of {len(rounds)}; test {r['test_accuracy']:.3f}")
-print(f"== results: {sys.argv[1].removeprefix('./')}")
+run_dir = sys.argv[1].removeprefix("./").removesuffix("/results.json")
+print(f"== results: {run_dir}/results.json; report: {run_dir}/report.html")
+print("== use the model it trained (predict on the run's test split; export S and Q as one ONNX graph):")
+print(f"   .venv/bin/fedsq-predict {run_dir} --out {run_dir}/predictions.csv")
+print(f"   .venv/bin/fedsq-export {run_dir} --format onnx --out {run_dir}/model.onnx")
 PY

@@ -17,8 +17,10 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,9 +61,12 @@ def example_input(trained: Trained, batch: int = 2) -> torch.Tensor:
 
 
 def export_torchscript(module: Standalone, example: torch.Tensor, out: Path) -> None:
-    with torch.no_grad():
+    # torch 2.14 calls TorchScript deprecated in favour of torch.export; it is still what libtorch (C++) and
+    # torch.jit.load read, so it is offered, without the warning on every call.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module, (example,), check_trace=False)
-    write_atomic(out, lambda tmp: torch.jit.save(traced, str(tmp)))
+        write_atomic(out, lambda tmp: torch.jit.save(traced, str(tmp)))
 
 
 def export_onnx(module: Standalone, example: torch.Tensor, out: Path) -> None:
@@ -107,30 +112,37 @@ def load_exported(path: Path):
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda pixels: session.run(None, {"pixels": pixels})[0]
-    scripted = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(path), map_location="cpu")
     return lambda pixels: scripted(torch.from_numpy(pixels)).detach().numpy()
 
 
 def _ms_per_image(run, pixels, repeats: int) -> float:
-    run(pixels)  # warm-up: lazy initialisation, allocator
     start = time.perf_counter()
     for _ in range(repeats):
         run(pixels)
     return 1000 * (time.perf_counter() - start) / (repeats * len(pixels))
 
 
-def inference_cost(trained: Trained, path: Path, *, batch: int = 64, repeats: int = 10) -> dict[str, float]:
-    """ms per image, side by side in one process: the exported file, the eager model, the plain network
-    (the same weights with ordinary ReLUs: what one forward costs without gating)."""
+def inference_cost(trained: Trained, path: Path, *, batch: int = 64, repeats: int = 5,
+                   rounds: int = 7) -> dict[str, float]:
+    """ms per image, median over ``rounds`` interleaved rounds (so a noisy neighbour hits all three alike):
+    the exported file, the eager model, and the plain network (the same architecture with ordinary ReLUs:
+    one forward without gating)."""
     pixels = example_input(trained, batch)
-    module = Standalone(trained).eval()
-    exported = load_exported(path)
-    plain_module = Standalone(trained).eval()
-    plain_module.model = trained.plain
+    plain = Standalone(trained).eval()
+    plain.model = trained.plain
+    runners = {f"exported ({path.suffix.lstrip('.')})": (load_exported(path), pixels.numpy()),
+               "eager model": (Standalone(trained).eval(), pixels), "plain network": (plain, pixels)}
+    times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
-        return {f"exported ({path.suffix.lstrip('.')})": _ms_per_image(exported, pixels.numpy(), repeats),
-                "eager model": _ms_per_image(module, pixels, repeats),
-                "plain network": _ms_per_image(plain_module, pixels, repeats)}
+        for run, x in runners.values():
+            run(x)  # warm-up: lazy initialisation, allocator
+        for _ in range(rounds):
+            for name, (run, x) in runners.items():
+                times[name].append(_ms_per_image(run, x, repeats))
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported: {args.out} ({args.format}; input 'pixels' float32 N x {channels} x {height} x {width} in "
           f"[0, 1], output 'logits' N x {trained.num_classes}); description: {args.out}.json")
     if args.time:
-        threads = torch.get_num_threads()
-        for name, ms in inference_cost(trained, args.out).items():
-            print(f"{name:>22}: {ms:.3f} ms/image (batch 64, {threads} threads)")
+        costs = inference_cost(trained, args.out)
+        plain = costs["plain network"]
+        for name, ms in costs.items():
+            print(f"{name:>22}: {ms:.3f} ms/image, {ms / plain:.2f}x the plain network "
+                  f"(batch 64, {torch.get_num_threads()} threads, median of 7)")
     return 0
 
 
