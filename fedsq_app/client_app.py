@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import traceback
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -21,9 +21,9 @@ from fedsq_app.config import NodeConfig, RunConfig
 from fedsq_app.core import wire
 from fedsq_app.core.dualcopy import DualCopy, travelling_module
 from fedsq_app.core.packing import is_packed, pack_record
-from fedsq_app.core.wire import StructuralMismatchError, check_structural_sha256
+from fedsq_app.core.wire import StructuralMismatchError, check_structural_sha256, disclosed_reason
 from fedsq_app.data.cache import node_data, node_info, node_splits, silo_validation_files
-from fedsq_app.data.leakage import check_content_overlap
+from fedsq_app.data.leakage import PretrainOverlapError, check_content_overlap
 from fedsq_app.data.partitions import DataKey
 from fedsq_app.data.tensors import InputSpec, TensorData
 from fedsq_app.runtime import warmup
@@ -34,7 +34,9 @@ from fedsq_app.runtime.train import LocalSchedule, evaluate, pick_device, train_
 from fedsq_app.task import build_start_model, global_arrays, load_global_arrays, resolve_pretrained, trainable_model
 
 app = ClientApp()
-CLIENT_ERROR_CODE = 2  # same as Flower's CLIENT_APP_RAISED_EXCEPTION
+CLIENT_ERROR_CODE = wire.REFUSED  # same as Flower's CLIENT_APP_RAISED_EXCEPTION
+# Refusals that asking again cannot change during the run: the server stops sampling the node.
+PERMANENT_REFUSALS = (PretrainOverlapError, StructuralMismatchError)
 
 
 @functools.lru_cache(maxsize=2)
@@ -80,8 +82,33 @@ def _log_mask_cache_once(key: tuple, cache, why: str) -> None:
         log(INFO, "mask cache %s for partition %d (%s%s)", state, key[2].partition_id, why, size)
 
 
-def _error_reply(msg: Message, reason: str) -> Message:
-    return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=msg)
+def _error_reply(msg: Message, reason: str, code: int = CLIENT_ERROR_CODE) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _debug_replies(context: Context) -> bool:
+    """The node config's ``debug-replies`` (validated by ``NodeConfig``; False if the node config is invalid)."""
+    try:
+        return NodeConfig.from_mapping(context.node_config).debug_replies
+    except Exception:
+        return False
+
+
+def refuse(msg: Message, context: Context, error: Exception) -> Message:
+    """The error reply for ``error``: what the silo discloses (``wire.disclosed_reason``: type and message,
+    absolute paths redacted, no traceback, unless its node config sets ``debug-replies=true``), with the code
+    ``wire.REFUSED_PERMANENTLY`` for a reason that will not change this run (``PERMANENT_REFUSALS``). The
+    silo's own log gets the full detail, traceback included, at WARNING."""
+    permanent = isinstance(error, PERMANENT_REFUSALS)
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    config = msg.content.config_records.get(wire.CONFIG, {}) if msg.has_content() else {}
+    log(WARNING, "refused the %s message of round %s (run %s)%s: %s: %s\n%s", msg.metadata.message_type,
+        config.get(wire.SERVER_ROUND, "?"), context.run_id,
+        ", for the rest of the run: the server will not ask this node again" if permanent else "",
+        type(error).__name__, error, trace.rstrip())
+    debug = _debug_replies(context)
+    return _error_reply(msg, disclosed_reason(error, debug, trace if debug else ""),
+                        wire.REFUSED_PERMANENTLY if permanent else CLIENT_ERROR_CODE)
 
 
 def named_model(config: RunConfig, node: NodeConfig, msg: Message,
@@ -103,10 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         config = RunConfig.from_mapping(context.run_config)
         node = NodeConfig.from_mapping(context.node_config)
         server_config = msg.content.config_records.get(wire.CONFIG, {})
-        try:
-            model, spec, structural_sha256 = named_model(config, node, msg, context)
-        except StructuralMismatchError as error:
-            return _error_reply(msg, str(error))
+        model, spec, structural_sha256 = named_model(config, node, msg, context)  # StructuralMismatchError
         check_leakage(config, node)  # before any training: refuse data the backbone was pretrained on
         data, _ = node_splits(config, node)  # all of it, or all but its validation hold-out
         load_global_arrays(model, msg.content[wire.ARRAYS])
@@ -143,7 +167,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays = pack_record(arrays) if is_packed(msg.content[wire.ARRAYS]) else arrays
         return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
-        return _error_reply(msg, f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
+        return refuse(msg, context, error)
 
 
 @app.evaluate()
@@ -156,10 +180,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             return keep_final_model(msg, context)
         config = RunConfig.from_mapping(context.run_config)
         node = NodeConfig.from_mapping(context.node_config)
-        try:
-            model, spec, _ = named_model(config, node, msg, context)
-        except StructuralMismatchError as error:
-            return _error_reply(msg, str(error))
+        model, spec, _ = named_model(config, node, msg, context)  # StructuralMismatchError
         check_leakage(config, node)
         _, validation = node_splits(config, node)
         if validation is None:
@@ -170,7 +191,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
                                 wire.NUM_EXAMPLES: len(validation)})
         return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
     except Exception as error:  # reply with the reason instead of crashing the node
-        return _error_reply(msg, f"{type(error).__name__}: {error}")
+        return refuse(msg, context, error)
 
 
 MODEL_FILE = "best_model.safetensors"  # as the server names its copy: <keep-model>/<run-name>/best_model.safetensors

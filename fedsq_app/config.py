@@ -235,7 +235,9 @@ class NodeConfig:
     validation split of its own (-1 = the run config's ``local-val-fraction``). ``allow-pretrain-overlap``:
     train even on images the backbone was pretrained on (found by content; docs/DATA.md). ``keep-model``: an
     absolute folder where this node keeps the federation's final model (``<folder>/<run-name>/``), with its own
-    validation accuracy on it; empty = keep nothing (docs/DEPLOYMENT.md)."""
+    validation accuracy on it; empty = keep nothing (docs/DEPLOYMENT.md). ``debug-replies``: error replies
+    carry the full message and traceback, local paths included (default false: the exception's type and
+    message with absolute paths as ``<path>``; the silo's own log has the full detail either way)."""
 
     partition_id: int = 0
     num_partitions: int = 1
@@ -243,11 +245,12 @@ class NodeConfig:
     val_fraction: float = -1.0
     allow_pretrain_overlap: bool = False
     keep_model: str = ""
+    debug_replies: bool = False
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> NodeConfig:
         known = ("partition-id", "num-partitions", "data-path", "val-fraction", "allow-pretrain-overlap",
-                 "keep-model")
+                 "keep-model", "debug-replies")
         for key in mapping:
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
@@ -259,7 +262,8 @@ class NodeConfig:
         extra = dict(val_fraction=val_fraction,
                      allow_pretrain_overlap=_coerce("allow-pretrain-overlap",
                                                     mapping.get("allow-pretrain-overlap", False), "bool"),
-                     keep_model=_keep_model_folder(mapping.get("keep-model", "")))
+                     keep_model=_keep_model_folder(mapping.get("keep-model", "")),
+                     debug_replies=_coerce("debug-replies", mapping.get("debug-replies", False), "bool"))
         if mapping.get("data-path"):
             data_path = _coerce("data-path", mapping["data-path"], "str")
             partition_id = _coerce("partition-id", mapping.get("partition-id", 0), "int")  # only seeds training

@@ -134,6 +134,8 @@ def main(grid: Grid, context: Context) -> None:
         resume(run)
     else:
         start_fresh(run, grid)
+    # Nodes refused for good (leakage, another S; never sampled again): one list, the strategy's and results.json's.
+    run.strategy.excluded_nodes = run.results.setdefault("excluded_nodes", run.strategy.excluded_nodes)
     run_start = time.time()
     train_config = ConfigRecord({wire.LR: run.config.lr, wire.LOCAL_EPOCHS: run.config.local_epochs})
     for server_round in range(run.first_round, run.config.num_server_rounds + 1):

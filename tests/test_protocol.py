@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
+from fedsq_app.core import wire
 from fedsq_app.core.aggregation import weighted_average
 from fedsq_app.core.packing import decode_arrays, pack_record
 from fedsq_app.core.replies import CheckedReply, array_specs, split_replies
@@ -105,6 +106,7 @@ def test_client_refuses_a_different_structural_copy(fedsq_client):
                                             {"server-round": 1, "structural-sha256": "0" * 64}), _context(config))
     assert reply.has_error()
     assert "0" * 64 in reply.error.reason and sha in reply.error.reason
+    assert reply.error.code == wire.REFUSED_PERMANENTLY  # the server samples this node no more this run
 
 
 def test_client_error_reply_instead_of_crash(fedsq_client):

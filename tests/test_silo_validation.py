@@ -173,8 +173,10 @@ def test_a_silo_with_pretraining_images_is_refused_unless_allowed(fedsq_cache, s
     assert refused.has_error()
     reason = refused.error.reason
     print(f"\nrefusal: {reason.splitlines()[0]}")
-    assert f"{OVERLAP} of the 390 images of data-path='{silos[1]}'" in reason
-    assert "allow-pretrain-overlap=true" in reason
+    assert f"{OVERLAP} of the 390 images of data-path='idx:<path>'" in reason  # the silo's path is its own
+    assert "allow-pretrain-overlap=true" in reason and refused.error.code == wire.REFUSED_PERMANENTLY
+    debug = client_app.train(message, _context({"data-path": silos[1], "debug-replies": True}, run))
+    assert f"{OVERLAP} of the 390 images of data-path='{silos[1]}'" in debug.error.reason
     evaluated = client_app.evaluate_local(Message(content=content, metadata=_metadata(1002, "evaluate", src=False)),
                                           _context({"data-path": silos[1]}, run))
     assert evaluated.has_error() and "PretrainOverlapError" in evaluated.error.reason

@@ -167,6 +167,9 @@ class ScreenedEvaluation:
         weighted = checked.weighted()
         if weighted is None:
             return None
-        log(INFO, "aggregate_evaluate: %d of %d replies counted, weighted accuracy %.4f over %d samples",
-            len(checked.accepted), len(checked.outcomes), weighted[0], weighted[2])
+        how = ("each node counting once (no training round yet: no server weights)" if weights is None
+               else "weighted by the server's weights for the nodes")
+        log(INFO, "aggregate_evaluate: %d of %d replies counted, accuracy %.4f %s; %d validation samples "
+            "(as the nodes report them)", len(checked.accepted), len(checked.outcomes), weighted[0], how,
+            weighted[2])
         return MetricRecord({EVAL_ACCURACY: weighted[0], EVAL_LOSS: weighted[1], NUM_EXAMPLES: weighted[2]})

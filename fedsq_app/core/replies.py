@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, Message
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, bound_influence,
                                      clamp_bn_statistics, clip_updates)
 from fedsq_app.core.packing import decode_arrays
-from fedsq_app.core.wire import NUM_EXAMPLES, TRAIN_LOSS
+from fedsq_app.core.wire import NUM_EXAMPLES, REFUSED_PERMANENTLY, TRAIN_LOSS
 
 ArraySpecs = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
 # An honest reply's arrays stay within this factor of the global model's largest |value| (floored at 1):
@@ -74,6 +74,7 @@ class RoundReplies:
     # The round's bound: the limit on each silo's pull (influence bound) or on each update's norm (norm
     # clip); None: off or no replies.
     clip_bound: float | None = None
+    bound_kind: str | None = None  # which: "pull" (influence bound) or "norm" (norm clip); None: no bound
 
 
 def magnitude_bounds(template: dict[str, np.ndarray]) -> dict[str, float]:
@@ -156,6 +157,22 @@ def node_id_of(message: Message) -> int:
         return -1
 
 
+def permanent_refusals(replies: Iterable[Message]) -> list[tuple[int, str]]:
+    """(node id, reason) of each error reply whose code is ``wire.REFUSED_PERMANENTLY``: the node refuses for
+    a reason that will not change this run (leakage, another S). Pure, never raises; a reply without a node
+    id that reads as an int, or whose error cannot be read, is left out."""
+    refused = []
+    for message in replies:
+        try:
+            if not message.has_error() or message.error.code != REFUSED_PERMANENTLY:
+                continue
+            node_id = int(message.metadata.src_node_id)
+            refused.append((node_id, str(message.error.reason)[:1000]))
+        except Exception:  # a malformed reply is screened elsewhere; it excludes nobody
+            continue
+    return refused
+
+
 def _created_at(message: Message) -> float | None:
     try:
         return float(message.metadata.created_at)
@@ -208,11 +225,13 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
     kept = [i for i in candidates if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
     clipped, scales, bound = bound_influence(weighted, template, influence_bound)
+    kind = "pull"
     if bound is None:  # the influence bound is off, or fewer than 3 replies: the norm clip
         clipped, scales, bound = clip_updates(weighted, template, clip_multiplier)
+        kind = "norm"
     clamped, clamp_counts = clamp_bn_statistics(clipped, template) if clamp_bn else (clipped, [0] * len(clipped))
 
-    result = RoundReplies(accepted=clamped, clip_bound=bound)
+    result = RoundReplies(accepted=clamped, clip_bound=bound, bound_kind=kind if bound is not None else None)
     position = {i: p for p, i in enumerate(kept)}
     for i, message in enumerate(messages):
         reply = checked[i] if isinstance(checked[i], CheckedReply) else None

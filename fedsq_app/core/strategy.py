@@ -8,8 +8,9 @@ Imports numpy and flwr, never torch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from logging import INFO, WARNING
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -22,8 +23,21 @@ from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_me
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN,
                                      update_keys)
 from fedsq_app.core.evaluation import ScreenedEvaluation
-from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, screen_replies
+from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, permanent_refusals, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
+
+
+class _SampledFrom:
+    """``grid`` as Flower's sampling sees it: ``get_node_ids`` without the ``excluded`` nodes."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self._grid, self._excluded = grid, excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [node for node in self._grid.get_node_ids() if node not in self._excluded]
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened too (core/evaluation.py)
@@ -35,7 +49,9 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     share x its update's distance from the round's median update, is bounded by ``influence_bound`` x the
     round's median update norm (below 3 replies, or with it 0: each update is norm-clipped to
     ``clip_multiplier`` x that median), and BN statistics are clamped into the other replies'
-    range; a round with fewer than ``min_valid_replies`` valid replies keeps the previous model.
+    range; a round with fewer than ``min_valid_replies`` valid replies keeps the previous model. A node that
+    refuses a message for a reason that will not change (``wire.REFUSED_PERMANENTLY``: leakage, another S) is
+    sampled no more for the rest of the run (``excluded_nodes``, results.json's list).
     ``aggregation`` 'median' or 'trimmed-mean' replaces the weighted mean by a coordinate-wise robust one.
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
@@ -56,6 +72,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.pack_arrays = pack_arrays  # send Q as one array per dtype (core/packing.py): nodes must unpack it
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
+        self.excluded_nodes: list[dict] = []  # {node_id, round, reason}: refused for good, never sampled again
 
     # Server-side state for checkpoints (e.g. a server optimiser's moments). Stateless here; a strategy
     # with state returns its arrays (saved as safetensors) and JSON-able scalars, and restores them.
@@ -74,27 +91,66 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                         grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays  # the template replies are checked against, and the fallback model
         config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
-        messages = list(super().configure_train(server_round, self.outgoing_arrays(arrays), config, grid))
+        with self.sampling(grid) as nodes:
+            messages = list(super().configure_train(server_round, self.outgoing_arrays(arrays), config, nodes))
         if len(messages) < self.min_valid_replies:
             log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model "
                 "(a two-silo federation sets min-valid-replies=2: docs/RELIABILITY.md)", server_round, len(messages),
                 self.min_valid_replies)
         return messages
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        with self.sampling(grid) as nodes:
+            return list(super().configure_evaluate(server_round, arrays, config, nodes))
+
+    @contextmanager
+    def sampling(self, grid: Grid) -> Iterator[Grid]:
+        """Flower's sampling without the excluded nodes: ``grid`` without them, and the minimum node counts
+        lowered by their number (Flower would otherwise wait for nodes it can no longer pick)."""
+        excluded = {entry["node_id"] for entry in self.excluded_nodes}
+        if not excluded:
+            yield grid
+            return
+        saved = self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes
+        self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = (max(0, n - len(excluded))
+                                                                                  for n in saved)
+        log(INFO, "sampling without node(s) %s (refused for the rest of the run)", sorted(excluded))
+        try:
+            yield _SampledFrom(grid, excluded)
+        finally:
+            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
+
+    def exclude_refusals(self, server_round: int, replies: list[Message]) -> None:
+        """Stop sampling each node whose reply refuses for good (``permanent_refusals``), logged once."""
+        known = {entry["node_id"] for entry in self.excluded_nodes}
+        for node_id, reason in permanent_refusals(replies):
+            if node_id not in known:
+                known.add(node_id)
+                self.excluded_nodes.append({"node_id": node_id, "round": server_round, "reason": reason})
+                log(WARNING, "node %s refused round %d for a reason that will not change (%s): not sampled again "
+                    "this run", node_id, server_round, reason)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self.exclude_refusals(server_round, replies)
+        return super().aggregate_evaluate(server_round, replies)
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current_arrays is not None, "configure_train must run before aggregate_train"
         template = {k: a.numpy() for k, a in self.current_arrays.items()}
-        checked = screen_replies(list(replies), template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
+        replies = list(replies)
+        checked = screen_replies(replies, template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
                                  influence_bound=self.influence_bound, clamp_bn=self.bn_clamp)
         self.round_replies[server_round] = checked
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:
             log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
+        self.exclude_refusals(server_round, replies)
         clipped = [o for o in checked.outcomes if o.accepted and o.clip_scale is not None and o.clip_scale < 1]
         for outcome in clipped:
-            log(INFO, "\t> node %s: update bounded to %.4g (scaled by %.3g)", outcome.node_id,
-                checked.clip_bound, outcome.clip_scale)
+            log(INFO, "\t> node %s: %s", outcome.node_id, bound_note(checked, outcome.clip_scale))
         if len(checked.accepted) < self.min_valid_replies:
             log(WARNING, "round %d: %d valid replies < min-valid-replies %d: keeping the previous global model "
                 "(fail closed: the defenses need that many)", server_round, len(checked.accepted),
@@ -133,6 +189,18 @@ class FedSQ(ValidatedFedAvg):
 
     def extra_train_config(self) -> dict:
         return {STRUCTURAL_SHA256: self.structural_sha256}
+
+
+def bound_note(checked: RoundReplies, scale: float) -> str:
+    """What the round's bound did to one reply, in the log: its pull on the mean (influence bound), or its
+    update's length (norm clip, below 3 replies), and the factor its update (its deviation from the round's
+    median update, for the pull) was scaled by."""
+    limit = checked.clip_bound
+    if checked.bound_kind == "pull":
+        pull = f"{limit / scale:.4g}" if scale > 0 else "any"
+        return f"pull bounded: deviation from the median update scaled by {scale:.3g} (pull {pull} -> limit {limit:.4g})"
+    return (f"update norm-clipped: scaled by {scale:.3g} (round's length bound {limit:.4g}, wider for a "
+            "larger weight)")
 
 
 # ---------------------------------------------------------------------------------------------- baselines

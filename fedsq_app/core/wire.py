@@ -6,6 +6,7 @@ Pure Python: the server side, the node side and library users import it without 
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 # Records of a message's RecordDict.
@@ -40,6 +41,36 @@ MODEL_ROUND = "model-round"  # the round whose model it is (the best round; 0 = 
 NUM_CLASSES = "num-classes"  # the model's class count, for the node's sidecar
 FEDERATION_VAL_ACCURACY = "federation-val-accuracy"  # the best round's validation accuracy, as the server judged it
 KEPT = "kept"  # reply metric: 1 = saved under the node's keep-model folder, 0 = the node's config does not ask
+
+
+# Error replies (node -> server). A node refuses a message with an Error whose reason is what the silo chooses
+# to disclose (``disclosed_reason``); the code says whether asking it again can help.
+REFUSED = 2  # same as Flower's CLIENT_APP_RAISED_EXCEPTION: this message failed, the next one may not
+# This node refuses for a reason that will not change during the run (its data overlaps the backbone's
+# pretraining images; it holds another S): the server samples it no more for the rest of the run.
+REFUSED_PERMANENTLY = 4001
+
+# An absolute path in an error message: POSIX (/srv/..., ~/...) or Windows (C:\...), not preceded by a
+# character that would make it part of a word, a number or a relative path ("N/A", "1/2", "a/b"). Quoted, it
+# runs to the closing quote (spaces included); bare, to the first space or delimiter.
+_START = r"(?<![\w.~/\\-])(?:~?/|[A-Za-z]:\\)"
+_QUOTED_PATH = re.compile(r"(?<=['\"`])" + _START + r"[^'\"`\n]+(?=['\"`])")
+_BARE_PATH = re.compile(_START + r"[^\s'\"`,;()\[\]<>{}]+")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by ``<path>`` (pure)."""
+    return _BARE_PATH.sub("<path>", _QUOTED_PATH.sub("<path>", text))
+
+
+def disclosed_reason(error: BaseException, debug: bool = False, trace: str = "") -> str:
+    """What a silo's error reply says: the exception's type and message, with absolute paths replaced by
+    ``<path>``; with ``debug`` (node config ``debug-replies=true``) the message as is and ``trace`` (the
+    traceback, if given) after it. The silo's own log keeps the full detail either way."""
+    reason = f"{type(error).__name__}: {error}"
+    if debug:
+        return f"{reason}\n{trace}".rstrip("\n") if trace else reason
+    return redact_paths(reason)
 
 
 class StructuralMismatchError(ValueError):

@@ -19,8 +19,8 @@ def validation_source(config, validation_size: int) -> str:
     """What results.json's ``validation_source`` and the log say (``config``: the RunConfig)."""
     if config.server_validation:
         return f"server: its held-out validation split ({validation_size} samples)"
-    return (f"nodes: sample-weighted accuracy on the nodes' own validation data (fraction-evaluate="
-            f"{config.fraction_evaluate:g}; server-validation=false)")
+    return (f"nodes: accuracy on the nodes' own validation data, weighted by the server's weights for them "
+            f"(equal in round 0) (fraction-evaluate={config.fraction_evaluate:g}; server-validation=false)")
 
 
 def federated_evaluation(strategy, arrays: ArrayRecord, server_round: int, grid: Grid, send: Callable,
