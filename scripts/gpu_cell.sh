@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU cell of issue 23: ResNet-18 at 32 px, S pretrained by fedsq-pretrain on a Fashion-MNIST slice, 20 silos,
+# The GPU cell: ResNet-18 at 32 px, S pretrained by fedsq-pretrain on a Fashion-MNIST slice, 20 silos,
 # Dirichlet α=0.1, FedSQ vs FedAvg vs FedAdam, 2 seeds (SEEDS="0 1 2" for more), bf16; then images/s next to the
 # card's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). Preset: fedsq_app/tools/bench/conf/gpu-cell.toml.
 #
