@@ -4,6 +4,9 @@
 #
 #   bash scripts/readonly-walkthrough.sh            # then read $WORK/walkthrough.log
 #
+# It exits non-zero unless the run ends finished:completed with both silos aggregated in every round
+# (results.json's rounds[].aggregated), and prints WALKTHROUGH OK only then.
+#
 # The copy is made with `cp -r` and `chmod -R a-w`; since permission bits do not stop root, the commands
 # also run in a private mount namespace (`unshare -m`) with the copy bind-mounted read-only, so any write
 # into it fails with EROFS whoever runs this. Differences from the page, all for a shared test machine:
@@ -25,8 +28,9 @@ rm -rf "$ro/.flwr-home" "$ro/.cache" "$ro/outputs" "$ro/.pytest_cache"
 chmod -R a-w "$ro"
 mkdir -p "$WORK"
 
-exec unshare -m bash -c 'mount --bind "$RO" "$RO" && mount -o remount,ro,bind "$RO" && exec bash -s' \
-  > "$WORK/walkthrough.log" 2>&1 <<'INNER'
+status=0
+unshare -m bash -c 'mount --bind "$RO" "$RO" && mount -o remount,ro,bind "$RO" && exec bash -s' \
+  > "$WORK/walkthrough.log" 2>&1 <<'INNER' || status=$?
 set -euo pipefail
 cd "$RO"
 pids=()
@@ -95,15 +99,32 @@ for _ in $(seq 60); do
   [ "$(flwr supernode list fedsq-local --format json | grep -c '"online"')" -ge 2 ] && break; sleep 2
 done
 flwr supernode list fedsq-local
-flwr run . fedsq-local --stream --run-config "num-server-rounds=2 max-train-samples=2000 out-dir='$WORK/outputs'"
+flwr run . fedsq-local --stream --run-config "num-server-rounds=2 max-train-samples=2000 min-valid-replies=2 out-dir='$WORK/outputs'"
 flwr ls fedsq-local
+flwr ls fedsq-local --format json > "$WORK/runs.json"
 ls "$WORK"/outputs/*/results.json
+# The check that can fail: the run finished:completed and every round aggregated the silos' replies (a round
+# that kept the start model, e.g. two silos without min-valid-replies=2, is a failure, not a walk-through).
 python - <<'PY'
-import glob, json
-results = json.load(open(glob.glob(f"{__import__('os').environ['WORK']}/outputs/*/results.json")[0]))
-print("RESULT", results["validation_source"], [round(r["val_accuracy"], 4) for r in results["rounds"]],
-      "test", round(results["test_accuracy"], 4))
+import glob, json, os, sys
+work = os.environ["WORK"]
+runs = json.loads(open(f"{work}/runs.json").read()[open(f"{work}/runs.json").read().find("{"):])["runs"]
+results = json.load(open(glob.glob(f"{work}/outputs/*/results.json")[0]))
+rounds = results["rounds"]
+print("RESULT", results["validation_source"], [round(r["val_accuracy"], 4) for r in rounds],
+      "test", round(results["test_accuracy"], 4), "aggregated", [r["aggregated"] for r in rounds],
+      "accepted", [r["accepted"] for r in rounds], "status", [r["status"] for r in runs])
+if [r["status"] for r in runs] != ["finished:completed"]:
+    sys.exit(f"FAIL: the run did not end finished:completed: {[r['status'] for r in runs]}")
+if not rounds or not all(r["aggregated"] and r["accepted"] == 2 for r in rounds):
+    sys.exit("FAIL: a round aggregated nothing (it kept the previous model): "
+             f"{[(r['round'], r['aggregated'], r['accepted'], r['rejections']) for r in rounds]}")
 PY
-echo "== nothing was written into the checkout: $(find . -newer "$WORK/certs/ca.crt" | head -3 | wc -l) new paths"
+written=$(find . -newer "$WORK/certs/ca.crt" | head -3 | wc -l)
+echo "== nothing was written into the checkout: $written new paths"
+[ "$written" -eq 0 ] || { echo "FAIL: the walk-through wrote into the checkout"; exit 1; }
 echo "WALKTHROUGH OK"
 INNER
+grep -E "^(RESULT|FAIL|WALKTHROUGH OK)" "$WORK/walkthrough.log" || tail -20 "$WORK/walkthrough.log"
+[ "$status" -eq 0 ] || echo "walk-through FAILED (exit $status): $WORK/walkthrough.log" >&2
+exit "$status"
