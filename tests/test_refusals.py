@@ -1,11 +1,13 @@
 """Refusals: what a silo's error reply discloses (type and message, no traceback, no local paths unless its
 node config sets ``debug-replies=true``), what its own log says (WARNING, full detail), and a node refused
 for a reason that will not change (leakage, another S) is sampled no more, listed in results.json's
-``excluded_nodes``, while the run goes on with the others."""
+``excluded_nodes``, while the run goes on with the others. Last, a silo that stops stops whole:
+``fedsq-superexec --parent-pid`` ends with its SuperNode instead of retrying it."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from importlib import resources
 
@@ -21,6 +23,7 @@ from fedsq_app.core.strategy import FedSQ, bound_note
 from fedsq_app.core.wire import REFUSED, REFUSED_PERMANENTLY, disclosed_reason, redact_paths
 from fedsq_app.data.sources import read_idx, write_idx
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid, simulate_in_process
+from fedsq_app.harness.loopback import clean_env, free_port, tool
 
 
 def _embedded(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -180,3 +183,36 @@ def test_a_leaking_silo_is_refused_once_then_never_sampled_and_the_run_goes_on(f
     refused = [r.getMessage() for r in caplog.records
                if r.levelno == logging.WARNING and "refused the train message" in r.getMessage()]
     assert len(refused) == 1 and "for the rest of the run" in refused[0] and str(tmp_path) in refused[0]
+
+
+# ---------------------------------------------------------------------------------------------- the executor
+STOP_WITHIN_S = 20.0  # Flower's monitor looks every 0.2 s; the rest is the executor's own shutdown
+
+
+def test_the_warm_executor_stops_when_its_parent_is_gone(tmp_path):
+    """``fedsq-superexec --parent-pid`` (as docs/DEPLOYMENT.md starts it): its "SuperNode" (a sleep here) is
+    killed while the executor retries an absent Runtime API; the executor exits within ``STOP_WITHIN_S``."""
+    superexec = tool("fedsq-superexec")
+    assert superexec, "fedsq-superexec is not installed next to this interpreter (bash scripts/setup.sh)"
+    parent = subprocess.Popen(["sleep", "600"])
+    log = tmp_path / "superexec.log"
+    with open(log, "wb") as handle:
+        executor = subprocess.Popen([superexec, "--insecure", "--runtime-api-address", f"127.0.0.1:{free_port()}",
+                                     "--parent-pid", str(parent.pid), "--preload", "json"],
+                                    env=clean_env(tmp_path), stdout=handle, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(3.0)
+        assert executor.poll() is None, log.read_text()  # running (retrying) while its parent lives
+        parent.kill()
+        parent.wait()  # reaped: the PID is gone, as a stopped SuperNode's is
+        start = time.monotonic()
+        code = executor.wait(timeout=60)
+        took = time.monotonic() - start
+        print(f"\nfedsq-superexec exited {code} {took:.1f} s after its parent")
+        assert took < STOP_WITHIN_S, log.read_text()
+    finally:
+        for process in (executor, parent):  # only what this test started, by PID
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -8,11 +8,16 @@ seconds (validated by Flower), Flower's ``AutoExecPlugin`` turning each task and
 ``ExecutionSpec``. Only the executor differs: ``ForkExecutor`` (``warm_executor``) instead of
 ``SubprocessExecutor``. TLS to the SuperLink and node authentication stay the SuperNode's. No gRPC health
 server: gRPC's threads and ``fork()`` do not mix.
+
+``--parent-pid PID`` (the SuperNode's): stop when that process is gone, checked by Flower's monitor thread
+(every 0.2 s, also while a request to the Runtime API is being retried) and on every turn of the task loop.
+Without it the executor runs until it is stopped, retrying while its SuperNode is away.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from logging import ERROR, INFO
 
@@ -42,12 +47,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
     p.add_argument("--root-certificates", metavar="ROOT_CERT", help="CA bundle verifying the Runtime API")
-    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="exit when this process (the SuperNode) is gone; default: run until stopped")
     p.add_argument("--preload", action="append", default=None, metavar="MODULE",
                    help="a module imported once before any task (repeatable; default: torch)")
     add_superexec_auth_secret_args(p)
     add_args_runtime_dependency_install(p)
     return p
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this PID exists (a zombie still does, until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +102,7 @@ def serve(args: argparse.Namespace, executor: ForkExecutor, secret: bytes | None
                             root_certificates_path=args.root_certificates,
                             runtime_dependency_install=args.runtime_dependency_install, executor=executor)
     try:
-        while True:
+        while args.parent_pid is None or process_exists(args.parent_pid):
             executor.reconcile()
             task_types, fab_hashes = executor.get_eligible_capacity(set(plugin.supported_task_types))
             acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=task_types,
@@ -97,6 +114,7 @@ def serve(args: argparse.Namespace, executor: ForkExecutor, secret: bytes | None
                         result.message)
                 continue  # another task may be waiting (one per silo and round): ask again at once
             time.sleep(poll_s)
+        log(INFO, "fedsq-superexec: parent process %d (its SuperNode) is gone: stopping", args.parent_pid)
     finally:
         client.close()
         executor.close()
