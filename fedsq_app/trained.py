@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedsq_app.config import RunConfig
+from fedsq_app.config import REMOVED_KEYS, RunConfig
 from fedsq_app.core.dualcopy import travelling_module
 from fedsq_app.data.partitions import DatasetInfo
 from fedsq_app.data.tensors import InputSpec
@@ -116,8 +116,8 @@ def load_trained(path: str | Path, *, backbone: str | Path | None = None, device
     file does not fit the architecture (another class count, another model).
     """
     model_file, metadata = _locate(path)
-    try:
-        config = RunConfig.from_mapping(metadata["run_config"])
+    try:  # keys this version no longer has only steered training (trust settings): not needed to rebuild
+        config = RunConfig.from_mapping({k: v for k, v in metadata["run_config"].items() if k not in REMOVED_KEYS})
     except Exception as error:
         raise TrainedModelError(f"{model_file}: the recorded run config is not valid here ({error})") from error
     if config.strategy == "fedsq-warmup":
