@@ -164,7 +164,7 @@ def test_a_leaking_silo_is_refused_once_then_never_sampled_and_the_run_goes_on(f
              for i in range(3)]
     paths.append(make_silo(tmp_path / "silo-3", np.concatenate([images[450:570], pre_images[:OVERLAP]]),
                            np.concatenate([labels[450:570], pre_labels[:OVERLAP]])))
-    run = {"num-server-rounds": 3, "max-train-samples": 300, "out-dir": str(tmp_path / "out"), "run-name": "refusals",
+    run = {"num-server-rounds": 2, "max-train-samples": 300, "out-dir": str(tmp_path / "out"), "run-name": "refusals",
            "probe-size": 0, "min-available-nodes": 4, "min-train-nodes": 4}
     with caplog.at_level(logging.INFO):
         results = simulate_in_process(run, 4, node_configs=[{"data-path": p} for p in paths])
