@@ -184,7 +184,9 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         check_leakage(config, node)
         _, validation = node_splits(config, node)
         if validation is None:
-            return _error_reply(msg, "this node holds no validation data: the run config's fraction-evaluate is 0")
+            reason = "this node holds no validation data: the run config's fraction-evaluate is 0"
+            log(WARNING, "refused the %s message: %s", msg.metadata.message_type, reason)
+            return _error_reply(msg, reason)
         load_global_arrays(model, msg.content[wire.ARRAYS])
         loss, accuracy = evaluate(model, validation, spec, device=pick_device(config.device), amp=config.amp)
         metrics = MetricRecord({wire.EVAL_LOSS: loss, wire.EVAL_ACCURACY: accuracy,
