@@ -1,6 +1,12 @@
 """Loopback deployment end to end: TLS + SuperNode authentication, two silos, `flwr run` (Flower's SuperExec, then
 the warm `fedsq-superexec`), negative checks.
 
+The commands are docs/DEPLOYMENT.md's, read from the page (tests/docblocks.py): the walk-through's blocks
+("every-terminal", "terminal-1", "terminal-2-keys", "terminal-3-connection", "terminal-2-silos",
+"terminal-3-run"), the warm executor's ("warm-executor", "own-data") and the refused nodes' ("refused"), with
+free ports for 8000/909x and pytest's tmp dir for $WORK. A documented `flwr run` that does not aggregate every
+round (for two silos: without min-valid-replies=2) fails here.
+
 Everything listens on 127.0.0.1 (free ports picked at start); every process is started in its own
 process group and tracked by PID; the fixture teardown kills its whole process tree (Flower's SuperExec
 runs in a group of its own) and fails if anything survived. All waits share one deadline
@@ -44,12 +50,12 @@ from conftest import require_system
 from loopback import any_alive as _any_alive, descendants as _descendants, free_port as _free_port  # noqa: E402
 from loopback import free_ports as _free_ports, health_ok as _health_ok, _pgid  # noqa: E402
 from loopback import clean_env as _clean_env, tail as _tail, tool as _tool  # noqa: E402
-from loopback import SUPEREXEC_POLL_S  # noqa: E402
+from loopback import BIN, SUPEREXEC_POLL_S  # noqa: E402
+from docblocks import argv as doc_argv, script as doc_script  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEPLOY = REPO / "deploy"
 DEADLINE_S = float(os.environ.get("FEDSQ_DEPLOY_DEADLINE_S", "300"))  # the module; the warm run gets another
-CONNECTION = "fedsq-loopback"
+CONNECTION = "fedsq-local"  # the walk-through's connection (its terminal-3 blocks)
 ROUNDS = int(os.environ.get("FEDSQ_DEPLOY_ROUNDS", "2"))
 RUN_NAME = "deploy-e2e"
 
@@ -178,6 +184,26 @@ class Federation:
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return self.run([self.tools["flwr"], *args], self.user_env, timeout=timeout, cwd=REPO)
 
+    # ------------------------------------------------------------------ the page's commands
+    def doc_env(self, **extra: str) -> dict[str, str]:
+        """The variables the page's commands use: $WORK is this test's tmp dir."""
+        return dict(WORK=str(self.tmp), FLWR_HOME=str(self.tmp / "flwr-home" / "coordinator"), **extra)
+
+    def doc_shell(self, *scripts: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run the page's blocks (docblocks.script) in one bash, after its "every terminal first" block."""
+        activate = BIN / "activate"
+        first = doc_script("every-terminal", subs={"source .venv/bin/activate": f"source '{activate}'" if
+                                                   activate.is_file() else ":"})
+        env = dict(env or self.base_env, WORK=str(self.tmp), PYTHON=sys.executable, FLWR=self.tools["flwr"])
+        done = self.run(["bash", "-euo", "pipefail", "-c", first + "".join(scripts)], env, cwd=REPO)
+        assert done.returncode == 0, f"documented commands failed:\n{''.join(scripts)}\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def doc_command(self, block_id: str, start: str, **kwargs) -> list[str]:
+        """One documented command as an argument list, its program this environment's."""
+        argv = doc_argv(block_id, start, env=self.doc_env(), **kwargs)
+        return [self.tools.get(argv[0]) or _tool(argv[0]) or argv[0], *argv[1:]]
+
     # ------------------------------------------------------------------ SuperNodes
     def supernode_argv(self, key: Path | None, runtime_port: int, partition_id: int, tls: str = "ca",
                        max_retries: int | None = None, node_config: str | None = None) -> list[str]:
@@ -241,19 +267,22 @@ def _toml_value(value: object) -> str:
 SILO_SIZES = {"silo-1": 300, "silo-2": 700}
 
 
-def run_config_overrides(out_dir: Path, run_name: str = RUN_NAME, extra: dict | None = None) -> str:
-    """num-server-rounds, out-dir, run-name, plus the shrink/CPU keys where the app has them, plus ``extra``."""
+def run_config_overrides(documented: str, out_dir: Path, run_name: str = RUN_NAME) -> str:
+    """The page's --run-config as written, plus the test's keys it does not set: run-name, the operator's
+    silo sizes, and the CPU keys where the app has them. The page's keys (min-valid-replies=2 among them, or
+    the run does not aggregate) are never overridden."""
     keys = _app_config_keys()
-    # Two silos: the explicit two-silo mode. Their weights are the operator's, keyed by registered name.
+    # Two silos, the operator's weights keyed by registered name (a path on the coordinator: here, tmp).
     sizes = out_dir.parent / "silo-sizes.json"
     sizes.write_text(json.dumps(SILO_SIZES))
-    wanted: dict[str, object] = {"num-server-rounds": ROUNDS, "out-dir": str(out_dir), "run-name": run_name,
-                                 "min-valid-replies": 2, "silo-sizes": str(sizes), **(extra or {})}
-    missing = [key for key in wanted if key not in keys]
+    documented_keys = {part.split("=", 1)[0] for part in documented.split()}
+    wanted: dict[str, object] = {"run-name": run_name, "silo-sizes": str(sizes), "device": "cpu", "local-epochs": 1,
+                                 "max-train-samples": 1000}
+    missing = [key for key in [*documented_keys, "run-name", "silo-sizes"] if key not in keys]
     assert not missing, f"pyproject [tool.flwr.app.config] lacks {missing}; the deployment test needs them"
-    optional = {"max-train-samples": 1000, "device": "cpu", "local-epochs": 1}
-    wanted.update({key: value for key, value in optional.items() if key in keys})
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in wanted.items())
+    added = " ".join(f"{key}={_toml_value(value)}" for key, value in wanted.items()
+                     if key in keys and key not in documented_keys)
+    return f"{documented} {added}"
 
 
 # ---------------------------------------------------------------------------------------------- fixture
@@ -280,13 +309,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
 def _bring_up(fed: Federation, prepared_cache: Path | None) -> None:
     t0 = time.monotonic()
     tmp = fed.tmp
-    # Certificates and keys, made by the scripts the docs tell users to run.
+    # Certificates and keys: the walk-through's terminal 1 (all but fedsq-prepare, whose cache is the suite's,
+    # and the SuperLink, started below) and terminal 2's key block, as written; $WORK is tmp.
     fed.certs, fed.keys = tmp / "certs", tmp / "keys"
-    made = fed.run(["bash", str(DEPLOY / "make-certs.sh"), "--out", str(fed.certs), "--days", "2"], fed.base_env)
-    assert made.returncode == 0, made.stderr + made.stdout
-    made = fed.run(["bash", str(DEPLOY / "make-node-keys.sh"), "--out", str(fed.keys),
-                    "silo-1", "silo-2", "rogue"], dict(fed.base_env, PYTHON=sys.executable))
-    assert made.returncode == 0, made.stderr + made.stdout
+    fed.doc_shell(doc_script("terminal-1", skip=("fedsq-prepare", "flower-superlink")),
+                  doc_script("terminal-2-keys"))
+    assert (fed.certs / "ca.crt").is_file() and (fed.keys / "silo-2.pub").is_file()
 
     # The app's cache (embedded data + pretrained backbone): made once, copied to the coordinator and to
     # each silo, as the docs recommend (every party needs the same backbone: FedSQ checks S's hash).
@@ -301,16 +329,12 @@ def _bring_up(fed: Federation, prepared_cache: Path | None) -> None:
         shutil.copytree(prepared_cache, tmp / f"cache-{role}")
     fed.timings["prepare_s"] = time.monotonic() - t0
 
-    # SuperLink: TLS, node auth, persistent state, no runtime dependency installation.
+    # SuperLink (terminal 1): TLS, node auth, persistent state, no runtime dependency installation.
     fed.port = _free_port()
     t1 = time.monotonic()
-    link = fed.start("superlink", [
-        fed.tools["flower-superlink"], "--host", "127.0.0.1", "--port", str(fed.port),
-        "--database", str(tmp / "state.db"),
-        "--ssl-ca-certfile", str(fed.certs / "ca.crt"), "--ssl-certfile", str(fed.certs / "server.pem"),
-        "--ssl-keyfile", str(fed.certs / "server.key"),
-        "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-    ], fed.env("coordinator"))
+    link = fed.start("superlink", fed.doc_command("terminal-1", "flower-superlink",
+                                                  subs={"--port 8000": f"--port {fed.port}"}),
+                     fed.env("coordinator", FLWR_HOME=fed.doc_env()["FLWR_HOME"]))
     while not _health_ok(fed.port, fed.certs / "ca.crt"):
         if link.popen.poll() is not None:
             pytest.fail(f"SuperLink exited with {link.popen.returncode}:\n{_tail(link.log)}")
@@ -320,31 +344,24 @@ def _bring_up(fed: Federation, prepared_cache: Path | None) -> None:
         time.sleep(0.3)
     fed.timings["superlink_start_s"] = time.monotonic() - t1
 
-    # The user's machine: a connection in $FLWR_HOME/config.toml (never in pyproject.toml).
-    fed.user_env = fed.env("user")
-    config = (
-        "[superlink]\n"
-        f'default = "{CONNECTION}"\n\n'
-        f"[superlink.{CONNECTION}]\n"
-        f'address = "127.0.0.1:{fed.port}"\n'
-        f'root-certificates = "{fed.certs / "ca.crt"}"\n'
-    )
-    (Path(fed.user_env["FLWR_HOME"]) / "config.toml").write_text(config)
-
-    # Register the two silos' public keys (the rogue key stays unregistered).
-    registered = fed.run(["bash", str(DEPLOY / "register-node-keys.sh"), CONNECTION,
-                          str(fed.keys / "silo-1.pub"), str(fed.keys / "silo-2.pub")],
-                         dict(fed.user_env, FLWR=fed.tools["flwr"]), cwd=REPO)
-    assert registered.returncode == 0, registered.stderr + registered.stdout
+    # The user (terminal 3): the connection in $WORK/flwr-home/user/config.toml (never in pyproject.toml), and
+    # the two silos' public keys registered (the rogue key of the refused-node block stays unregistered).
+    fed.user_env = fed.env("user", FLWR_HOME=str(tmp / "flwr-home" / "user"))
+    registered = fed.doc_shell(doc_script("terminal-3-connection", subs={"127.0.0.1:8000": f"127.0.0.1:{fed.port}"}),
+                               env=fed.user_env)
+    assert (Path(fed.user_env["FLWR_HOME"]) / "config.toml").is_file()
     for silo in ("silo-1", "silo-2"):
         found = re.search(rf"{silo} registered, node ID (\d+)", registered.stdout)
         assert found, registered.stdout
         fed.node_ids[silo] = found.group(1)
 
-    # Two authenticated SuperNodes, each with its own partition of the data.
+    # Two authenticated SuperNodes, each with its own partition of the data (terminal 2).
     runtime_ports = _free_ports(2)
     for index, silo in enumerate(("silo-1", "silo-2")):
-        fed.start(silo, fed.supernode_argv(fed.keys / silo, runtime_ports[index], index), fed.env(silo))
+        argv = fed.doc_command("terminal-2-silos", "flower-supernode", nth=index,
+                               subs={"127.0.0.1:8000": f"127.0.0.1:{fed.port}",
+                                     f"--port {9094 + index}": f"--port {runtime_ports[index]}"})
+        fed.start(silo, argv, fed.env(silo))
     t2 = time.monotonic()
     _wait_online(fed, t2)
     fed.timings["supernodes_online_s"] = time.monotonic() - t2
@@ -367,28 +384,38 @@ def _wait_online(fed: Federation, t0: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def _run_to_completion(fed: Federation, run_name: str, extra: dict | None = None) -> tuple[dict, str, float]:
-    """`flwr run` the app; assert it ends `finished:completed` with every round aggregating both silos.
-    Returns (results.json, the run's log, wall seconds)."""
-    out_dir = fed.tmp / "outputs"
-    overrides = run_config_overrides(out_dir, run_name, extra)
-    t0 = time.monotonic()
-    started = fed.flwr("run", ".", CONNECTION, "--run-config", overrides, "--format", "json", timeout=120)
-    assert started.returncode == 0, started.stdout + started.stderr
-    run_id = _json_from(started.stdout)["run-id"]
-    assert run_id, started.stdout
+def _documented_run(block_id: str, out_dir: Path, run_name: str) -> list[str]:
+    """The block's `flwr run ... --stream --run-config "..."` as written ($WORK = tmp), with the test's
+    rounds and the keys it adds (``run_config_overrides``)."""
+    argv = doc_argv(block_id, "flwr run", env={"WORK": str(out_dir.parent)},
+                    subs={"num-server-rounds=2": f"num-server-rounds={ROUNDS}"})
+    assert argv[1:4] == ["run", ".", CONNECTION] and "--stream" in argv, argv
+    at = argv.index("--run-config") + 1
+    argv[at] = run_config_overrides(argv[at], out_dir, run_name)
+    return argv[1:]
 
-    # Follow the log until the run ends (one CLI process instead of a polling loop), then ask the
-    # SuperLink: `flwr run --stream` / `flwr log` exit 0 even for failed runs, the status is the truth.
+
+def _run_to_completion(fed: Federation, run_name: str, block_id: str = "terminal-3-run") -> tuple[dict, str, float]:
+    """The page's `flwr run` (``block_id``); assert it ends `finished:completed` with every round aggregating
+    both silos. Returns (results.json, the run's log, wall seconds)."""
+    out_dir = fed.tmp / "outputs"
+    documented = _documented_run(block_id, out_dir, run_name)
+    t0 = time.monotonic()
+    # `flwr run --stream` follows the log until the run ends; then the page's `flwr ls --run-id <run-id> ...
+    # --format json`: `--stream` exits 0 even for failed runs, the status is the truth.
     try:
-        streamed = fed.flwr("log", str(run_id), CONNECTION, "--stream", timeout=max(fed.remaining() - 20, 5))
-        log = streamed.stdout
+        streamed = fed.flwr(*documented, timeout=max(fed.remaining() - 20, 5))
+        log = streamed.stdout + streamed.stderr
     except subprocess.TimeoutExpired as expired:
-        log = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (
-            expired.stdout or "")
+        log = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                      for part in (expired.stdout, expired.stderr))
+    started = re.search(r"Successfully started run (\d+)", log)
+    assert started, f"`flwr {' '.join(documented)}` started no run:\n{log[-4000:]}"
+    run_id = started.group(1)
+    listing = doc_argv("terminal-3-run", "flwr ls --run-id", subs={"<run-id>": run_id})
     status = ""
     for _ in range(10):
-        listed = fed.flwr("ls", "--run-id", str(run_id), CONNECTION, "--format", "json")
+        listed = fed.flwr(*listing[1:])
         if listed.returncode == 0:
             status = _json_from(listed.stdout)["runs"][0]["status"]
             if status.startswith("finished") or fed.deadline - time.monotonic() < 10:
@@ -396,6 +423,8 @@ def _run_to_completion(fed: Federation, run_name: str, extra: dict | None = None
         time.sleep(3.0)
     wall_s = time.monotonic() - t0
     (fed.tmp / "logs" / f"run-{run_name}.log").write_text(log)
+    shown = fed.flwr(*doc_argv("terminal-3-run", "flwr log", subs={"<run-id>": run_id})[1:])
+    assert shown.returncode == 0, shown.stdout + shown.stderr
     assert status == "finished:completed", (
         f"run {run_id} status {status!r}\n--- run log ---\n{log[-4000:]}\n"
         f"--- superlink ---\n{_tail(fed.procs[0].log)}")
@@ -407,7 +436,7 @@ def _run_to_completion(fed: Federation, run_name: str, extra: dict | None = None
     assert len(rounds) == ROUNDS, rounds
     weights = {int(fed.node_ids[silo]): size for silo, size in SILO_SIZES.items()}
     for record in rounds:  # both silos trained and were aggregated in every round, with the operator's weights
-        assert record["accepted"] == 2 and record["weights_from"] == "silo-sizes", record
+        assert record["aggregated"] and record["accepted"] == 2 and record["weights_from"] == "silo-sizes", record
         assert {r["node_id"]: r["weight"] for r in record["replies"]} == weights, record["replies"]
     return results, log, wall_s
 
@@ -418,7 +447,7 @@ def test_fedsq_run_completes_over_tls_with_node_auth(federation: Federation) -> 
     round_times = [r.get("wall_time_s") for r in results["rounds"]]
     logged = [float(s) for s in re.findall(r"round \d+: .*\((\d+(?:\.\d+)?)s\)", log)]
     report = dict(fed.timings, run_wall_s=wall_s, round_wall_s=round_times, round_wall_s_from_log=logged,
-                  rounds=ROUNDS, overrides=run_config_overrides(fed.tmp / "outputs", RUN_NAME))
+                  rounds=ROUNDS, command=_documented_run("terminal-3-run", fed.tmp / "outputs", RUN_NAME))
     print("\nloopback deployment timings:", json.dumps(report))
     if os.environ.get("FEDSQ_DEPLOY_REPORT"):
         Path(os.environ["FEDSQ_DEPLOY_REPORT"]).write_text(json.dumps(report, indent=2))
@@ -426,8 +455,9 @@ def test_fedsq_run_completes_over_tls_with_node_auth(federation: Federation) -> 
 
 def test_unregistered_supernode_is_refused(federation: Federation) -> None:
     fed = federation
-    rogue = fed.start("rogue", fed.supernode_argv(fed.keys / "rogue", _free_port(), 0, max_retries=1),
-                      fed.env("rogue"))
+    fed.doc_shell(doc_script("refused", skip=("flower-supernode",)))  # the rogue's key pair, never registered
+    rogue = fed.start("rogue", fed.doc_command("refused", "flower-supernode", nth=0, subs={
+        "127.0.0.1:8000": f"127.0.0.1:{fed.port}", "--port 9196": f"--port {_free_port()}"}), fed.env("rogue"))
     code = fed.wait_exit(rogue, 60)
     log = _tail(rogue.log)
     assert code is not None and code != 0, f"unregistered SuperNode still running or exited 0:\n{log}"
@@ -443,8 +473,8 @@ def test_unregistered_supernode_is_refused(federation: Federation) -> None:
 def test_supernode_without_ca_certificate_cannot_connect(federation: Federation) -> None:
     fed = federation
     # A registered key, but no --root-certificates: the system trust store does not know the demo CA.
-    stray = fed.start("no-ca", fed.supernode_argv(fed.keys / "silo-1", _free_port(), 0, tls="system",
-                                                  max_retries=1), fed.env("no-ca"))
+    stray = fed.start("no-ca", fed.doc_command("refused", "flower-supernode", nth=1, subs={
+        "127.0.0.1:8000": f"127.0.0.1:{fed.port}", "--port 9197": f"--port {_free_port()}"}), fed.env("no-ca"))
     code = fed.wait_exit(stray, 60)
     log = _tail(stray.log)
     assert code is not None and code != 0, f"SuperNode without the CA still running or exited 0:\n{log}"
@@ -516,15 +546,23 @@ def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> N
     runtime_ports = _free_ports(2)
     for index, silo in enumerate(("silo-1", "silo-2")):
         env = fed.env(silo)  # the silo's FLWR_HOME and cache: the FAB it installed before is found there
-        argv = fed.supernode_argv(fed.keys / silo, runtime_ports[index], index,
-                                  node_config=node_configs[silo]) + ["--isolation", "process"]
-        fed.start(f"{silo}-warm", argv, env)
-        fed.start(f"{silo}-superexec", [superexec, "--insecure", "--runtime-api-address",
-                                        f"127.0.0.1:{runtime_ports[index]}"], env)
+        # The page's warm-executor block, its placeholders put in: coordinator, CA, key, port, node config.
+        node = fed.start(f"{silo}-warm", fed.doc_command("warm-executor", "flower-supernode", subs={
+            "coord.example.org:8000": f"127.0.0.1:{fed.port}", "/path/to/ca.crt": str(fed.certs / "ca.crt"),
+            "/etc/fedsq/keys/silo-a": str(fed.keys / silo), "--port 9094": f"--port {runtime_ports[index]}",
+            "data-path='/srv/silo-a/images'": node_configs[silo]}), env)
+        argv = fed.doc_command("warm-executor", "fedsq-superexec", subs={
+            "127.0.0.1:9094": f"127.0.0.1:{runtime_ports[index]}"}, optional={"$!": str(node.popen.pid)})
+        assert argv[0] == superexec, argv
+        fed.start(f"{silo}-superexec", argv, env)
     _wait_online(fed, time.monotonic())
-    results, log, _ = _run_to_completion(fed, f"{RUN_NAME}-warm",
-                                         {"fraction-evaluate": 1.0, "server-validation": False})
+    # The page's own-data run: fraction-evaluate=1.0 server-validation=false, as written.
+    results, log, _ = _run_to_completion(fed, f"{RUN_NAME}-warm", block_id="own-data")
     assert results["validation_source"].startswith("nodes:") and "validation from the nodes" in log
+    # silo-sizes: silo-1 (300 images, 268 after its hold-out) is as registered; silo-2 (425 images, registered
+    # as 700) reports far fewer than 700 less the hold-out, and the ServerApp says so at WARNING.
+    flagged = set(re.findall(r"node (\d+): reported \d+ training examples, but silo-sizes says", log))
+    assert flagged == {fed.node_ids["silo-2"]}, flagged
     expected = {fed.node_ids["silo-1"]: 32, fed.node_ids["silo-2"]: 42}  # their 10 % hold-outs (per label, rounded)
     curve = []
     for record in [results["initial"], *results["rounds"]]:
