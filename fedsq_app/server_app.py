@@ -198,7 +198,8 @@ def node_validation(run: Run, server_round: int, grid: Grid) -> dict | None:
 
 def validate(run: Run, nodes: dict | None) -> tuple[float | None, float | None]:
     """(loss, accuracy) this round is judged by: the server's validation split, or with
-    ``server-validation=false`` the nodes' sample-weighted accuracy (None when no node reply counted)."""
+    ``server-validation=false`` the nodes' accuracy averaged with the server's weights for them (None when no
+    node reply counted)."""
     if run.config.server_validation:
         return evaluate(run.model, run.validation, run.start.spec, device=run.device)
     return (nodes or {}).get("loss"), (nodes or {}).get("accuracy")
