@@ -79,7 +79,7 @@ def curves(results: dict, points: list[dict]) -> str:
 
 
 def node_accuracy(points: list[dict], nodes: list, label: dict) -> str:
-    """Each node's accuracy on its own validation data, and the sample-weighted mean, per round."""
+    """Each node's accuracy on its own validation data, and their mean under the server's weights, per round."""
     x = [p["round"] for p in points]
     figure = new_figure(11, 3.4)
     axes = figure.subplots()
@@ -87,7 +87,7 @@ def node_accuracy(points: list[dict], nodes: list, label: dict) -> str:
         ys = [((p["node_validation"].get("nodes") or {}).get(node) or {}).get("accuracy") for p in points]
         axes.plot(x, _gaps(ys), "o-", color=f"C{i % 10}", linewidth=1, markersize=4, label=label[node])
     weighted = [p["node_validation"].get("accuracy") for p in points]
-    axes.plot(x, _gaps(weighted), "kD--", linewidth=2, markersize=4, label="sample-weighted")
+    axes.plot(x, _gaps(weighted), "kD--", linewidth=2, markersize=4, label="mean (server's weights)")
     axes.set(xlabel="round", ylabel="accuracy", title="Each node's accuracy on its own validation data")
     axes.grid(alpha=0.3)
     _round_axis(axes, x)

@@ -82,8 +82,8 @@ def node_validation(results: dict, rounds: list[dict]) -> str:
             cells.append(f"{pct(entry.get('accuracy'))} ({num(entry.get('num_examples'))})" if entry else "—")
         cells.append(num(len(validation.get("rejected") or [])))
         rows.append(cells)
-    body.append(table(["round", "weighted accuracy", "samples"] + [label[n] for n in nodes] + ["rejected"], rows,
-                      numeric=set(range(len(nodes) + 4))))
+    header = ["round", "mean (server's weights)", "samples"] + [label[n] for n in nodes] + ["rejected"]
+    body.append(table(header, rows, numeric=set(range(len(nodes) + 4))))
     body.append(note("Each cell: the node's accuracy on its own held-out data (its sample count); "
                      "the server cannot check these figures, it can only screen them."))
     return section("Each node's own validation", "".join(body))
