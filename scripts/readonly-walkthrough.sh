@@ -9,7 +9,8 @@
 #
 # The copy is made with `cp -r` and `chmod -R a-w`; since permission bits do not stop root, the commands
 # also run in a private mount namespace (`unshare -m`) with the copy bind-mounted read-only, so any write
-# into it fails with EROFS whoever runs this. Differences from the page, all for a shared test machine:
+# into it fails with EROFS whoever runs this. The commands are the page's, read from docs/DEPLOYMENT.md
+# (`python3 tests/docblocks.py` prints them). Differences from the page, all for a shared test machine:
 # free ports instead of 8000/9094/9095 (SUPERLINK_PORT, ...), `fedsq-prepare --epochs $PREPARE_EPOCHS`
 # (default 1; the page's 8 only take longer), PYTHONPATH=<copy> (so a venv that installed another
 # checkout in editable mode runs this copy's code), and the terminals' commands run one after another
@@ -39,70 +40,13 @@ trap cleanup EXIT
 if touch .write-probe 2>/dev/null; then echo "FAIL: the checkout copy is writable"; exit 1; fi
 echo "== checkout $RO is read-only; WORK=$WORK"
 
-# ---- every terminal first
-source .venv/bin/activate
-export PYTHONPATH=$PWD
-export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export WORK=${WORK:-/tmp/fedsq-work}
-export FEDSQ_CACHE_DIR=$WORK/cache/fedsq MPLCONFIGDIR=$WORK/cache/matplotlib
-export FEDSQ_CERTS_DIR=$WORK/certs FEDSQ_KEYS_DIR=$WORK/keys
+# ---- the page's walk-through, read from docs/DEPLOYMENT.md (tests/docblocks.py: its marked blocks in order,
+# free ports for 8000/9094/9095, long-running processes in the background with their PIDs in pids)
 mkdir -p "$WORK"
-
-# ---- terminal 1, the coordinator
-export FLWR_HOME=$WORK/flwr-home/coordinator
-mkdir -p "$FLWR_HOME"
-deploy/make-certs.sh
-python -c "from fedsq_app.tools.pretrain import prepare_main; prepare_main()" --epochs "$PREPARE_EPOCHS"  # = fedsq-prepare
-flower-superlink --host 127.0.0.1 --port "$SUPERLINK_PORT" \
-  --database "$FLWR_HOME/state.db" \
-  --ssl-ca-certfile "$WORK/certs/ca.crt" \
-  --ssl-certfile "$WORK/certs/server.pem" \
-  --ssl-keyfile "$WORK/certs/server.key" \
-  --enable-supernode-auth \
-  --disable-runtime-dependency-installation > "$WORK/superlink.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 60); do grep -q "Uvicorn running on https://127.0.0.1:$SUPERLINK_PORT" "$WORK/superlink.log" && break; sleep 1; done
-grep "Uvicorn running" "$WORK/superlink.log"
-
-# ---- terminal 2, the silos: keys
-export FLWR_HOME=$WORK/flwr-home/silos
-deploy/make-node-keys.sh silo-1 silo-2
-
-# ---- terminal 3, the user: connection and registration
-export FLWR_HOME=$WORK/flwr-home/user
-mkdir -p "$FLWR_HOME"
-cat > "$FLWR_HOME/config.toml" <<TOML
-[superlink]
-default = "fedsq-local"
-
-[superlink.fedsq-local]
-address = "127.0.0.1:$SUPERLINK_PORT"
-root-certificates = "$WORK/certs/ca.crt"
-TOML
-deploy/register-node-keys.sh fedsq-local "$WORK/keys/silo-1.pub" "$WORK/keys/silo-2.pub"
-flwr supernode list fedsq-local
-
-# ---- terminal 2 again: both silos
-export FLWR_HOME=$WORK/flwr-home/silos
-flower-supernode --superlink "127.0.0.1:$SUPERLINK_PORT" --root-certificates "$WORK/certs/ca.crt" \
-  --auth-supernode-private-key "$WORK/keys/silo-1" --port "$SILO1_PORT" \
-  --node-config "partition-id=0 num-partitions=2" > "$WORK/silo-1.log" 2>&1 &
-pids+=($!)
-flower-supernode --superlink "127.0.0.1:$SUPERLINK_PORT" --root-certificates "$WORK/certs/ca.crt" \
-  --auth-supernode-private-key "$WORK/keys/silo-2" --port "$SILO2_PORT" \
-  --node-config "partition-id=1 num-partitions=2" > "$WORK/silo-2.log" 2>&1 &
-pids+=($!)
-
-# ---- terminal 3: run FedSQ
-export FLWR_HOME=$WORK/flwr-home/user
-for _ in $(seq 60); do
-  [ "$(flwr supernode list fedsq-local --format json | grep -c '"online"')" -ge 2 ] && break; sleep 2
-done
-flwr supernode list fedsq-local
-flwr run . fedsq-local --stream --run-config "num-server-rounds=2 max-train-samples=2000 min-valid-replies=2 out-dir='$WORK/outputs'"
-flwr ls fedsq-local
+python3 tests/docblocks.py > "$WORK/walkthrough-commands.sh"
+echo "== running docs/DEPLOYMENT.md's walk-through ($WORK/walkthrough-commands.sh)"
+source "$WORK/walkthrough-commands.sh"
 flwr ls fedsq-local --format json > "$WORK/runs.json"
-ls "$WORK"/outputs/*/results.json
 # The check that can fail: the run finished:completed and every round aggregated the silos' replies (a round
 # that kept the start model, e.g. two silos without min-valid-replies=2, is a failure, not a walk-through).
 python - <<'PY'
