@@ -13,6 +13,7 @@ from pathlib import Path
 from fedsq_app.config import ConfigError, RunConfig
 from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.runtime.strategies import STRATEGIES
+from fedsq_app.tools.bench.cluster import run_grid_on_ray
 from fedsq_app.tools.bench.grid import Cell, run_grid
 from fedsq_app.tools.bench.presets import PRESETS, Preset, Setup
 from fedsq_app.tools.bench.report import write_report
@@ -146,14 +147,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="any run-config key for every cell, TOML values as flwr run --run-config takes them "
                              "(lr=0.01, pretrained='/path' or pretrained=/path); wins over the preset")
     parser.add_argument("--engine", choices=("inprocess", "ray"),
-                        help="inprocess: the apps called in this process, no Ray (CPU grids; the preset's "
+                        help="how a cell simulates its federation (not where cells run: see --ray-address). "
+                             "inprocess: the apps called in this process, no Ray (CPU grids; the preset's "
                              "default except 'paper'); ray: Flower's simulation engine (GPUs, num-cpus)")
-    parser.add_argument("--threads", type=int, help="torch threads in this process (1 on a shared CPU)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs given to the simulation")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="run the cells on a Ray cluster, each cell a Ray task of --num-cpus CPUs (and "
+                             "--gpus-per-cell GPUs) simulating in-process: 'auto' (the cluster `ray start` "
+                             "made on this machine), 'host:port' or 'ray://host:port'. Resumes and gives the "
+                             "figures a local run gives (same --threads); without a shared output folder each "
+                             "cell's files come back to this driver (docs/RESULTS.md). Default: this process")
+    parser.add_argument("--threads", type=int, help="torch threads in this process (1 on a shared CPU); with "
+                                                    "--ray-address, in each cell's task too")
+    parser.add_argument("--num-cpus", type=int, help="CPUs given to the simulation (with --ray-address: each "
+                                                     "cell's Ray task reserves this many)")
     parser.add_argument("--gpus-per-client", type=float)
+    parser.add_argument("--gpus-per-cell", type=float, default=0.0,
+                        help="with --ray-address: GPUs each cell's Ray task reserves (default 0: CPU only)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round logs")
     args = parser.parse_args(argv)
+    if args.ray_address and args.engine == "ray":
+        raise SystemExit("--ray-address runs each cell as a Ray task with the in-process engine; "
+                         "Flower's Ray engine (--engine ray) cannot run nested inside it")
+    if args.ray_address and not args.engine and PRESETS[args.preset].engine != "inprocess":
+        print(f"--ray-address: the cells simulate in-process (preset '{args.preset}' uses engine "
+              f"'{PRESETS[args.preset].engine}' locally)")
+        args.engine = "inprocess"
     if args.threads:
         import torch
 
@@ -164,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     command = "fedsq-bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     start = time.time()
     if not args.report_only:
-        log = run_grid(preset, out, verbose=args.verbose)
+        if args.ray_address:
+            log = run_grid_on_ray(preset, out, args.ray_address, verbose=args.verbose,
+                                  gpus_per_cell=args.gpus_per_cell)
+        else:
+            log = run_grid(preset, out, verbose=args.verbose)
         print(f"ran {len(log['ran'])} cells, skipped {len(log['skipped'])} finished ones, "
               f"{len(log['failed'])} failed")
         for name, error in log["failed"]:

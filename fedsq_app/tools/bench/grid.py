@@ -2,8 +2,9 @@
 
 strategies × partitions (IID, Dirichlet α) × local epochs × seeds × model/dataset setups. Every cell is a
 real Flower simulation of the project's own ServerApp and ClientApp (``fedsq_app.harness.simulation.simulate``),
-run one after another. A cell is done when its ``results.json`` holds ``test_accuracy``; done cells are
-skipped, so an interrupted grid continues where it stopped.
+run one after another (or as Ray tasks on a cluster: ``--ray-address``, ``cluster.py``). A cell is done
+when its ``results.json`` holds ``test_accuracy``; done cells are skipped, so an interrupted grid continues
+where it stopped.
 
 FedProx's μ is tuned first (on the first seed, over ``mu_grid``); the best μ by BVA then runs on every
 seed, so the FedProx row is the tuned baseline.
@@ -125,7 +126,8 @@ def main_cells(preset: Preset, cells_dir: Path) -> list[Cell]:
 
 # ---------------------------------------------------------------------------------------------- running
 def run_grid(preset: Preset, out: Path, *, verbose: bool = False, simulate_fn=None) -> dict:
-    """Run every cell not yet done; returns {"ran": [...], "skipped": [...], "failed": [(name, error)]}."""
+    """Run every cell not yet done, one after another in this process; returns {"ran": [...], "skipped": [...],
+    "failed": [(name, error)]}. On a Ray cluster: ``fedsq_app.tools.bench.cluster.run_grid_on_ray``."""
     from tqdm.auto import tqdm
 
     if simulate_fn is None and preset.engine == "inprocess":
