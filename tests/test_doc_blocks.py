@@ -47,3 +47,49 @@ def test_commands_join_continuations_and_keep_here_documents():
     text = "export A=1  # note\n# only a comment\nflower-supernode --a 1 \\\n  --b 2\ncat > f <<TOML\nx = 1\nTOML\nls\n"
     assert commands(text) == ["export A=1  # note", "flower-supernode --a 1  --b 2", "cat > f <<TOML\nx = 1\nTOML",
                               "ls"]
+
+
+def test_every_command_block_parses_as_bash():
+    import subprocess
+
+    for block in blocks().values():
+        parsed = subprocess.run(["bash", "-n"], input=block.body, text=True, capture_output=True, timeout=30)
+        assert parsed.returncode == 0, f"block {block.id} (line {block.line}): {parsed.stderr}"
+
+
+def _options(args: list[str]) -> set[str]:
+    return {arg for arg in args if arg.startswith("--")}
+
+
+def test_the_four_silo_loop_is_the_warm_executor_block_four_times(tmp_path):
+    """Not deployed here (minutes), but run dry: its flower-supernode / fedsq-superexec / flwr are shell
+    functions that record their arguments and environment. Four silos on ports 9094..9097, each SuperNode with
+    the warm-executor block's options (--isolation process among them) and its own fedsq-superexec on its
+    port, stopped with it (--parent-pid), with the task poll and one thread each."""
+    import shlex
+    import subprocess
+
+    from docblocks import argv, block
+
+    record = 'echo "$FLWR_SUPEREXEC_TASK_POLL_INTERVAL $OMP_NUM_THREADS $*"'
+    prelude = "\n".join([f"flower-supernode() {{ {record}; }}", f"fedsq-superexec() {{ {record}; }}",
+                         f"flwr() {{ {record} > \"$WORK/flwr-run.txt\"; }}"])
+    body = "\n".join(line for line in block("four-silos").body.splitlines()
+                     if not line.startswith(("deploy/make-node-keys.sh", "deploy/register-node-keys.sh")))
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", f"{prelude}\n{body}\nwait"], text=True,
+                          capture_output=True, env={"WORK": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    warm_node = _options(argv("warm-executor", "flower-supernode"))
+    warm_exec = _options(argv("warm-executor", "fedsq-superexec", optional={"$!": "1"}))
+    for i in range(1, 5):
+        node = shlex.split((tmp_path / f"silo-{i}.log").read_text())
+        executor = shlex.split((tmp_path / f"superexec-{i}.log").read_text())
+        assert node[:2] == ["0.1", "1"] and executor[:2] == ["0.1", "1"], (node, executor)  # poll, threads
+        assert _options(node) == warm_node and _options(executor) == warm_exec, (node, executor)
+        port = node[node.index("--port") + 1]
+        assert port == str(9093 + i) and node[node.index("--isolation") + 1] == "process"
+        assert executor[executor.index("--runtime-api-address") + 1] == f"127.0.0.1:{port}"
+        assert executor[executor.index("--parent-pid") + 1].isdigit()
+        assert node[node.index("--auth-supernode-private-key") + 1] == f"{tmp_path}/keys/silo-{i}"
+    run = (tmp_path / "flwr-run.txt").read_text()
+    assert "min-available-nodes=4" in run and "min-train-nodes=4" in run, run
