@@ -2,9 +2,11 @@
 
 Both nodes are ``ray start --block`` processes of this test, each the leader of its own process group, so
 they stop by PID (the group, then any process left naming this test's Ray temp dir), never by ``ray stop``
-(which stops every Ray on the machine). Checks: the cells ran as Ray tasks on the cluster's nodes, a
-rerun skips them, the path without a shared output folder (files sent back) works, and each cell's
-results.json has the digest (timings dropped) of a local run of the same cell.
+(which stops every Ray on the machine). The nodes advertise 127.0.0.1, but Ray 2.55's GCS server and raylets
+listen on every interface (it has no option to restrict them); the cluster lives only as long as the test.
+Checks: the cells ran as Ray tasks on the cluster's nodes, a rerun skips them, the path without a shared
+output folder (files sent back) works, and each cell's results.json has the digest (timings dropped) of a
+local run of the same cell.
 """
 
 import contextlib
