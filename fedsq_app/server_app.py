@@ -34,7 +34,7 @@ from fedsq_app.runtime.train import evaluate, pick_device
 from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, validation_source
 from fedsq_app.runtime.waiting import send_and_receive
 from fedsq_app.runtime.warmup import switch_to_structural
-from fedsq_app.runtime.weighting import check_federation, weight_policy
+from fedsq_app.runtime.weighting import check_federation, size_mismatch_of, weight_policy
 from fedsq_app.task import (StartModel, build_start_model, global_arrays, load_global_arrays, model_metadata,
                             trainable_model)
 from fedsq_app.util import ConfigError, write_atomic
@@ -42,14 +42,18 @@ from fedsq_app.util import ConfigError, write_atomic
 app = ServerApp()
 
 
-def reply_record(outcome: ReplyOutcome, round_start: float) -> dict:
+def reply_record(outcome: ReplyOutcome, round_start: float, size_mismatch: str | None = None) -> dict:
     """One reply in results.json: who sent it, what it claimed, what the server did with it, and when it
-    was created relative to the round's start (by the node's clock: skew between machines shows here)."""
+    was created relative to the round's start (by the node's clock: skew between machines shows here).
+    ``size_mismatch``: why its reported count is far from its silo-sizes entry, recorded only when it is."""
     created = outcome.created_at
-    return {"node_id": outcome.node_id, "num_examples": outcome.num_examples, "weight": outcome.weight,
-            "clip_scale": outcome.clip_scale, "bn_clamped": outcome.bn_clamped,
-            "train_loss": outcome.train_loss, "accepted": outcome.accepted, "reason": outcome.reason or None,
-            "reply_time_s": round(created - round_start, 3) if created else None}
+    record = {"node_id": outcome.node_id, "num_examples": outcome.num_examples, "weight": outcome.weight,
+              "clip_scale": outcome.clip_scale, "bn_clamped": outcome.bn_clamped,
+              "train_loss": outcome.train_loss, "accepted": outcome.accepted, "reason": outcome.reason or None,
+              "reply_time_s": round(created - round_start, 3) if created else None}
+    if size_mismatch:
+        record["size_mismatch"] = size_mismatch
+    return record
 
 
 def label_report(data_key: DataKey, accepted: list, num_nodes: int, out_dir: Path) -> dict:
@@ -306,7 +310,8 @@ def round_record(run: Run, server_round: int, messages: list, replies: list, agg
         "rejected": len(checked.rejected) if checked else 0,
         "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
         "clip_bound": checked.clip_bound if checked else None,
-        "replies": [reply_record(o, round_start) for o in _content_order(checked.outcomes)] if checked else [],
+        "replies": [reply_record(o, round_start, size_mismatch_of(run.strategy.weigh, o.node_id))
+                    for o in _content_order(checked.outcomes)] if checked else [],
         "aggregated": aggregated, "wall_time_s": time.time() - round_start,
     }
 

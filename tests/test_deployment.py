@@ -567,6 +567,8 @@ def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> N
     # as 700) reports far fewer than 700 less the hold-out, and the ServerApp says so at WARNING.
     flagged = set(re.findall(r"node (\d+): reported \d+ training examples, but silo-sizes says", log))
     assert flagged == {fed.node_ids["silo-2"]}, flagged
+    recorded = {str(r["node_id"]) for rnd in results["rounds"] for r in rnd["replies"] if r.get("size_mismatch")}
+    assert recorded == {fed.node_ids["silo-2"]}, recorded  # and results.json names it in each of its replies
     expected = {fed.node_ids["silo-1"]: 32, fed.node_ids["silo-2"]: 42}  # their 10 % hold-outs (per label, rounded)
     curve = []
     for record in [results["initial"], *results["rounds"]]:

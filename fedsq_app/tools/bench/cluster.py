@@ -35,6 +35,7 @@ from pathlib import Path
 
 from fedsq_app.tools.bench.grid import Cell, load_results, main_cells, tuning_cells
 from fedsq_app.tools.bench.presets import Preset
+from fedsq_app.util import write_atomic
 
 TOKEN_FILE = ".fedsq-bench-driver"  # in <out>/cells while a driver runs: a task that sees it shares the folder
 TASK_FILE = "ray_task.json"  # where and how a cell's task ran
@@ -101,10 +102,8 @@ def write_cell(cell_dir: Path, reply: dict) -> None:
     cell_dir.mkdir(parents=True, exist_ok=True)
     files = reply["files"] or {}
     for name in sorted(files, key=lambda n: n == "results.json"):
-        part = cell_dir / f".{name}.part"
-        part.write_bytes(files[name])
-        os.replace(part, cell_dir / name)
-    (cell_dir / TASK_FILE).write_text(json.dumps(reply["where"], indent=2))
+        write_atomic(cell_dir / name, files[name])
+    write_atomic(cell_dir / TASK_FILE, json.dumps(reply["where"], indent=2))
 
 
 def run_grid_on_ray(preset: Preset, out: Path, address: str, *, verbose: bool = False, threads: int | None = None,
