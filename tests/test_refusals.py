@@ -99,7 +99,7 @@ def test_an_excluded_node_is_not_sampled_again_and_sampling_does_not_wait_for_it
                      min_evaluate_nodes=4, min_available_nodes=4)
     grid = InProcessGrid({}, 4)
     nodes = sorted(grid.get_node_ids())
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):  # a grid run earlier in the session may quiet flwr
         strategy.aggregate_evaluate(0, [_error(nodes[1], REFUSED_PERMANENTLY, "StructuralMismatchError: S",
                                                "evaluate"), _error(nodes[2], REFUSED, "busy", "evaluate")])
     assert strategy.excluded_nodes == [{"node_id": nodes[1], "round": 0, "reason": "StructuralMismatchError: S"}]
@@ -118,7 +118,7 @@ def test_round_zero_log_says_each_node_counts_once(caplog):
     replies = [Message(content=RecordDict({wire.METRICS: MetricRecord({wire.EVAL_ACCURACY: acc, wire.EVAL_LOSS: 1.0,
                                                                        wire.NUM_EXAMPLES: n})}),
                        metadata=_metadata(node, "evaluate")) for node, acc, n in ((1, 0.2, 100), (2, 0.6, 300))]
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):  # a grid run earlier in the session may quiet flwr
         metrics = strategy.aggregate_evaluate(0, replies)
     assert metrics[wire.EVAL_ACCURACY] == pytest.approx(0.4)  # the equal-weight mean, not 0.5 (by samples)
     assert "accuracy 0.4000 each node counting once" in caplog.text and "weighted accuracy" not in caplog.text
@@ -166,7 +166,7 @@ def test_a_leaking_silo_is_refused_once_then_never_sampled_and_the_run_goes_on(f
                            np.concatenate([labels[450:570], pre_labels[:OVERLAP]])))
     run = {"num-server-rounds": 2, "max-train-samples": 300, "out-dir": str(tmp_path / "out"), "run-name": "refusals",
            "probe-size": 0, "min-available-nodes": 4, "min-train-nodes": 4}
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):  # a grid run earlier in the session may quiet flwr
         results = simulate_in_process(run, 4, node_configs=[{"data-path": p} for p in paths])
     leaky = FIRST_NODE_ID + 3
     (excluded,) = results["excluded_nodes"]
