@@ -20,8 +20,8 @@ from fedsq_app.core import wire
 from fedsq_app.core.replies import ReplyOutcome, node_id_of
 from fedsq_app.core.strategy import FedSQWarmup, ValidatedFedAvg
 from fedsq_app.data.leakage import check_pretrain_overlap
-from fedsq_app.data.partitions import (DataKey, DatasetInfo, dataset_info, partition_report, partitioned_pool,
-                                       pool_and_validation, server_split)
+from fedsq_app.data.partitions import (DataKey, DatasetInfo, class_names, dataset_info, partition_report,
+                                       partitioned_pool, pool_and_validation, server_split)
 from fedsq_app.data.tensors import TensorData
 from fedsq_app.runtime.checkpoint import (RunState, capture_rng, load_run_state, restore_rng, save_run_state,
                                           seed_everything)
@@ -347,9 +347,9 @@ def finish(run: Run, run_start: float, grid: Grid) -> None:
     results.update(run_summary(results["rounds"]))
     results.update(best_val_accuracy=_best(run), best_round=run.best_round, rounds_to_best=run.best_round,
                    test_accuracy=test_acc, test_loss=test_loss, total_wall_time_s=time.time() - run_start)
+    metadata = model_metadata(config, run.info, run.start, results["structural_sha256"], class_names(run.data_key))
     save_checkpoint(run.out_dir / "best_model.safetensors", run.best_arrays.to_torch_state_dict(),
-                    {**model_metadata(config, run.info, run.start, results["structural_sha256"]), "round": run.best_round,
-                     "val_accuracy": run.best_acc, "test_accuracy": test_acc,
+                    {**metadata, "round": run.best_round, "val_accuracy": run.best_acc, "test_accuracy": test_acc,
                      "note": "Q's weights (the travelling arrays): fedsq_app.load_trained(<this file>) rebuilds "
                              "the model (for FedSQ, S gates them) and checks S's hash."})
     results["model_delivered_to"] = deliver_best_model(run, grid)

@@ -106,14 +106,16 @@ def build_start_model(config: RunConfig, info: DatasetInfo) -> StartModel:
     return StartModel(model, spec, source)
 
 
-def model_metadata(config: RunConfig, info: DatasetInfo, start: StartModel, start_sha256: str) -> dict:
+def model_metadata(config: RunConfig, info: DatasetInfo, start: StartModel, start_sha256: str,
+                   class_names: tuple[str, ...] = ()) -> dict:
     """What a trained model's sidecar records so that ``fedsq_app.load_trained`` can rebuild its start model
     and check it against S's hash, with no dataset at hand. ``start_sha256``: the start model's hash taken
-    before training (a baseline trains ``start.model`` itself)."""
+    before training (a baseline trains ``start.model`` itself); ``class_names``: the labels' names, if known."""
     spec = start.spec
+    num_classes = head_module(start.model, config.model).out_features
     return {"model": config.model, "strategy": config.strategy, "structural_sha256": start_sha256,
-            "pretrained_from": start.pretrained_from,
-            "num_classes": head_module(start.model, config.model).out_features,
+            "pretrained_from": start.pretrained_from, "num_classes": num_classes,
+            "class_names": list(class_names) if len(class_names) == num_classes else [],
             "data": {"channels": info.channels, "image_size": info.image_size},
             "input": {"channels": spec.channels, "size": spec.size, "mean": list(spec.mean), "std": list(spec.std)},
             "run_config": {k.replace("_", "-"): v for k, v in vars(config).items()}}

@@ -47,6 +47,12 @@ class Trained:
     metadata: dict  # the model file's sidecar (round, val_accuracy, structural_sha256, ...)
     plain: nn.Module  # the architecture with ordinary ReLUs (for FedSQ, the start model: S's function, ungated)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The labels' names in class order, as the run's dataset names them ([] when it names none)."""
+        names = self.metadata.get("class_names") or []
+        return [str(n) for n in names] if len(names) == self.num_classes else []
+
     def check_images(self, images: torch.Tensor) -> None:
         """Refuse images the model was not trained on, naming the expected input."""
         channels, height, width = self.image_shape

@@ -55,7 +55,12 @@ def test_predict_matches_the_runs_test_accuracy(finished_run, tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2000  # the embedded test split
     assert sum(row["predicted"] == row["label"] for row in rows) / len(rows) == expected
-    assert {"id", "predicted", "label", "class_1", "probability_1", "class_3"} <= set(rows[0])
+    assert {"id", "predicted", "predicted_name", "label", "class_1", "probability_1", "class_3"} <= set(rows[0])
+    from fedsq_app import load_trained
+
+    names = load_trained(finished_run).class_names  # the embedded Fashion-MNIST subset names its classes
+    assert len(names) == 10 and "Sneaker" in names
+    assert all(row["predicted_name"] == names[int(row["predicted"])] for row in rows)
     assert out.with_suffix(".confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -178,6 +178,14 @@ def _num_classes(dataset: Dataset) -> int:
     return label.num_classes if isinstance(label, ClassLabel) else int(max(dataset["label"])) + 1
 
 
+def class_names(key: DataKey) -> tuple[str, ...]:
+    """The label names of the run's dataset, in label order (after ``classes``), or () when it has none."""
+    from datasets import ClassLabel
+
+    feature = pool_and_validation(key)[0].features["label"]
+    return tuple(feature.names) if isinstance(feature, ClassLabel) else ()
+
+
 def dataset_info(key: DataKey) -> DatasetInfo:
     """Number of classes, image channels and (square) image size, from the federated pool."""
     pool, _ = pool_and_validation(key)

@@ -101,15 +101,19 @@ def predict(trained: Trained, images: torch.Tensor, *, batch_size: int = 256, pr
     return torch.cat(out) if out else torch.empty(0, trained.num_classes)
 
 
-def write_csv(path: Path, ids: list[str], probabilities: torch.Tensor, labels: torch.Tensor | None, top_k: int) -> None:
+def write_csv(path: Path, ids: list[str], probabilities: torch.Tensor, labels: torch.Tensor | None, top_k: int,
+              names: list[str]) -> None:
+    """One row per image: id, predicted class (and its name, where the run's dataset names its classes), the
+    label where there is one, then the top-k classes with their probabilities."""
     k = min(top_k, probabilities.shape[1])
     top_p, top_c = probabilities.topk(k, dim=1)
-    header = ["id", "predicted"] + (["label"] if labels is not None else [])
+    header = ["id", "predicted"] + (["predicted_name"] if names else []) + (["label"] if labels is not None else [])
     header += [f"{what}_{rank}" for rank in range(1, k + 1) for what in ("class", "probability")]
 
     def rows():
         for i, sample in enumerate(ids):
-            row = [sample, int(top_c[i, 0])] + ([int(labels[i])] if labels is not None else [])
+            row = [sample, int(top_c[i, 0])] + ([names[int(top_c[i, 0])]] if names else [])
+            row += [int(labels[i])] if labels is not None else []
             for rank in range(k):
                 row += [int(top_c[i, rank]), f"{float(top_p[i, rank]):.6f}"]
             yield row
@@ -129,7 +133,7 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
     return matrix
 
 
-def plot_confusion(path: Path, matrix: np.ndarray, title: str) -> None:
+def plot_confusion(path: Path, matrix: np.ndarray, title: str, names: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +149,9 @@ def plot_confusion(path: Path, matrix: np.ndarray, title: str) -> None:
                       color="white" if count > matrix.max() / 2 else "black")
     axes.set(xlabel="predicted class", ylabel="true class", title=title,
              xticks=range(len(matrix)), yticks=range(len(matrix)))
+    if names:
+        axes.set_xticklabels(names, rotation=45, ha="right")
+        axes.set_yticklabels(names)
     figure.tight_layout()
     write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     plt.close(figure)
@@ -177,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
         raise TrainedModelError(f"{data.where} has labels up to {int(data.labels.max())}, but the model predicts "
                                 f"{trained.num_classes} classes: another class set than the run trained on")
     probabilities = predict(trained, data.images, batch_size=args.batch_size, progress=not args.no_progress)
-    write_csv(args.out, data.ids, probabilities, data.labels, args.top_k)
+    write_csv(args.out, data.ids, probabilities, data.labels, args.top_k, trained.class_names)
     summary = {"images": len(data.ids), "csv": str(args.out)}
     print(f"predictions: {len(data.ids)} images of {data.where} -> {args.out}")
     if data.labels is not None and len(data.labels):
@@ -185,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         accuracy = float((predicted == data.labels.numpy()).mean())
         png = args.out.with_suffix(".confusion.png")
         plot_confusion(png, confusion_matrix(data.labels.numpy(), predicted, trained.num_classes),
-                       f"{data.where}: accuracy {accuracy:.4f}")
+                       f"{data.where}: accuracy {accuracy:.4f}", trained.class_names)
         print(f"accuracy: {accuracy:.4f}")
         print(f"confusion matrix: {png}")
         summary.update(accuracy=accuracy, confusion_png=str(png))
