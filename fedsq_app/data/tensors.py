@@ -88,7 +88,11 @@ class InputSpec:
     std: tuple[float, ...]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255.0)
+        """uint8 images (N, C, H, W) -> the model's input."""
+        return self.normalise(images.float().div_(255.0))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] -> the model's input: grey widened, resized, normalised."""
         if x.shape[1] != self.channels:
             if x.shape[1] != 1:
                 raise ValueError(f"cannot turn {x.shape[1]}-channel images into {self.channels} channels")

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsq_app.core.dualcopy import DualCopy
@@ -34,26 +33,15 @@ ONNX_OPSET = 18
 
 
 class Standalone(nn.Module):
-    """Pixels in [0, 1] -> logits: the run's preprocessing, then the model (for FedSQ, S gating Q)."""
+    """Pixels in [0, 1] -> logits: the run's preprocessing (``InputSpec.normalise``), then the model (for
+    FedSQ, S gating Q)."""
 
     def __init__(self, trained: Trained) -> None:
         super().__init__()
-        self.model = trained.model
-        spec = trained.spec
-        self.channels = spec.channels
-        self.size = spec.size
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.widen = trained.image_shape[0] != spec.channels  # grey data, a 3-channel backbone
-        self.resize = bool(spec.size) and trained.image_shape[1] != spec.size
+        self.model, self.spec = trained.model, trained.spec
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels
-        if self.widen:
-            x = x.expand(-1, self.channels, -1, -1)
-        if self.resize:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.model((x - self.mean) / self.std)
+        return self.model(self.spec.normalise(pixels))
 
 
 def example_input(trained: Trained, batch: int = 2) -> torch.Tensor:
@@ -65,6 +53,9 @@ def export_torchscript(module: Standalone, example: torch.Tensor, out: Path) -> 
     # torch.jit.load read, so it is offered, without the warning on every call.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        # The traced Python values are fixed by the architecture and the run (shapes, the normalisation's
+        # mean and std): constants indeed, which the tests check against eager on the whole test split.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, (example,), check_trace=False)
         write_atomic(out, lambda tmp: torch.jit.save(traced, str(tmp)))
 
