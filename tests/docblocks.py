@@ -196,5 +196,45 @@ def walkthrough_script() -> str:
     return "\n".join(out) + "\n"
 
 
+
+def four_silo_script(subs: dict[str, str] | None = None) -> str:
+    """The page's way to four silos as one bash script: the walk-through's first blocks up to its connection
+    (every-terminal, terminal-1, terminal-2-keys, terminal-3-connection), then the four-silo block, as
+    written, with $SUPERLINK_PORT for 8000 and $((SILO_PORT_BASE + i)) for the silos' $((9093 + i)), each
+    command in the terminal the page names (its FLWR_HOME), the SuperLink in the background with a wait for
+    it, and the PIDs of every background process in $WORK/pids (also when a command fails). fedsq-prepare is
+    left out: the caller puts the app's cache in $FEDSQ_CACHE_DIR first. ``subs`` (each must occur) are
+    replaced in the whole script last, e.g. a smaller run config for a test."""
+    homes = {"2": "export FLWR_HOME=$WORK/flwr-home/silos", "3": "export FLWR_HOME=$WORK/flwr-home/user"}
+    out = ["pids_out() { jobs -p >> \"$WORK/pids\"; }", "trap pids_out EXIT",
+           "# ---- every terminal first", block("every-terminal").body, "# ---- terminal 1, the coordinator"]
+    for command in commands(block("terminal-1").body):
+        if command.startswith("fedsq-prepare"):
+            continue
+        if command.startswith("flower-superlink"):
+            out += [command.replace("--port 8000", "--port $SUPERLINK_PORT") + ' > "$WORK/superlink.log" 2>&1 &',
+                    'echo $! >> "$WORK/pids"',
+                    'for _ in $(seq 120); do grep -q "Uvicorn running on https://127.0.0.1:$SUPERLINK_PORT" '
+                    '"$WORK/superlink.log" && break; sleep 1; done', 'grep "Uvicorn running" "$WORK/superlink.log"']
+        else:
+            out.append(command)
+    out += ["# ---- terminal 2, the silos: keys", block("terminal-2-keys").body,
+            "# ---- terminal 3, the user: connection and registration",
+            _put_in(block("terminal-3-connection").body, {"127.0.0.1:8000": "127.0.0.1:$SUPERLINK_PORT"}, {}),
+            "# ---- the four silos (each command in the terminal the page names)"]
+    four = _put_in(block("four-silos").body, {"127.0.0.1:8000": "127.0.0.1:$SUPERLINK_PORT",
+                                              "$((9093 + i))": "$((SILO_PORT_BASE + i))"}, {})
+    terminal = None
+    for command in commands(four):
+        named = re.search(r"#\s*terminal (\d)", command)
+        if named and named.group(1) != terminal:
+            terminal = named.group(1)
+            out.append(homes[terminal])
+        out.append(command)
+        if command.startswith("done"):
+            out.append('jobs -p >> "$WORK/pids"')
+    return _put_in("\n".join(out) + "\n", subs or {}, {})
+
+
 if __name__ == "__main__":
     print(walkthrough_script(), end="")

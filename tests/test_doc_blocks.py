@@ -62,8 +62,8 @@ def _options(args: list[str]) -> set[str]:
 
 
 def test_the_four_silo_loop_is_the_warm_executor_block_four_times(tmp_path):
-    """Not deployed here (minutes), but run dry: its flower-supernode / fedsq-superexec / flwr are shell
-    functions that record their arguments and environment. Four silos on ports 9094..9097, each SuperNode with
+    """Run dry (tests/test_four_silos.py deploys it for real): its flower-supernode / fedsq-superexec / flwr are
+    shell functions that record their arguments and environment. Four silos on ports 9094..9097, each SuperNode with
     the warm-executor block's options (--isolation process among them) and its own fedsq-superexec on its
     port, stopped with it (--parent-pid), with the task poll and one thread each."""
     import shlex
@@ -73,7 +73,7 @@ def test_the_four_silo_loop_is_the_warm_executor_block_four_times(tmp_path):
 
     record = 'echo "$FLWR_SUPEREXEC_TASK_POLL_INTERVAL $OMP_NUM_THREADS $*"'
     prelude = "\n".join([f"flower-supernode() {{ {record}; }}", f"fedsq-superexec() {{ {record}; }}",
-                         f"flwr() {{ {record} > \"$WORK/flwr-run.txt\"; }}"])
+                         f"flwr() {{ {record} >> \"$WORK/flwr-run.txt\"; }}"])
     body = "\n".join(line for line in block("four-silos").body.splitlines()
                      if not line.startswith(("deploy/make-node-keys.sh", "deploy/register-node-keys.sh")))
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", f"{prelude}\n{body}\nwait"], text=True,
