@@ -13,7 +13,8 @@ silos. Everything listens on 127.0.0.1; every process the script starts is recor
 stopped, with its process tree, in the test's ``finally``; the script has a bounded time (``TIMEOUT_S``).
 
 Knobs: FEDSQ_SKIP_DEPLOYMENT_TEST=1 skips it (as tests/test_deployment.py); FEDSQ_FOUR_SILO_TIMEOUT_S=S (default
-300) bounds the documented commands.
+420) bounds the documented commands (measured on the 2-core machine: about 2.5 min at a load average of ~1.5,
+4 min at ~9).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from docblocks import argv as doc_argv, block, commands, four_silo_script
 from loopback import BIN, _pgid, any_alive, clean_env, descendants, free_port, tail, tool
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = float(os.environ.get("FEDSQ_FOUR_SILO_TIMEOUT_S", "300"))
+TIMEOUT_S = float(os.environ.get("FEDSQ_FOUR_SILO_TIMEOUT_S", "420"))  # 2.5-4 min measured on 2 cores
 SILOS = 4
 
 if os.environ.get("FEDSQ_SKIP_DEPLOYMENT_TEST") == "1":
