@@ -1,13 +1,16 @@
 """ClientApp: load the global Q, train it locally (gated by the local S for FedSQ), send Q back.
 
 S is built here from the same pretrained weights as on the server and never leaves the node. Data and
-models are built once per process and reused for every round.
+models are built once per process and reused for every round; under the warm executor (fedsq-superexec)
+its parent builds them once per run with ``prime`` and every forked task inherits them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import traceback
+from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -22,11 +25,11 @@ from fedsq_app.core import wire
 from fedsq_app.core.dualcopy import DualCopy, travelling_module
 from fedsq_app.core.packing import is_packed, pack_record
 from fedsq_app.core.wire import StructuralMismatchError, check_structural_sha256, disclosed_reason
-from fedsq_app.data.cache import node_data, node_info, node_splits, silo_validation_files
+from fedsq_app.data.cache import clear_memory, node_data, node_info, node_splits, silo_validation_files
 from fedsq_app.data.leakage import PretrainOverlapError, check_content_overlap
 from fedsq_app.data.partitions import DataKey
 from fedsq_app.data.tensors import InputSpec, TensorData
-from fedsq_app.runtime import warmup
+from fedsq_app.runtime import maskcache, warmup
 from fedsq_app.runtime.maskcache import choose_mask_cache, client_cache, store_path
 from fedsq_app.runtime.models import save_checkpoint
 from fedsq_app.runtime.strategies import STRATEGIES
@@ -56,6 +59,19 @@ def check_leakage(config: RunConfig, node: NodeConfig) -> int | None:
         f"partition {node.partition_id} of dataset '{config.dataset}'"
     allow = node.allow_pretrain_overlap or (not node.data_path and config.allow_pretrain_overlap)
     return check_content_overlap(resolve_pretrained(config), node_data(config, node).images, where, allow=allow)
+
+
+def node_mask_cache(config: RunConfig, node: NodeConfig, model: nn.Module, spec: InputSpec, structural_sha256: str,
+                    data: TensorData, device: torch.device) -> tuple[tuple, object, str]:
+    """(key, this client's mask cache or None, why): what ``train`` gates Q with, also for ``prime``."""
+    use_cache, why = choose_mask_cache(config.mask_cache, config.augment, isinstance(model, DualCopy))
+    # Per client: its S, its data, its inputs. A new S (sha) or input spec is a new key, never old masks.
+    key = (structural_sha256, spec, node, DataKey.of(config), config.device)
+    if not use_cache:
+        return key, None, why
+    # Also on disk: a deployed ClientApp that is a new process each round reads them there.
+    store = functools.partial(store_path, structural_sha256, spec, data.images, fold_bn=model.fold_bn, device=device)
+    return key, client_cache(key, len(data), config.mask_cache_max_mb, store=store, device=device), why
 
 
 def node_salt(node: NodeConfig, context: Context) -> int:
@@ -141,15 +157,8 @@ def train(msg: Message, context: Context) -> Message:
                                  augment=config.augment)
         seed = config.seed * 100_003 + server_round * 1_009 + node_salt(node, context)
         torch.manual_seed(seed)  # dropout etc.: a node's update depends only on (seed, round, partition)
-        use_cache, why = choose_mask_cache(config.mask_cache, config.augment, isinstance(model, DualCopy))
-        # Per client: its S, its data, its inputs. A new S (sha) or input spec is a new key, never old masks.
-        key = (structural_sha256, spec, node, DataKey.of(config), config.device)
         device = pick_device(config.device)
-        cache = None
-        if use_cache:  # also on disk: a deployed ClientApp is a new process each round
-            store = functools.partial(store_path, structural_sha256, spec, data.images, fold_bn=model.fold_bn,
-                                      device=device)
-            cache = client_cache(key, len(data), config.mask_cache_max_mb, store=store, device=device)
+        key, cache, why = node_mask_cache(config, node, model, spec, structural_sha256, data, device)
         result = train_local(model, data, spec, schedule, device=device, seed=seed, mask_cache=cache,
                              amp=config.amp)
         if cache is not None:
@@ -261,3 +270,57 @@ def keep_final_model(msg: Message, context: Context) -> Message:
     log(INFO, "kept the federation's model of round %s in %s (own validation accuracy %s)", metadata["round"],
         folder / MODEL_FILE, "none" if accuracy is None else f"{accuracy:.4f}")
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+# ------------------------------------------------------------------ the warm executor's hooks
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch's documented fork-safe CUDA availability check
+
+
+def trains_on_cpu(device: str) -> bool:
+    """Whether ``pick_device(device)`` is the CPU, found out without initialising CUDA in this process."""
+    if device != "auto":
+        return device == "cpu"
+    previous = os.environ.get(NVML_CHECK)
+    os.environ[NVML_CHECK] = "1"
+    try:
+        return not torch.cuda.is_available()
+    finally:
+        if previous is None:
+            del os.environ[NVML_CHECK]
+        else:
+            os.environ[NVML_CHECK] = previous
+
+
+def prime(run_config: Mapping, node_config: Mapping) -> tuple[bool, str]:
+    """Build in this process what ``train`` and ``evaluate_local`` build for this run and node, with the same
+    functions and keys: the model (S and Q from the pretrained backbone), the node's data and its splits,
+    the leakage check and S's mask cache (read from the node's disk cache). The warm executor
+    (fedsq_app/deploy/warm_executor.py) calls it in its parent after a run's first task, so that every task
+    forked later finds all of it built and only loads Q and trains. Trains nothing and never touches CUDA.
+    Returns (whether it built, a one-line summary or why not: ``train`` would run on a GPU, or refuse)."""
+    config = RunConfig.from_mapping(dict(run_config))
+    node = NodeConfig.from_mapping(dict(node_config))
+    if not trains_on_cpu(config.device):
+        return False, f"not primed: device='{config.device}' trains on a GPU (the forking parent must not touch it)"
+    model, spec, structural_sha256 = local_model(config, node.data_path)
+    try:
+        check_leakage(config, node)
+    except PretrainOverlapError:
+        return False, "not primed: the ClientApp refuses this node's data (pretraining overlap)"
+    data, validation = node_splits(config, node)
+    key, cache, why = node_mask_cache(config, node, model, spec, structural_sha256, data, torch.device("cpu"))
+    masks = f"no mask cache ({why})" if cache is None else f"{cache.loaded} of {len(data)} samples' masks"
+    if cache is not None and cache.loaded < cache.num_samples:  # children would each fill the rest again:
+        maskcache.REGISTRY.caches.pop(key)  # each reads the node's disk copy instead, which they complete
+        masks += " (incomplete: not kept)"
+    return True, (f"S {structural_sha256[:12]}, {len(data)} training and "
+                  f"{0 if validation is None else len(validation)} validation samples, {masks}")
+
+
+def forget() -> None:
+    """Drop what ``prime`` (or a ClientApp call) built in this process: a new run starts from nothing."""
+    local_model.cache_clear()
+    check_leakage.cache_clear()
+    clear_memory()
+    maskcache.REGISTRY.caches.clear()
+    warmup.forget()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,124 @@ def test_installed_app_dir_is_found_by_the_fab_hash(tmp_path: Path) -> None:
     (app / "pyproject.toml").write_text("[project]\n")
     assert installed_app_dir(fab_hash, tmp_path) == app
     assert installed_app_dir("f" * 64, tmp_path) is None
+
+
+# ---------------------------------------------------------------------------------------- the parent's state
+PRIME_SCRIPT = r"""
+import json, os, stat, sys, time, types
+import fedsq_app.deploy.warm_executor as warm
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec
+
+out, fab = sys.argv[1], "a" * 64
+calls = []
+app = types.ModuleType("fake_app")  # stands in for the FAB's ClientApp module and its two hooks
+def prime(run_config, node_config):
+    calls.append(["prime", run_config, node_config])
+    if run_config.get("fail"):
+        raise RuntimeError("cannot build")
+    app.state = {**run_config, **node_config}
+    return True, "built"
+def forget():
+    calls.append(["forget"])
+    app.state = None
+app.prime, app.forget, app.state = prime, forget, None
+sys.modules["fake_app"] = app
+
+tasks = {}  # token -> (run id, run config, node config): what Flower's pull hands the child
+def fake_pull(token):
+    run_id, run_config, node_config = tasks[token]
+    context = types.SimpleNamespace(run_config=run_config, node_config=node_config)
+    return None, context, types.SimpleNamespace(run_id=run_id), types.SimpleNamespace(hash_str=fab)
+warm.flwr_clientapp.pull_task_input = fake_pull
+def fake_runner(**kwargs):  # Flower's runner pulls the task's input first; then what the child inherited
+    warm.flwr_clientapp.pull_task_input(kwargs["token"])
+    with open(os.path.join(out, kwargs["token"]), "w") as handle:
+        json.dump(app.state, handle)
+warm.run_clientapp = fake_runner
+
+executor = warm.ForkExecutor()
+executor.app_hash, executor.app_module = fab, "fake_app"  # as if the FAB's ClientApp were imported
+state_dir_mode = stat.S_IMODE(os.stat(executor.state_dir).st_mode)
+modes = []
+def run(token, run_id, run_config, node_config):
+    tasks[token] = (run_id, run_config, node_config)
+    executor.launch(ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1", token=token,
+                                  insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+                                  parent_pid=os.getpid(), suppress_output=False, task_id=len(tasks), fab_hash=fab))
+    deadline = time.time() + 60
+    while executor.children and time.time() < deadline:
+        modes.extend(oct(stat.S_IMODE(p.stat().st_mode)) for p in executor.state_dir.glob("*.json"))
+        executor.reconcile()
+        time.sleep(0.01)
+    executor.reconcile()  # primes, now that no child runs
+
+A, B, P0, P1 = {"lr": 0.1}, {"lr": 0.2}, {"partition-id": 0}, {"partition-id": 1}
+run("a-first", 1, A, P0)     # nothing primed yet: the child builds its own; then the parent primes (A, P0)
+run("a-second", 1, A, P0)    # inherits it
+run("a-node", 1, A, P1)      # another node config: not served the state of P0, which is dropped; P1 primed
+run("a-node-again", 1, A, P1)
+run("b-first", 2, B, P1)     # another run and run config: the same
+run("b-second", 2, B, P1)
+run("c-fails", 3, {"fail": True}, P1)  # its prime raises: logged, state dropped, the executor goes on
+run("c-after", 3, {"fail": True}, P1)  # forked all the same, builds its own; its prime is not retried
+primed = executor.primed
+warm.WARM_IDLE_S = 0.0
+run("d-first", 4, A, P0)
+time.sleep(0.05)
+executor.reconcile()         # idle: the run's state is dropped
+idle_dropped = executor.warm_key is None
+executor.close()
+print(json.dumps({"calls": calls, "primed": primed, "idle_dropped": idle_dropped, "dir_mode": oct(state_dir_mode),
+                  "record_modes": sorted(set(modes)), "dir_left": executor.state_dir.exists()}))
+"""
+
+
+def test_the_parent_primes_each_run_once_and_never_serves_another_key(tmp_path: Path) -> None:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", PRIME_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    A, B, P0, P1 = {"lr": 0.1}, {"lr": 0.2}, {"partition-id": 0}, {"partition-id": 1}
+    assert report["calls"] == [["prime", A, P0], ["forget"], ["prime", A, P1], ["forget"], ["prime", B, P1],
+                               ["forget"], ["prime", {"fail": True}, P1], ["forget"],  # its partial state
+                               ["forget"], ["prime", A, P0], ["forget"]], report["calls"]  # (whatever is held)
+    assert report["primed"] == 3 and report["idle_dropped"]
+    assert report["dir_mode"] == "0o700" and report["record_modes"] in ([], ["0o600"]) and not report["dir_left"]
+    seen = {token: json.loads((tmp_path / token).read_text()) for token in
+            ("a-first", "a-second", "a-node", "a-node-again", "b-first", "b-second", "c-fails", "c-after")}
+    assert seen["a-first"] is None and seen["a-second"] == {"lr": 0.1, "partition-id": 0}
+    assert seen["a-node-again"] == {"lr": 0.1, "partition-id": 1} and seen["b-second"] == {"lr": 0.2, "partition-id": 1}
+    assert seen["c-after"] is None  # the failed prime's partial state was dropped
+    log = done.stderr
+    uses = re.findall(r"task (\d+) (uses the parent's state|builds its own state)", log)
+    assert [kind.startswith("uses") for _, kind in sorted(uses, key=lambda u: int(u[0]))] == \
+        [False, True, False, True, False, True, False, False, False], uses
+    assert "priming run 3 failed (RuntimeError: cannot build); its tasks build their own state" in log, log[-3000:]
+
+
+def test_warm_deployment_gives_the_standard_executors_results(fedsq_cache: Path) -> None:
+    """The same run deployed twice on loopback (fedsq-perf deploy's harness, 2 silos, 3 rounds): Flower's
+    executor (a new flwr-clientapp per task) and the warm one. Same figures (timings and node ids aside),
+    and from round 2 on every warm task forked from a parent holding its run's model, data and masks."""
+    import pytest
+
+    from fedsq_app.harness.loopback import tool
+    from fedsq_app.tools.perf.deploy import deploy_pair
+
+    if os.environ.get("FEDSQ_SKIP_DEPLOYMENT_TEST") == "1":
+        pytest.skip("FEDSQ_SKIP_DEPLOYMENT_TEST=1")
+    if not all(tool(name) for name in ("flower-superlink", "flower-supernode", "flwr", "fedsq-superexec")):
+        pytest.skip("Flower's CLIs or fedsq-superexec are not installed next to this interpreter")
+    nodes, rounds = 2, 3
+    overrides = "max-train-samples=600 batch-size=32 lr=0.05 device='cpu' min-valid-replies=2 seed=3"
+    results = deploy_pair(Path(__file__).resolve().parents[1], fedsq_cache, overrides, nodes, rounds,
+                          superexec_poll=0.1, limit_s=400, executors=("standard", "warm"), simulate=False)
+    standard, warm = results["deploy-standard"], results["deploy-warm"]
+    print(json.dumps(results))
+    assert standard["status"] == warm["status"] == "finished:completed", results
+    assert len(standard["rounds_s"]) == len(warm["rounds_s"]) == rounds, results
+    assert standard["digest"] and standard["digest"] == warm["digest"], results
+    # Round 1's task builds its own state; every later task of the run uses the parent's.
+    assert warm["children"]["primed"] >= nodes * (rounds - 1), warm["children"]

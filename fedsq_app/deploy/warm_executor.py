@@ -13,15 +13,34 @@ initialised, the task is not a ClientApp, the FAB is not known, or runtime depen
 Children are reaped on every loop turn; one that crashes costs its own reply (Flower's task expiry handles
 it), never the executor. A task of another FAB than the one imported is started the standard way and the
 executor then re-executes itself, so that no module of the old app survives.
+
+What the parent keeps of a run: once a run's first forked task has ended, the parent calls the ClientApp
+module's ``prime(run_config, node_config)`` hook (fedsq_app/client_app.py) with that task's run config and
+node config, as Flower handed them to the child (which records them, as JSON in a 0600 file of the
+executor's private state directory). The hook builds the model (S and Q from the pretrained backbone),
+the node's data and S's mask cache with the very functions and keys ``train`` uses, so each later child
+inherits them by fork (copy-on-write), loads Q from its message and trains: the same results as a new
+process. The state is keyed by (run id, FAB hash, run config, node config); another key drops it first
+(the module's ``forget()``), and so does ``WARM_IDLE_S`` without a task (a run that ended). S's hash is
+checked by each child against the one the server names, as always. The parent stays fork-safe while
+priming: torch keeps one thread, the hook declines where the ClientApp would use CUDA, and if priming
+initialised CUDA or started threads anyway the executor stops forking, or re-executes itself and never
+primes again. A hook that fails is logged at WARNING; the executor goes on without the state (each child
+builds its own, as before).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import resource
+import shutil
 import signal
 import sys
+import tempfile
+import time
 import traceback
 from logging import DEBUG, ERROR, INFO, WARNING
 from pathlib import Path
@@ -35,11 +54,14 @@ from flwr.supercore.object_ref import load_app
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supercore.utils import get_flwr_home
+from flwr.supernode.runtime import run_clientapp as flwr_clientapp
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
 APPS_DIR = "apps"  # $FLWR_HOME/apps/<publisher>.<name>.<version>.<hash[:8]>, as flwr.cli.install writes it
 FAB_HASH_PREFIX = 8
 RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD)
+WARM_IDLE_S = 600.0  # a run's state is dropped after this long without a task (the run most likely ended)
+NO_PRIME = "FEDSQ_WARM_NO_PRIME"  # set before a re-execution whose cause was priming: never prime again
 
 
 def installed_app_dir(fab_hash: str, flwr_home: Path | None = None) -> Path | None:
@@ -62,6 +84,20 @@ def forget_own_package() -> None:
         del sys.modules[name]
 
 
+def warm_key(run_id: int, fab_hash: str, run_config: dict, node_config: dict) -> str:
+    """What a run's primed state depends on, as one digest: a task with another key never gets it."""
+    text = json.dumps([int(run_id), fab_hash, run_config, node_config], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def os_threads() -> int:
+    """This process's threads, native ones included (Linux); 0 where that cannot be read."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
 def cuda_initialised() -> bool:
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_initialized())
@@ -80,6 +116,13 @@ class ForkExecutor:
         self.app_hash: str | None = None  # the FAB whose ClientApp module is imported here
         self.next_hash: str | None = None  # the FAB to import as soon as it is installed
         self.restart_pending = False
+        self.app_module: str | None = None  # the ClientApp's module (where the prime/forget hooks live)
+        self.state_dir = Path(tempfile.mkdtemp(prefix="fedsq-superexec-"))  # 0700: the children's task records
+        self.warm_key: str | None = None  # the run whose state the parent last primed (or tried to)
+        self.warm_summary = ""  # what the parent holds of that run; "" while it holds nothing
+        self.to_prime: dict | None = None  # the record of a finished task of another run, primed between tasks
+        self.primed = 0  # runs primed by this process
+        self.last_task = time.monotonic()
         for name in preload:
             importlib.import_module(name)
         self.child_threads = 0
@@ -110,6 +153,7 @@ class ForkExecutor:
             self._preload_app(spec.fab_hash)
         if self.app_hash is None:  # not installed yet: preload once this task's child has installed it
             self.next_hash = spec.fab_hash
+        self.last_task = time.monotonic()
         try:
             pid = os.fork()
         except OSError as error:
@@ -126,10 +170,15 @@ class ForkExecutor:
         self.reap()
         if self.app_hash is None and self.next_hash and not self.children:  # between tasks, off the round's path
             self._preload_app(self.next_hash)
+        if self.to_prime and not self.children:  # between tasks too: children fork from a finished state
+            self._prime(self.to_prime)
+        if self.warm_key and not self.children and time.monotonic() - self.last_task > WARM_IDLE_S:
+            self._forget(f"no task for {WARM_IDLE_S:.0f} s")
         if self.restart_pending and not self.children:
-            log(INFO, "warm executor: another FAB arrived; re-executing to drop the old app's modules")
+            log(INFO, "warm executor: re-executing to drop the old app's modules and state")
             sys.stdout.flush()
             sys.stderr.flush()
+            shutil.rmtree(self.state_dir, ignore_errors=True)
             os.execv(sys.executable, sys.orig_argv)
 
     def close(self) -> None:
@@ -139,6 +188,7 @@ class ForkExecutor:
             except ProcessLookupError:
                 pass
         self.reap()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     # -------------------------------------------------------------------- the parent's side
     def _why_cold(self, spec: ExecutionSpec) -> str:
@@ -170,6 +220,7 @@ class ForkExecutor:
             log(WARNING, "warm executor: could not preload the ClientApp of %s: %s", app_dir.name, error)
             return
         self.app_hash = fab_hash
+        self.app_module = reference.split(":")[0]
         if cuda_initialised():  # from now on every task starts the standard way (see _why_cold)
             log(WARNING, "warm executor: importing the ClientApp of %s initialised CUDA; no more forks",
                 app_dir.name)
@@ -189,12 +240,68 @@ class ForkExecutor:
             task_id = self.children.pop(pid, None)
             if task_id is None:
                 continue  # a standard flwr-clientapp started for a cold task
+            self._take_record(task_id, ok=os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
             if os.WIFSIGNALED(status):
                 log(ERROR, "warm executor: child %d of task %d killed by signal %d; its reply is lost",
                     pid, task_id, os.WTERMSIG(status))
             elif os.waitstatus_to_exitcode(status) != 0:
                 log(WARNING, "warm executor: child %d of task %d exited with %d", pid, task_id,
                     os.waitstatus_to_exitcode(status))
+
+    def _take_record(self, task_id: int, ok: bool) -> None:
+        """Read (and delete) the run record a finished child wrote; a run not primed yet is primed next."""
+        path = self.state_dir / f"{task_id}.json"
+        try:
+            record = json.loads(path.read_text())
+            path.unlink()
+        except (OSError, ValueError):
+            return  # the child ended before it pulled its task, or is not a ClientApp of ours
+        if ok and record.get("key") != self.warm_key:
+            self.to_prime = record
+
+    def _prime(self, record: dict) -> None:
+        """Build the run's state here with the ClientApp module's ``prime`` hook, off the round's path."""
+        self.to_prime = None
+        hook = getattr(sys.modules.get(self.app_module or ""), "prime", None)
+        if hook is None or record["fab_hash"] != self.app_hash or os.environ.get(NO_PRIME) or cuda_initialised():
+            return  # no hook, another FAB, or not fork-safe: each child builds its own state
+        self._forget(f"run {record['run_id']} is another run, or has another node config")
+        self.warm_key = record["key"]  # tried once per key, whatever comes of it
+        threads, started = os_threads(), time.monotonic()
+        try:
+            built, summary = hook(record["run_config"], record["node_config"])
+        except Exception as error:  # noqa: BLE001 - never the executor's end: children build their own
+            log(WARNING, "warm executor: priming run %d failed (%s: %s); its tasks build their own state",
+                record["run_id"], type(error).__name__, error)
+            self._forget("priming failed")
+            self.warm_key = record["key"]  # not tried again for this run
+            return
+        if cuda_initialised():  # _why_cold then starts every task the standard way
+            log(WARNING, "warm executor: priming run %d initialised CUDA; no more forks", record["run_id"])
+        elif os_threads() > threads:  # a thread pool forked mid-work can deadlock a child: start afresh
+            log(WARNING, "warm executor: priming run %d started threads; re-executing, never to prime again",
+                record["run_id"])
+            os.environ[NO_PRIME] = "1"
+            self.restart_pending = True
+        elif not built:
+            log(INFO, "warm executor: run %d %s", record["run_id"], summary)
+        else:
+            self.warm_summary = summary
+            self.primed += 1
+            log(INFO, "warm executor: primed run %d in %.1f s (%s); its later tasks fork with it",
+                record["run_id"], time.monotonic() - started, summary)
+
+    def _forget(self, why: str) -> None:
+        """Drop what this process holds of the run it last primed, or tried to (the module's ``forget`` hook)."""
+        if self.warm_key is None:
+            return
+        self.warm_key, self.warm_summary = None, ""
+        try:
+            getattr(sys.modules[self.app_module or ""], "forget")()
+            log(INFO, "warm executor: dropped the state of the last run primed (%s)", why)
+        except Exception as error:  # noqa: BLE001 - what it holds cannot be trusted: start afresh
+            log(WARNING, "warm executor: could not drop the last run's state (%s); re-executing", error)
+            self.restart_pending = True
 
     # -------------------------------------------------------------------- the child's side
     def _run_child(self, spec: ExecutionSpec) -> None:
@@ -209,6 +316,7 @@ class ForkExecutor:
             if torch is not None and self.child_threads:
                 torch.set_num_threads(self.child_threads)
             log(INFO, "warm executor: task %d starts in child %d", spec.task_id, os.getpid())
+            self._record_task_input(spec.task_id)
             run_clientapp(
                 runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
                 certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
@@ -225,3 +333,29 @@ class ForkExecutor:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+    def _record_task_input(self, task_id: int) -> None:
+        """In this child only: wrap Flower's pull of the task's input to record its run for the parent
+        (``_take_record``) and to say whether this task gets the parent's state of its run."""
+        pull = flwr_clientapp.pull_task_input
+
+        def pull_and_record(client):
+            message, context, run, fab = pull(client)
+            try:
+                record = {"run_id": int(run.run_id), "fab_hash": fab.hash_str,
+                          "run_config": dict(context.run_config), "node_config": dict(context.node_config)}
+                record["key"] = warm_key(**{k: record[k] for k in ("run_id", "fab_hash", "run_config",
+                                                                    "node_config")})
+                fd = os.open(self.state_dir / f"{task_id}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(record, handle)
+                if self.warm_summary and record["key"] == self.warm_key:
+                    log(INFO, "warm executor: task %d uses the parent's state of run %d", task_id, run.run_id)
+                else:
+                    log(INFO, "warm executor: task %d builds its own state (the parent holds none of run %d)",
+                        task_id, run.run_id)
+            except Exception as error:  # noqa: BLE001 - the task runs all the same
+                log(WARNING, "warm executor: task %d: could not record its run (%s)", task_id, error)
+            return message, context, run, fab
+
+        flwr_clientapp.pull_task_input = pull_and_record

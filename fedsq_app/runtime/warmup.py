@@ -19,6 +19,12 @@ from fedsq_app.core.wire import STRUCTURAL, check_structural_sha256
 _gated: dict[str, DualCopy] = {}  # per process: the DualCopy built for an S hash (one, after the switch)
 
 
+
+def forget() -> None:
+    """Drop this process's gated copies (a new run starts from nothing)."""
+    _gated.clear()
+
+
 def switch_to_structural(plain: nn.Module) -> tuple[DualCopy, ArrayRecord, str]:
     """The server's switch: S := the current global (plain) model, Q starts equal to it. At the switch the
     DualCopy computes exactly what the plain model computes (Q = S), so no accuracy jumps."""

@@ -10,6 +10,7 @@ stage (``tracing/sitecustomize.py``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -41,6 +42,31 @@ def _final_results(path: Path) -> bool:
         return "test_accuracy" in json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+
+
+VOLATILE = ("wall_time", "time_s", "reply_time", "node_id", "nodes")  # timings; ids drawn per deployment
+
+
+def figures(value):
+    """The results with every timing and node id dropped (keys naming them), recursively."""
+    if isinstance(value, dict):
+        return {k: figures(v) for k, v in value.items() if not any(t in k for t in VOLATILE)}
+    if isinstance(value, list):
+        return [figures(v) for v in value]
+    return value
+
+
+def results_digest(results: dict, run_name: str) -> str:
+    """SHA-256 of a run's figures (``figures``), its run name (hence out-dir) written as RUN: equal digests,
+    equal results, whichever executor or engine produced them."""
+    text = json.dumps(figures(results), sort_keys=True).replace(run_name, "RUN")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def forked_children(log_dir: Path) -> dict[str, int]:
+    """Per fedsq-superexec log of a deployment: tasks forked, and how many used the parent's state of their run."""
+    text = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("superexec-*.log")))
+    return {"forked": len(WARM_CHILD_ENDS.findall(text)), "primed": text.count("uses the parent's state of run")}
 
 
 def _run_and_wait(app: Path, connection: str, run_config: str, env: dict, work: Path, limit_s: float,
@@ -133,10 +159,14 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
             load = os.getloadavg()[0]
             path = work / "outputs" / mode / "results.json"
             status, wall = _run_and_wait(app, connection, f"{base} run-name='{mode}'", env, work, limit_s, extra, path)
-            rounds_s = [r["wall_time_s"] for r in json.loads(path.read_text())["rounds"]] if path.is_file() else []
+            run = json.loads(path.read_text()) if path.is_file() else {"rounds": []}
+            rounds_s = [r["wall_time_s"] for r in run["rounds"]]
             results[mode] = {"status": status, "wall_s": round(wall, 1), "rounds_s": [round(r, 2) for r in rounds_s],
                              "steady_s": round(statistics.median(rounds_s[1:] or rounds_s), 2) if rounds_s else None,
-                             "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1)}
+                             "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1),
+                             "digest": results_digest(run, mode) if path.is_file() else None}
+            if mode == "deploy-warm":
+                results[mode]["children"] = forked_children(procs.log_dir)
             print(json.dumps({"app": str(app), mode: results[mode]}), file=sys.stderr, flush=True)
         finally:
             survivors = procs.stop_all()
@@ -161,6 +191,7 @@ STAGES_DEPLOYED = (
 
 # fedsq_app/deploy/warm_executor.py's lines from a forked child, which inherits its parent's program name
 WARM_CHILD = re.compile(r"warm executor: task \d+ (starts|ends) in child \d+(?:, exit -?\d+, ([\d.]+) CPU-s)?")
+WARM_CHILD_ENDS = re.compile(r"warm executor: task \d+ ends in child \d+")
 
 
 def _port(program: str, flag: str) -> str:
@@ -257,6 +288,13 @@ def print_deploy(rows: dict) -> None:
             met = dep["steady_s"] <= 2.0 * sim["steady_s"] or dep["steady_s"] <= sim["steady_s"] + 4.0
             verdicts.append(f"{app} [{executor}]: goal deployment <= 2x simulation or <= simulation + 4 s: "
                             f"{'met' if met else 'missed'}")
+    for app, r in rows.items():  # the same figures whatever ran the ClientApps (timings and node ids aside)
+        digests = {m: d["digest"][:12] for m, d in r.items() if isinstance(d, dict) and d.get("digest")}
+        same = "identical" if len(set(digests.values())) == 1 else "DIFFERENT"
+        children = (r.get("deploy-warm") or {}).get("children")
+        warm = f"; warm: {children['primed']} of {children['forked']} forked tasks used the parent's state of " \
+               "their run" if children else ""
+        verdicts.append(f"{app}: results (figures, timings and node ids aside) {same}: {digests}{warm}")
     print("\n".join(verdicts))
 
 
