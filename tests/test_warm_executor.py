@@ -2,7 +2,9 @@
 start the standard way, a crashing child costs its own task only, the child gets the thread count the
 parent started with, and the FAB's install directory is found by hash. Each case runs in a fresh Python
 (the executor pins torch to one thread and forks: not something to do inside pytest's process).
-The end-to-end run over TLS + node auth is tests/test_deployment.py."""
+The parent's state of a run: primed once per key and never served to another (a fake app), the app's
+``prime`` hook against a fresh process (in this process), and a loopback deployment with each executor
+giving the same results. The end-to-end run over TLS + node auth is tests/test_deployment.py."""
 
 from __future__ import annotations
 
@@ -205,3 +207,60 @@ def test_warm_deployment_gives_the_standard_executors_results(fedsq_cache: Path)
     assert standard["digest"] and standard["digest"] == warm["digest"], results
     # Round 1's task builds its own state; every later task of the run uses the parent's.
     assert warm["children"]["primed"] >= nodes * (rounds - 1), warm["children"]
+
+
+def test_prime_builds_what_train_uses_and_the_reply_is_the_same(fedsq_cache: Path) -> None:
+    """The app's hook (fedsq_app/client_app.py ``prime``), in this process: after one task of the run (which
+    stores S's masks), a process that primed then trains replies exactly as a fresh process does, without
+    building the model or running S; another node config or run config is built anew, never served the
+    primed state."""
+    import time
+
+    import numpy as np
+    from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+    from fedsq_app import client_app
+    from fedsq_app.config import RunConfig
+    from fedsq_app.runtime import maskcache
+    from fedsq_app.task import global_arrays
+
+    run = {"max-train-samples": 300, "batch-size": 16, "device": "cpu", "seed": 5}
+    node = {"partition-id": 0, "num-partitions": 3}
+
+    def train(arrays, sha, run_config=run, node_config=node):
+        metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+                            group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
+        msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
+            {"server-round": 2, "structural-sha256": sha})}), metadata=metadata)
+        reply = client_app.train(msg, Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(),
+                                              run_config=run_config))
+        assert not reply.has_error(), reply.error.reason
+        return {k: v.numpy() for k, v in reply.content["arrays"].items()}
+
+    client_app.forget()
+    for path in (fedsq_cache / "masks").glob("*"):
+        path.unlink()
+    model, _, sha = client_app.local_model(RunConfig.from_mapping(run))
+    start = global_arrays(model)
+    client_app.forget()
+    train(start, sha)  # the run's first task: fills and stores S's masks
+    client_app.forget()  # a fresh process
+    cold = train(start, sha)
+    client_app.forget()
+
+    built, summary = client_app.prime(run, node)
+    assert built and "masks" in summary and "incomplete" not in summary, summary
+    models = client_app.local_model.cache_info().misses
+    (cache,) = maskcache.REGISTRY.caches.values()
+    warm = train(start, sha)
+    assert client_app.local_model.cache_info().misses == models  # the primed model, not a new one
+    assert cache.misses == 0 and cache.hits > 0  # the primed masks: S never ran
+    assert sorted(warm) == sorted(cold) and all(np.array_equal(warm[k], cold[k]) for k in cold)
+
+    train(start, sha, node_config={"partition-id": 1, "num-partitions": 3})  # another node: its own masks
+    assert len(maskcache.REGISTRY.caches) == 2
+    train(start, sha, run_config={**run, "lr": 0.02})  # another run config: another model
+    assert client_app.local_model.cache_info().misses == models + 1
+    assert client_app.prime({**run, "device": "cuda"}, node)[0] is False  # never CUDA in a forking parent
+    client_app.forget()
+    assert client_app.local_model.cache_info().currsize == 0 and not maskcache.REGISTRY.caches
