@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsq_app.core.aggregation import AGGREGATIONS
+from fedsq_app.core.weights import WEIGHT_MODES
 from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND
 from fedsq_app.data.partitions import PARTITIONERS
 from fedsq_app.data.splits import parse_classes
@@ -66,6 +67,7 @@ class RunConfig:
     influence_bound: float = DEFAULT_INFLUENCE_BOUND  # a silo's pull on the mean <= this x median update norm
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
     silo_sizes: str = ""  # deployment, a path on the coordinator: JSON {registered name or key sha256: size}
+    weights: str = "auto"  # auto | partitions | silo-sizes | equal: where each node's aggregation weight comes from
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
     trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped
     allow_pretrain_overlap: bool = False  # true: run even if train/test split overlaps the backbone's pretraining
@@ -138,6 +140,9 @@ class RunConfig:
             raise ConfigError(f"influence-bound must be in [0, 1] (0 = off: a silo's largest pull on the mean, a "
                               f"fraction of the round's median update norm), got {self.influence_bound}")
         _choice("aggregation", self.aggregation, tuple(AGGREGATIONS))
+        _choice("weights", self.weights, WEIGHT_MODES)
+        if self.weights == "silo-sizes" and not self.silo_sizes:
+            raise ConfigError("weights='silo-sizes' needs silo-sizes (a JSON file on the coordinator)")
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.batch_size < 2 and self.model != "alexnet":

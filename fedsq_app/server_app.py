@@ -34,7 +34,7 @@ from fedsq_app.runtime.train import evaluate, pick_device
 from fedsq_app.runtime.validation import federated_evaluation, fmt as _fmt, validation_source
 from fedsq_app.runtime.waiting import send_and_receive
 from fedsq_app.runtime.warmup import switch_to_structural
-from fedsq_app.runtime.weighting import check_federation, size_mismatch_of, weight_policy
+from fedsq_app.runtime.weighting import check_federation, fit_decider, size_mismatch_of, weight_policy
 from fedsq_app.task import (StartModel, build_start_model, global_arrays, load_global_arrays, model_metadata,
                             trainable_model)
 from fedsq_app.util import ConfigError, write_atomic
@@ -133,13 +133,15 @@ class Run:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = set_up(context)
-    run.strategy.weigh = weight_policy(run.config, run.data_key, grid)
+    run.strategy.weigh = weight_policy(run.config, run.data_key, grid,
+                                       fit_decider(run.model, run.data_key, run.start.spec, run.device))
     if run.config.resume_from:
         resume(run)
     else:
         start_fresh(run, grid)
     # Nodes refused for good (leakage, another S; never sampled again): one list, the strategy's and results.json's.
     run.strategy.excluded_nodes = run.results.setdefault("excluded_nodes", run.strategy.excluded_nodes)
+    run.strategy.quarantine.records = run.results.setdefault("quarantined_nodes", run.strategy.quarantine.records)
     run_start = time.time()
     train_config = ConfigRecord({wire.LR: run.config.lr, wire.LOCAL_EPOCHS: run.config.local_epochs})
     for server_round in range(run.first_round, run.config.num_server_rounds + 1):

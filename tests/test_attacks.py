@@ -13,7 +13,8 @@ from flwr.app import Message, Metadata, MetricRecord, RecordDict
 from fedsq_app.core import wire
 from fedsq_app.core.defenses import distance, update_keys
 from fedsq_app.core.packing import pack
-from fedsq_app.tools.attacks import UNDER_BOUND, across_honest, against_honest, boosted, message_arrays
+from fedsq_app.tools.attacks import (UNDER_BOUND, across_honest, against_honest, alie, boosted, fixed_target, ipm,
+                                     message_arrays, min_max_or_sum)
 
 START = {"conv.weight": np.full((4, 3, 3, 3), 0.1, np.float32), "bn.running_mean": np.zeros(4, np.float32),
          "fc.weight": np.full((2, 4), -0.2, np.float32)}
@@ -54,3 +55,42 @@ def test_boosted_scales_the_nodes_own_update():
     boosted(30.0)(START, hostile, [])
     assert np.allclose(_update(message_arrays(hostile[0], START)), 30 * _update(own), rtol=1e-4)
     assert math.isclose(UNDER_BOUND, 1.9)  # just inside the default clip-multiplier of 2 (two-silo rounds)
+
+
+def _sent(attack, honest: list[dict]) -> np.ndarray:
+    hostile = [_reply(_honest(9)), _reply(_honest(8))]
+    attack(START, hostile, honest)
+    first, second = (_update(message_arrays(reply, START)) for reply in hostile)
+    assert np.allclose(first, second)  # colluders send the same update
+    return first
+
+
+def test_the_fields_attacks_send_what_the_papers_define():
+    honest = [_honest(seed) for seed in range(5)]
+    rows = np.stack([_update(h) for h in honest])
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    assert np.allclose(_sent(alie(1.0), honest), mean - std, atol=1e-6)
+    assert np.allclose(_sent(ipm(0.1), honest), -0.1 * mean, atol=1e-6)
+    assert np.allclose(_sent(ipm(10.0), honest), -10 * mean, atol=1e-5)
+    pairwise = np.linalg.norm(rows[:, None] - rows[None], axis=2)
+    for kind, within in (("min-max", lambda d: d.max() <= pairwise.max() * (1 + 1e-6)),
+                         ("min-sum", lambda d: (d ** 2).sum() <= (pairwise ** 2).sum(axis=1).max() * (1 + 1e-6))):
+        sent = _sent(min_max_or_sum(kind), honest)
+        distances = np.linalg.norm(rows - sent, axis=1)
+        assert within(distances), kind  # inside the honest spread ...
+        assert sent @ mean < 0.5 * mean @ mean, kind  # ... and moved against the honest mean
+
+
+def test_the_fixed_target_attack_pulls_one_bias_the_same_way_every_round():
+    start = {**START, "fc.bias": np.zeros(2, np.float32)}
+    honest = [{**_honest(seed), "fc.bias": np.full(2, 0.01, np.float32)} for seed in range(3)]
+    directions = []
+    for _ in range(2):
+        hostile = [_reply({**_honest(9), "fc.bias": np.zeros(2, np.float32)})]
+        fixed_target(length=100.0)(start, hostile, honest)
+        sent = message_arrays(hostile[0], start)
+        update = {k: sent[k].astype(np.float64) - start[k] for k in update_keys(start)}
+        assert all(not update[k].any() for k in update if k != "fc.bias") and update["fc.bias"][1] == 0
+        directions.append(update["fc.bias"][0])
+    median = float(np.median([distance(h, start, update_keys(start)) for h in honest]))
+    assert directions[0] == directions[1] == pytest.approx(100 * median, rel=1e-4)

@@ -57,6 +57,9 @@ def test_a_silo_far_from_its_size_is_logged_once_and_named_for_its_reply(caplog)
 
 
 class _Grid:
+    def get_node_ids(self):
+        return [7]
+
     def get_nodes(self):
         return [SimpleNamespace(node_id=7, public_key=b"k", name="silo-a")]
 

@@ -22,7 +22,7 @@ from fedsq_app.config import ConfigError, RunConfig
 from fedsq_app.core.defenses import (DEFAULT_INFLUENCE_BOUND, bound_influence, clamp_bn_statistics, clip_updates,
                                     median_update, update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays, pack, pack_record
-from fedsq_app.core.replies import CheckedReply, screen_replies
+from fedsq_app.core.replies import CheckedReply, screen_replies, weigh_each
 from fedsq_app.core.strategy import ValidatedFedAvg
 from fedsq_app.core.weights import AutoWeights, PartitionWeights, SiloSizes, load_silo_sizes
 
@@ -83,17 +83,58 @@ def _damage(honest: list[dict], attackers: list[dict], **kwargs) -> float:
 
 
 # ------------------------------------------------------------------------------------------ weights
+def _claim(node, pid, count=3, claim=5, **metrics):
+    return CheckedReply(node, {}, claim, {"partition-id": pid, "num-partitions": count, **metrics})
+
+
 def test_partition_weights_are_the_servers_sizes_never_the_claim():
-    weigh = PartitionWeights(lambda count: [50, 300, 1000][:count])
-    replies = [CheckedReply(n, {}, claim, {"partition-id": pid, "num-partitions": 3})
-               for n, claim, pid in ((1, 10**9, 0), (2, 7, 1), (3, 1000, 2))]
+    weigh = PartitionWeights(lambda count: [50, 300, 1000][:count], 3)
+    replies = [_claim(n, pid, claim=claim) for n, claim, pid in ((1, 10**9, 0), (2, 7, 1), (3, 1000, 2))]
     assert weigh(replies) == [50, 300, 1000]
-    twice = CheckedReply(4, {}, 5, {"partition-id": 1, "num-partitions": 3})
-    assert "already named" in weigh(replies + [twice])[-1]
-    other = CheckedReply(5, {}, 5, {"partition-id": 0, "num-partitions": 1})  # a bigger "partition"
-    assert "split the pool into 3" in weigh([other])[0]
-    assert "outside" in weigh([CheckedReply(6, {}, 5, {"partition-id": 3, "num-partitions": 3})])[0]
+    assert "is node 2's in this run" in weigh(replies + [_claim(4, 1)])[-1]
+    assert "split the pool into 3" in weigh([_claim(5, 0, count=1)])[0]  # a bigger "partition"
+    assert "outside" in weigh([_claim(6, 3)])[0]
     assert "names no partition" in weigh([CheckedReply(7, {}, 5, {})])[0]
+
+
+def test_the_partition_count_is_the_runs_and_a_wrong_one_costs_only_its_node():
+    """A node naming 7 partitions (a typo would do), even first, is rejected; the five others are weighed."""
+    weigh = PartitionWeights(lambda count: list(range(10, 10 + count)), 6)
+    first = [_claim(6, 0, count=7)] + [_claim(n, n - 1, count=6) for n in range(1, 6)]
+    got = weigh(first)
+    assert "split the pool into 6" in got[0] and got[1:] == [10, 11, 12, 13, 14]
+    lazy = PartitionWeights(lambda count: [1] * count, count_nodes=lambda: 4)  # no node at the start: fixed later
+    assert lazy([_claim(1, 0, count=7)])[0].startswith("names 7") and lazy.num_partitions == 4
+
+
+def test_a_stolen_partition_goes_to_the_node_the_server_picks_whatever_the_node_order():
+    picks = []
+
+    def decide(pid, claimants):
+        picks.append((pid, sorted(r.node_id for r in claimants)))
+        return 9  # the server's judgement (a run: fit to the partition's data), not the lower node id
+
+    weigh = PartitionWeights(lambda count: [50, 300, 1000], 3, decide=decide)
+    got = weigh([_claim(1, 0), _claim(2, 1), _claim(9, 1)])
+    assert got[0] == 50 and "is node 9's" in got[1] and got[2] == 300 and picks == [(1, [2, 9])]
+    assert weigh.contested == {1: [2, 9]}
+    assert "is node 9's" in weigh([_claim(2, 1), _claim(9, 1)])[0] and len(picks) == 1  # settled for the run
+    assert "is node 9's" in weigh([_claim(2, 1)])[0]  # even when the owner is absent
+    undecided = PartitionWeights(lambda count: [50, 300, 1000], 3, decide=lambda pid, c: 1 / 0)
+    assert all("could not tell" in w for w in undecided([_claim(1, 2), _claim(2, 2)]))
+    assert undecided([_claim(2, 2)]) == [1000]  # decided when it is named alone
+
+
+def test_a_weight_policy_failure_costs_only_the_replies_it_fails_on():
+    def weigh(replies):
+        if any(r.node_id == 3 for r in replies):
+            raise KeyError("node 3's identity")
+        return [100 * r.node_id for r in replies]
+
+    assert weigh_each(weigh, [CheckedReply(n, {}, 1, {}) for n in (1, 2, 3)])[:2] == [100, 200]
+    assert "KeyError" in weigh_each(weigh, [CheckedReply(3, {}, 1, {})])[0]
+    assert "not a positive integer" in weigh_each(lambda r: 1 / 0 if len(r) > 1 else [0],
+                                                  [CheckedReply(1, {}, 1, {}), CheckedReply(2, {}, 1, {})])[0]
 
 
 def test_silo_sizes_are_keyed_by_registered_key_or_name(tmp_path):
@@ -113,12 +154,20 @@ def test_silo_sizes_are_keyed_by_registered_key_or_name(tmp_path):
             load_silo_sizes(path)
 
 
-def test_auto_weights_fall_back_to_equal_for_silos_of_unknown_size():
-    auto = AutoWeights(PartitionWeights(lambda count: [10, 20]))
-    silos = [CheckedReply(n, {}, 10**6 * n, {"silo": 1}) for n in (1, 2)]
-    assert auto(silos) == [1, 1] and auto.source == "equal"
-    parts = [CheckedReply(n, {}, 1, {"partition-id": n - 1, "num-partitions": 2}) for n in (1, 2)]
-    assert auto(parts) == [10, 20] and auto.source == "partitions"
+def test_the_weight_mode_is_the_runs_never_one_replys_metric():
+    sizes = lambda count: [10, 20, 30][:count]  # noqa: E731
+    auto = AutoWeights(PartitionWeights(sizes, 3))
+    parts = [_claim(n, n - 1, count=3) for n in (1, 2, 3)]
+    one_silo = parts[:2] + [CheckedReply(3, {}, 10**6, {"silo": 1})]
+    got = auto(one_silo)  # the first round fixes 'auto' by most replies: one silo's metric changes nothing
+    assert got[:2] == [10, 20] and "own data" in got[2] and auto.source == "partitions"
+    assert auto(parts) == [10, 20, 30]
+    silos = AutoWeights(PartitionWeights(sizes, 3))
+    assert silos([CheckedReply(n, {}, 10**6 * n, {"silo": 1}) for n in (1, 2)]) == [1, 1] and silos.source == "equal"
+    assert silos(parts) == [1, 1, 1]  # fixed for the run
+    assert AutoWeights(PartitionWeights(sizes, 3), mode="equal")(parts) == [1, 1, 1]
+    with pytest.raises(ValueError, match="silo-sizes"):
+        AutoWeights(PartitionWeights(sizes, 3), mode="silo-sizes")
 
 
 def test_a_claim_changes_neither_the_weight_nor_any_bound():

@@ -62,13 +62,28 @@ def update_norm(reply, template: dict[str, np.ndarray], keys: list[str] | None =
     return distance(reply.arrays, template, keys if keys is not None else update_keys(template))
 
 
-def clip_bound(norms: list[float], multiplier: float) -> float | None:
-    """τ: ``multiplier`` × the (lower) median norm (from 3 replies), or × the smaller norm (two-silo mode)."""
+def clip_bound(norms: list[float], multiplier: float, floor: float = 0.0) -> float | None:
+    """τ: ``multiplier`` × the (lower) median norm (from 3 replies), or × the smaller norm (two-silo mode),
+    never below ``multiplier`` × ``floor`` (the server's record of earlier rounds: ``norm_floor``)."""
     if multiplier <= 0 or not norms:
         return None
     # With f < n/2 attackers the lower median is at most the honest norms' upper middle, however long the
-    # attackers' updates are; of two norms it is the smaller one (two-silo mode).
-    return multiplier * lower_median(norms)
+    # attackers' updates are; of two norms it is the smaller one (two-silo mode). Short or empty hostile
+    # updates can drag it down; the floor from earlier rounds keeps it.
+    return multiplier * max(lower_median(norms), floor)
+
+
+# The round's reference norm is at least this × the median of the last ``NORM_HISTORY`` rounds' (lower)
+# median update norms: replies of length 0 cannot shrink the bound to nothing. Honest norms shrink
+# slowly as training converges, far less than half from one round to the next few.
+NORM_FLOOR = 0.5
+NORM_HISTORY = 5
+
+
+def norm_floor(history: list[float]) -> float:
+    """``NORM_FLOOR`` × the median of the last ``NORM_HISTORY`` reference norms (0 with no history)."""
+    recent = sorted(history[-NORM_HISTORY:])
+    return NORM_FLOOR * recent[len(recent) // 2] if recent else 0.0
 
 
 def lower_median(values: list[float]) -> float:
@@ -91,13 +106,13 @@ def weight_factors(weights: list[float]) -> list[float]:
 
 
 def clip_updates(replies: list, template: dict[str, np.ndarray],
-                 multiplier: float) -> tuple[list, list[float], float | None]:
+                 multiplier: float, floor: float = 0.0) -> tuple[list, list[float], float | None]:
     """(replies with each update scaled to norm <= τ_k, each reply's scale factor, τ). Off when
     ``multiplier`` is 0. τ_k = τ × ``weight_factors`` of the replies' server weights (``num_examples``).
     Only ``update_keys`` are scaled; other arrays are left as sent."""
     keys = update_keys(template)
     norms = [update_norm(reply, template, keys) for reply in replies]
-    bound = clip_bound(norms, multiplier)
+    bound = clip_bound(norms, multiplier, floor)
     if bound is None:
         return list(replies), [1.0] * len(replies), None
     factors = weight_factors([float(reply.num_examples) for reply in replies])
@@ -129,7 +144,7 @@ def median_update(replies: list, template: dict[str, np.ndarray], keys: list[str
 
 
 def bound_influence(replies: list, template: dict[str, np.ndarray],
-                    bound: float) -> tuple[list, list[float], float | None]:
+                    bound: float, floor: float = 0.0) -> tuple[list, list[float], float | None]:
     """(replies whose pull w_k / W × ‖Δ_k − c‖ is scaled to at most the round's limit, each reply's scale
     of Δ_k − c, the limit: ``bound`` × the lower median ‖Δ‖), c the coordinate-wise median update and w the
     server's weights (``num_examples``). From 3 replies; below, or with ``bound`` 0: unchanged, limit None.
@@ -140,7 +155,7 @@ def bound_influence(replies: list, template: dict[str, np.ndarray],
     total = float(sum(reply.num_examples for reply in replies))
     if total <= 0:  # no weight to share: nothing to bound (the server's policies give positive weights)
         return list(replies), [1.0] * len(replies), None
-    limit = bound * lower_median([update_norm(reply, template, keys) for reply in replies])
+    limit = bound * max(lower_median([update_norm(reply, template, keys) for reply in replies]), floor)
     center = median_update(replies, template, keys)
     result, scales = [], []
     for reply in replies:

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, bound_influence,
-                                     clamp_bn_statistics, clip_updates)
+                                     clamp_bn_statistics, clip_updates, lower_median, update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays
 from fedsq_app.core.wire import NUM_EXAMPLES, REFUSED_PERMANENTLY, TRAIN_LOSS
 
@@ -75,6 +75,7 @@ class RoundReplies:
     # clip); None: off or no replies.
     clip_bound: float | None = None
     bound_kind: str | None = None  # which: "pull" (influence bound) or "norm" (norm clip); None: no bound
+    reference_norm: float | None = None  # the accepted updates' lower median norm (the next rounds' floor)
 
 
 def magnitude_bounds(template: dict[str, np.ndarray]) -> dict[str, float]:
@@ -189,10 +190,30 @@ def equal_weights(replies: list[CheckedReply]) -> list[int | str]:
     return [1] * len(replies)
 
 
+def weigh_each(weigh: WeightPolicy, replies: list[CheckedReply]) -> list[int | str]:
+    """``weigh(replies)``; if the policy fails on the round, each reply is weighed alone, so that its failure
+    costs only the replies it fails on (never ends the run)."""
+    try:
+        weighed = list(weigh(replies))
+        if len(weighed) == len(replies):
+            return weighed
+    except Exception:
+        pass
+    result: list[int | str] = []
+    for reply in replies:
+        try:
+            (weight,) = weigh([reply])
+            result.append(weight if isinstance(weight, str) or (isinstance(weight, int) and weight > 0)
+                          else f"the server's weight for it is not a positive integer ({weight!r})")
+        except Exception as error:
+            result.append(f"the server could not weigh this reply ({type(error).__name__}: {error})")
+    return result
+
+
 def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], *,
                    weigh: WeightPolicy = equal_weights, clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER,
                    influence_bound: float = DEFAULT_INFLUENCE_BOUND, check_magnitudes: bool = True,
-                   clamp_bn: bool = True) -> RoundReplies:
+                   clamp_bn: bool = True, norm_floor: float = 0.0) -> RoundReplies:
     """All server-side checks of one round's training replies (pure, never raises): validation of what
     decodes, one reply per node, the server's weights, then the influence bounds (``fedsq_app.core.defenses``:
     from 3 replies each silo's pull bounded by ``influence_bound``, else each update norm-clipped by
@@ -212,10 +233,7 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
                 reasons[i] = f"duplicate reply: node {reply.node_id} already sent one this round"
             seen.add(reply.node_id)
     candidates = sorted((i for i in range(len(messages)) if i not in reasons), key=lambda i: checked[i].node_id)
-    try:
-        weighed = list(weigh([checked[i] for i in candidates]))
-    except Exception as error:  # a weight policy's failure rejects the round's replies, never ends the run
-        weighed = [f"the server could not weigh this reply ({type(error).__name__}: {error})"] * len(candidates)
+    weighed = weigh_each(weigh, [checked[i] for i in candidates])
     weights = {}
     for i, weight in zip(candidates, weighed):
         if isinstance(weight, str):
@@ -224,14 +242,18 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
-    clipped, scales, bound = bound_influence(weighted, template, influence_bound)
+    clipped, scales, bound = bound_influence(weighted, template, influence_bound, norm_floor)
     kind = "pull"
     if bound is None:  # the influence bound is off, or fewer than 3 replies: the norm clip
-        clipped, scales, bound = clip_updates(weighted, template, clip_multiplier)
+        clipped, scales, bound = clip_updates(weighted, template, clip_multiplier, norm_floor)
         kind = "norm"
     clamped, clamp_counts = clamp_bn_statistics(clipped, template) if clamp_bn else (clipped, [0] * len(clipped))
 
-    result = RoundReplies(accepted=clamped, clip_bound=bound, bound_kind=kind if bound is not None else None)
+    keys = update_keys(template)
+    reference = (max(lower_median([update_norm(r, template, keys) for r in weighted]), norm_floor)
+                 if weighted and keys else None)
+    result = RoundReplies(accepted=clamped, clip_bound=bound, bound_kind=kind if bound is not None else None,
+                          reference_norm=reference)
     position = {i: p for p, i in enumerate(kept)}
     for i, message in enumerate(messages):
         reply = checked[i] if isinstance(checked[i], CheckedReply) else None
@@ -253,3 +275,15 @@ def split_replies(replies: Iterable[Message], expected: ArraySpecs) -> RoundRepl
     template = {key: np.zeros(shape, dtype=dtype) for key, (shape, dtype) in expected.items()}
     return screen_replies(replies, template, clip_multiplier=0.0, influence_bound=0.0, check_magnitudes=False,
                           clamp_bn=False)
+
+
+def bound_note(checked: RoundReplies, scale: float) -> str:
+    """What the round's bound did to one reply, in the log: its pull on the mean (influence bound), or its
+    update's length (norm clip, below 3 replies), and the factor its update (its deviation from the round's
+    median update, for the pull) was scaled by."""
+    limit = checked.clip_bound
+    if checked.bound_kind == "pull":
+        pull = f"{limit / scale:.4g}" if scale > 0 else "any"
+        return f"pull bounded: deviation from the median update scaled by {scale:.3g} (pull {pull} -> limit {limit:.4g})"
+    return (f"update norm-clipped: scaled by {scale:.3g} (round's length bound {limit:.4g}, wider for a "
+            "larger weight)")

@@ -21,9 +21,10 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN,
-                                     update_keys)
+                                     norm_floor, update_keys)
+from fedsq_app.core.liveness import Quarantine
 from fedsq_app.core.evaluation import ScreenedEvaluation
-from fedsq_app.core.replies import RoundReplies, WeightPolicy, equal_weights, permanent_refusals, screen_replies
+from fedsq_app.core.replies import WeightPolicy, bound_note, equal_weights, permanent_refusals, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
 
 
@@ -73,6 +74,9 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
         self.excluded_nodes: list[dict] = []  # {node_id, round, reason}: refused for good, never sampled again
+        self.quarantine = Quarantine()  # nodes rejected round after round: not sampled for a while
+        self.sampled: list[int] = []  # the nodes asked to train this round
+        self.reference_norms: list[float] = []  # each round's reference update norm: the bound's floor
 
     # Server-side state for checkpoints (e.g. a server optimiser's moments). Stateless here; a strategy
     # with state returns its arrays (saved as safetensors) and JSON-able scalars, and restores them.
@@ -91,9 +95,10 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                         grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays  # the template replies are checked against, and the fallback model
         config = ConfigRecord({**dict(config), **self.extra_train_config()})  # never mutate the caller's
-        with self.sampling(grid) as nodes:
+        with self.sampling(grid, server_round) as nodes:
             messages = list(super().configure_train(server_round, self.outgoing_arrays(arrays), config, nodes))
-        if len(messages) < self.min_valid_replies:
+        self.sampled = [message.metadata.dst_node_id for message in messages]
+        if len(messages) < self.quarantine.needed(self.min_valid_replies, self.sampled):
             log(WARNING, "round %d: %d nodes sampled < min-valid-replies %d: this round cannot change the model "
                 "(a two-silo federation sets min-valid-replies=2: docs/RELIABILITY.md)", server_round, len(messages),
                 self.min_valid_replies)
@@ -101,21 +106,21 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        with self.sampling(grid) as nodes:
+        with self.sampling(grid, server_round) as nodes:
             return list(super().configure_evaluate(server_round, arrays, config, nodes))
 
     @contextmanager
-    def sampling(self, grid: Grid) -> Iterator[Grid]:
-        """Flower's sampling without the excluded nodes: ``grid`` without them, and the minimum node counts
-        lowered by their number (Flower would otherwise wait for nodes it can no longer pick)."""
-        excluded = {entry["node_id"] for entry in self.excluded_nodes}
+    def sampling(self, grid: Grid, server_round: int) -> Iterator[Grid]:
+        """Flower's sampling without the excluded and quarantined nodes: ``grid`` without them, and the minimum
+        node counts lowered by their number (Flower would otherwise wait for nodes it cannot pick)."""
+        excluded = {entry["node_id"] for entry in self.excluded_nodes} | self.quarantine.held(server_round)
         if not excluded:
             yield grid
             return
         saved = self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes
         self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = (max(0, n - len(excluded))
                                                                                   for n in saved)
-        log(INFO, "sampling without node(s) %s (refused for the rest of the run)", sorted(excluded))
+        log(INFO, "sampling without node(s) %s (refused for the run, or quarantined)", sorted(excluded))
         try:
             yield _SampledFrom(grid, excluded)
         finally:
@@ -142,8 +147,13 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         template = {k: a.numpy() for k, a in self.current_arrays.items()}
         replies = list(replies)
         checked = screen_replies(replies, template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
-                                 influence_bound=self.influence_bound, clamp_bn=self.bn_clamp)
+                                 influence_bound=self.influence_bound, clamp_bn=self.bn_clamp,
+                                 norm_floor=norm_floor(self.reference_norms))
         self.round_replies[server_round] = checked
+        needed = self.quarantine.needed(self.min_valid_replies, self.sampled)
+        for record in self.quarantine.update(server_round, [r.node_id for r in checked.accepted], checked.rejected):
+            log(WARNING, "node %s: replies rejected %d rounds in a row (last: %s): not sampled for %d round(s)",
+                record["node_id"], record["strikes"], record["reason"], record["rounds"])
         log(INFO, "aggregate_train: %d replies accepted, %d rejected", len(checked.accepted), len(checked.rejected))
         for node_id, reason in checked.rejected:
             log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
@@ -151,11 +161,13 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         clipped = [o for o in checked.outcomes if o.accepted and o.clip_scale is not None and o.clip_scale < 1]
         for outcome in clipped:
             log(INFO, "\t> node %s: %s", outcome.node_id, bound_note(checked, outcome.clip_scale))
-        if len(checked.accepted) < self.min_valid_replies:
-            log(WARNING, "round %d: %d valid replies < min-valid-replies %d: keeping the previous global model "
-                "(fail closed: the defenses need that many)", server_round, len(checked.accepted),
-                self.min_valid_replies)
+        if len(checked.accepted) < needed:
+            log(WARNING, "round %d: %d valid replies < %d needed (min-valid-replies %d, less nodes already failing): "
+                "keeping the previous global model (fail closed: the defenses need that many)", server_round,
+                len(checked.accepted), needed, self.min_valid_replies)
             return None, None
+        if checked.reference_norm is not None:
+            self.reference_norms.append(checked.reference_norm)
         try:
             averaged = aggregate(checked.accepted, template, self.aggregation, self.trim_fraction)
             metrics = weighted_metrics(checked.accepted)
@@ -189,18 +201,6 @@ class FedSQ(ValidatedFedAvg):
 
     def extra_train_config(self) -> dict:
         return {STRUCTURAL_SHA256: self.structural_sha256}
-
-
-def bound_note(checked: RoundReplies, scale: float) -> str:
-    """What the round's bound did to one reply, in the log: its pull on the mean (influence bound), or its
-    update's length (norm clip, below 3 replies), and the factor its update (its deviation from the round's
-    median update, for the pull) was scaled by."""
-    limit = checked.clip_bound
-    if checked.bound_kind == "pull":
-        pull = f"{limit / scale:.4g}" if scale > 0 else "any"
-        return f"pull bounded: deviation from the median update scaled by {scale:.3g} (pull {pull} -> limit {limit:.4g})"
-    return (f"update norm-clipped: scaled by {scale:.3g} (round's length bound {limit:.4g}, wider for a "
-            "larger weight)")
 
 
 # ---------------------------------------------------------------------------------------------- baselines

@@ -2,57 +2,107 @@
 
 FedAvg weights node k by n_k, its sample count; but n_k is the one figure a silo can inflate at will, and
 any clip of it to a multiple of the round's claims (which attackers move too) cuts honest large silos. So
-the weight is a fact the server holds:
+the weight is a fact the server holds, and a node's bad claim costs that node alone:
 
 - **partitions** (simulation, and the demo deployments that split the server's pool): the sizes of the
-  server's own partitions, computed by the same seeded partitioner the nodes use. The node names its
-  partition (``partition-id`` / ``num-partitions``, which the simulation engine or the operator sets in
-  its node config); a partition counts once per round, and ``num-partitions`` is fixed by the run's first
-  reply that names one.
+  server's own partitions, computed by the same seeded partitioner the nodes use. ``num-partitions`` is the
+  run's, from the server's node count (``count_nodes``, fixed at the first round weighed): a reply naming
+  another count is that node's rejection. A partition belongs to the first node that names it alone; when
+  several name it in the same round, the server decides which holds it (``decide``: in a run, the claimant
+  whose model fits that partition's data best), and a reply naming a partition that is another node's is
+  rejected, whatever the node order.
 - **silo sizes** (cross-silo deployment): a file the operator writes, one size per authenticated silo,
   keyed by the SHA-256 of the SuperNode's registered public key (or its registered name); a silo missing
   from it is rejected.
-- **equal** otherwise: every node counts once (a silo whose size the server does not know).
+- **equal**: every node counts once (silos whose sizes the server does not know).
 
-Pure functions and small objects; the ServerApp wires them to its data and its grid (``server_app``).
+Which of them a run uses is the run's setting (``weights``), never a reply's metric.
+Pure functions and small objects; the ServerApp wires them to its data and its grid (``runtime/weighting.py``).
 """
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
 from fedsq_app.core.wire import NUM_PARTITIONS, PARTITION_ID, SILO
 
+WEIGHT_MODES = ("auto", "partitions", "silo-sizes", "equal")
+# (partition id, the replies naming it this round) -> the node id of the one that holds it, or None: undecided.
+Decider = Callable[[int, list], "int | None"]
+
 
 class PartitionWeights:
     """Each reply weighted by the size of the partition it names; ``sizes_of(num_partitions)`` gives the
-    server's own partition sizes."""
+    server's own partition sizes. ``num_partitions``: the run's count (``fix``; if never fixed, the
+    ``count_nodes()`` of the first round weighed). ``owners``: partition -> node, for the whole run."""
 
-    def __init__(self, sizes_of: Callable[[int], Sequence[int]]) -> None:
-        self.sizes_of = sizes_of
-        self.num_partitions: int | None = None
+    def __init__(self, sizes_of: Callable[[int], Sequence[int]], num_partitions: int | None = None, *,
+                 decide: Decider | None = None, count_nodes: Callable[[], int] | None = None) -> None:
+        self.sizes_of, self.decide, self.count_nodes = sizes_of, decide, count_nodes
+        self.num_partitions = num_partitions if num_partitions and num_partitions >= 1 else None
+        self.owners: dict[int, int] = {}
+        self.contested: dict[int, list[int]] = {}  # partition -> claimants, of the latest round with a contest
+
+    def fix(self, num_partitions: int) -> None:
+        """The run's partition count, from what the server controls (its node count at the start)."""
+        if num_partitions >= 1:
+            self.num_partitions = num_partitions
 
     def __call__(self, replies: list) -> list[int | str]:
-        taken: set[int] = set()  # partitions already named this round
-        return [self.weigh(reply, taken) for reply in replies]
+        if self.num_partitions is None and self.count_nodes is not None:
+            self.fix(self.count_nodes())
+        weights: list[int | str] = [self.claim(reply) for reply in replies]
+        claimants: dict[int, list[int]] = defaultdict(list)
+        for i, claim in enumerate(weights):
+            if not isinstance(claim, str):
+                claimants[claim].append(i)
+        self.contested = {}
+        for pid, indices in claimants.items():
+            owner = self.owners.get(pid)
+            if owner is None:
+                owner = self.settle(pid, [replies[i] for i in indices])
+            for i in indices:
+                node = replies[i].node_id
+                if owner is None:
+                    weights[i] = (f"names partition {pid}, as {len(indices) - 1} other node(s) did this round, and "
+                                  "the server could not tell which holds it")
+                elif node != owner:
+                    weights[i] = f"names partition {pid}, which is node {owner}'s in this run"
+                else:
+                    weights[i] = int(self.sizes_of(self.num_partitions)[pid])
+        return weights
 
-    def weigh(self, reply, taken: set[int]) -> int | str:
+    def claim(self, reply) -> int | str:
+        """The partition ``reply`` names, or why it names none this run's server can weigh."""
         pid, count = reply.metrics.get(PARTITION_ID), reply.metrics.get(NUM_PARTITIONS)
         if pid is None or count is None or pid != int(pid) or count != int(count):
             return f"names no partition ('{PARTITION_ID}', '{NUM_PARTITIONS}'): the server cannot weigh it"
         pid, count = int(pid), int(count)
-        if self.num_partitions is None and count >= 1:
-            self.num_partitions = count
+        if self.num_partitions is None:
+            return "the run's partition count is not known yet (no node was connected when it started)"
         if count != self.num_partitions:
             return f"names {count} partitions, but this run's nodes split the pool into {self.num_partitions}"
         if not 0 <= pid < count:
             return f"names partition {pid}, outside [0, {count})"
-        if pid in taken:
-            return f"names partition {pid}, which another reply this round already named"
-        taken.add(pid)
-        return int(self.sizes_of(count)[pid])
+        return pid
+
+    def settle(self, pid: int, claimants: list) -> int | None:
+        """Who holds unowned partition ``pid``: its only claimant, or the one ``decide`` picks."""
+        if len(claimants) == 1:
+            owner = claimants[0].node_id
+        else:
+            self.contested[pid] = sorted(reply.node_id for reply in claimants)
+            try:
+                owner = self.decide(pid, claimants) if self.decide is not None else None
+            except Exception:  # deciding is the server's work: if it fails, nobody gets the partition this round
+                owner = None
+            if owner not in {reply.node_id for reply in claimants}:
+                return None
+        self.owners[pid] = owner
+        return owner
 
 
 class SiloSizes:
@@ -92,19 +142,30 @@ def load_silo_sizes(path: str | Path) -> dict[str, int]:
 
 
 class AutoWeights:
-    """The app's default: the operator's silo sizes if given; else partition sizes, as long as every reply
-    of the round names a partition; else (a silo whose size the server does not know) equal weights."""
+    """The run's weight mode (``mode``, one of ``WEIGHT_MODES``) applied to every round. 'auto': the
+    operator's silo sizes if given; else the mode is fixed once, by the first round with replies: partitions
+    unless most replies come from silos on their own data (then equal). A reply that does not fit the run's
+    mode (a silo in a partition run) is that node's rejection; it never changes the mode."""
 
-    def __init__(self, partitions: PartitionWeights, silos: SiloSizes | None = None) -> None:
+    def __init__(self, partitions: PartitionWeights, silos: SiloSizes | None = None, mode: str = "auto") -> None:
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {mode!r}")
+        if mode == "silo-sizes" and silos is None:
+            raise ValueError("weights='silo-sizes' needs the silo-sizes file")
+        if mode == "auto" and silos is not None:
+            mode = "silo-sizes"
         self.partitions, self.silos = partitions, silos
-        self.source = "silo-sizes" if silos else "partitions"
+        self.mode = mode
+        self.source = None if mode == "auto" else mode  # the mode in force (None until 'auto' is settled)
 
     def __call__(self, replies: list) -> list[int | str]:
-        if self.silos is not None:
-            self.source = "silo-sizes"
+        if self.source is None and replies:
+            from_silos = sum(1 for reply in replies if reply.metrics.get(SILO))
+            self.source = "equal" if 2 * from_silos > len(replies) else "partitions"
+        if self.source == "silo-sizes":
             return self.silos(replies)
-        if any(reply.metrics.get(SILO) for reply in replies):
-            self.source = "equal"
+        if self.source == "equal":
             return [1] * len(replies)
-        self.source = "partitions"
-        return self.partitions(replies)
+        weights = self.partitions(replies)
+        return [f"trains on its own data (metric '{SILO}'), but this run weighs partitions of the server's pool"
+                if isinstance(w, str) and reply.metrics.get(SILO) else w for reply, w in zip(replies, weights)]

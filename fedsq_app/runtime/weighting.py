@@ -12,11 +12,17 @@ from __future__ import annotations
 import hashlib
 from logging import INFO, WARNING
 
+import numpy as np
+import torch
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from torch import nn
 
-from fedsq_app.core.weights import AutoWeights, PartitionWeights, SiloSizes, load_silo_sizes
-from fedsq_app.data.partitions import DataKey, partition_sizes
+from fedsq_app.core.dualcopy import travelling_module
+from fedsq_app.core.weights import AutoWeights, Decider, PartitionWeights, SiloSizes, load_silo_sizes
+from fedsq_app.core.wire import NUM_PARTITIONS
+from fedsq_app.data.partitions import DataKey, client_partition, partition_sizes
+from fedsq_app.runtime.train import evaluate
 from fedsq_app.util import ConfigError
 
 
@@ -31,12 +37,16 @@ def node_identities(grid: Grid) -> dict[int, list[str]]:
     return identities
 
 
-def weight_policy(config, data_key: DataKey, grid: Grid) -> AutoWeights:
-    """Where each node's aggregation weight comes from (core/weights.py): the operator's silo sizes, the
-    server's own partition sizes, or equal weights; never a node's claim. ``config``: the RunConfig."""
-    partitions = PartitionWeights(lambda count: partition_sizes(data_key, count))
-    if not config.silo_sizes:
-        return AutoWeights(partitions)
+def weight_policy(config, data_key: DataKey, grid: Grid, decide: Decider | None = None) -> AutoWeights:
+    """Where each node's aggregation weight comes from (core/weights.py): the run's ``weights`` mode, over the
+    operator's silo sizes, the server's own partition sizes (the pool split among the nodes connected at the
+    start or at the first round, whichever are more) or equal weights; never a node's claim. ``config``: the RunConfig;
+    ``decide``: who holds a partition several nodes name (``fit_decider``)."""
+    at_start = len(list(grid.get_node_ids()))  # fixed at the first round weighed: nodes may join until then
+    partitions = PartitionWeights(lambda count: partition_sizes(data_key, count), decide=decide,
+                                  count_nodes=lambda: max(at_start, len(list(grid.get_node_ids()))))
+    if not config.silo_sizes or config.weights in ("partitions", "equal"):
+        return AutoWeights(partitions, mode=config.weights)
     try:
         sizes = load_silo_sizes(config.silo_sizes)
     except ValueError as error:
@@ -50,7 +60,33 @@ def weight_policy(config, data_key: DataKey, grid: Grid) -> AutoWeights:
 
     held_out = config.local_val_fraction if config.fraction_evaluate > 0 else 0.0
     return AutoWeights(partitions, SizeCheckedSiloSizes(sizes, identities_of, f"'{config.silo_sizes}'",
-                                                        held_out=held_out))
+                                                        held_out=held_out), mode=config.weights)
+
+
+def fit_decider(model: nn.Module, data_key: DataKey, spec, device: torch.device) -> Decider:
+    """Who holds a partition several nodes name: the claimant whose model has the lowest loss on that
+    partition's own data (the server holds the pool). A node that trained on it fits it; one that names it
+    by mistake, or to take its weight, trained on other data. ``model``: the run's model (its travelling part
+    is restored after)."""
+    travelling = travelling_module(model)
+
+    def decide(pid: int, claimants: list) -> int | None:
+        data = client_partition(data_key, pid, int(claimants[0].metrics[NUM_PARTITIONS]))
+        saved = {k: v.clone() for k, v in travelling.state_dict().items()}
+        scored = []
+        try:
+            for reply in claimants:
+                travelling.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in reply.arrays.items()})
+                loss, _ = evaluate(model, data, spec, device=device)
+                scored.append((loss, reply.node_id))
+        finally:
+            travelling.load_state_dict(saved)
+        loss, owner = min(scored)
+        log(WARNING, "partition %d was named by nodes %s: it is node %d's (loss %.4g on its data; the others: %s)",
+            pid, sorted(n for _, n in scored), owner, loss, ", ".join(f"{l:.4g}" for l, n in sorted(scored)[1:]))
+        return owner
+
+    return decide
 
 
 # How far a silo's reported training count may be from what its registered size leads the server to expect

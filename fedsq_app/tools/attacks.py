@@ -104,6 +104,86 @@ def forged(start, hostile, honest):
         reply.content[wire.METRICS][wire.TRAIN_LOSS] = 1e308 if i % 2 == 0 else -1e308
 
 
+def _stack(honest: list[dict], start: dict, keys: list[str]) -> np.ndarray:
+    """The honest updates as rows of one float64 matrix (keys concatenated in order)."""
+    return np.stack([np.concatenate([(h[k].astype(np.float64) - start[k]).ravel() for k in keys]) for h in honest])
+
+
+def _send(hostile: list[Message], start: dict, keys: list[str], update: np.ndarray) -> None:
+    """Every hostile reply sends start + ``update`` (a flat vector over ``keys``) on those keys."""
+    arrays, offset = {}, 0
+    for k in keys:
+        size = start[k].size
+        arrays[k] = (start[k] + update[offset:offset + size].reshape(start[k].shape)).astype(start[k].dtype)
+        offset += size
+    for reply in hostile:
+        _set(reply, arrays, start)
+
+
+def alie(z: float = 1.0) -> Attack:
+    """"A little is enough" (Baruch et al. 2019): μ − z·σ per coordinate of the honest updates. The paper's z
+    for small federations is below 1 (six nodes, one hostile: 0); z = 1 is the usual benchmark setting."""
+    def attack(start, hostile, honest):
+        keys = update_keys(start)
+        rows = _stack(honest, start, keys)
+        _send(hostile, start, keys, rows.mean(axis=0) - z * rows.std(axis=0))
+    return attack
+
+
+def ipm(epsilon: float) -> Attack:
+    """Inner-product manipulation (Xie et al. 2020): −ε × the honest mean update. Small ε stays close to the
+    honest cloud; large ε reverses the step."""
+    def attack(start, hostile, honest):
+        keys = update_keys(start)
+        _send(hostile, start, keys, -epsilon * _stack(honest, start, keys).mean(axis=0))
+    return attack
+
+
+def _largest_gamma(fits, high: float = 100.0, steps: int = 40) -> float:
+    """The largest γ in [0, high] with ``fits(γ)`` (bisection; fits(0) assumed)."""
+    low = 0.0
+    if fits(high):
+        return high
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def min_max_or_sum(kind: str) -> Attack:
+    """Shejwalkar & Houmansadr (NDSS 2021): μ + γ·p with p = −μ/‖μ‖, γ the largest such that the hostile
+    update's largest ('min-max') or summed squared ('min-sum') distance to the honest updates stays within
+    the honest updates' own largest such figure."""
+    def attack(start, hostile, honest):
+        keys = update_keys(start)
+        rows = _stack(honest, start, keys)
+        mean = rows.mean(axis=0)
+        direction = -mean / max(float(np.linalg.norm(mean)), 1e-30)
+        pairwise = np.linalg.norm(rows[:, None, :] - rows[None, :, :], axis=2)
+        if kind == "min-max":
+            limit = float(pairwise.max())
+            fits = lambda g: float(np.linalg.norm(rows - (mean + g * direction), axis=1).max()) <= limit  # noqa: E731
+        else:
+            limit = float((pairwise ** 2).sum(axis=1).max())
+            fits = lambda g: float((np.linalg.norm(rows - (mean + g * direction), axis=1) ** 2).sum()) <= limit  # noqa: E731
+        _send(hostile, start, keys, mean + _largest_gamma(fits) * direction)
+    return attack
+
+
+def fixed_target(raise_by: float = 5.0, length: float = 100.0) -> Attack:
+    """The adaptive attacker: every round, an update towards one fixed bad model (the head's bias of class 0
+    raised by ``raise_by``), ``length`` × the median honest norm long, so that whatever bound the server
+    applies places it exactly at the bound, round after round."""
+    def attack(start, hostile, honest):
+        keys = update_keys(start)
+        bias = [k for k in keys if start[k].ndim == 1][-1]  # the head's bias: the last 1-d parameter
+        target = np.concatenate([np.zeros(start[k].size) if k != bias else
+                                 np.eye(1, start[k].size).ravel() * raise_by for k in keys])
+        scale = length * float(np.median(np.linalg.norm(_stack(honest, start, keys), axis=1)))
+        _send(hostile, start, keys, target / max(float(np.linalg.norm(target)), 1e-30) * scale)
+    return attack
+
+
 UNDER_BOUND = RunConfig().clip_multiplier - 0.1  # just inside the norm clip (two-silo rounds, or bound off)
 # name -> (attack, hostile node count, nodes in the federation: None = --clients, honest replies dropped)
 ATTACKS: dict[str, tuple[Attack, int, int | None, int]] = {
@@ -117,3 +197,13 @@ ATTACKS: dict[str, tuple[Attack, int, int | None, int]] = {
     "forged arrays and metrics (1 of 6)": (forged, 1, None, 0),
     "boosted x1240, two-reply rounds (1 of 3, one honest lost)": (boosted(1240.0), 1, 3, 1),
 }
+# The field's benchmark attacks (docs/RELIABILITY.md), by one and by two colluders of six.
+for _count in (1, 2):
+    ATTACKS.update({
+        f"ALIE z=1 ({_count} of 6)": (alie(1.0), _count, None, 0),
+        f"IPM eps=0.1 ({_count} of 6)": (ipm(0.1), _count, None, 0),
+        f"IPM eps=10 ({_count} of 6)": (ipm(10.0), _count, None, 0),
+        f"min-max ({_count} of 6)": (min_max_or_sum("min-max"), _count, None, 0),
+        f"min-sum ({_count} of 6)": (min_max_or_sum("min-sum"), _count, None, 0),
+        f"fixed target, at the bound ({_count} of 6)": (fixed_target(), _count, None, 0),
+    })
