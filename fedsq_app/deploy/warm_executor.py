@@ -6,7 +6,7 @@ protocol but keeps those imported and, once the task's FAB is installed, the FAB
 each task is a ``fork()`` whose child runs Flower's own ``run_clientapp`` with that task's token, so pulling
 the message, the reply, the heartbeat and the final status are Flower's, unchanged.
 
-Fork-safety: the parent never runs torch work (its intra-op pool is pinned to one thread, so no OpenMP team
+Fork-safety: the parent never trains (its intra-op pool is pinned to one thread, so no OpenMP team
 exists to be lost in the fork; the child gets the thread count the process started with) and never
 initialises CUDA; a task is launched the standard way (a new ``flwr-clientapp``) whenever CUDA is
 initialised, the task is not a ClientApp, the FAB is not known, or runtime dependency installation is on.
@@ -15,9 +15,9 @@ it), never the executor. A task of another FAB than the one imported is started 
 executor then re-executes itself, so that no module of the old app survives.
 
 What the parent keeps of a run: once a run's first forked task has ended, the parent calls the ClientApp
-module's ``prime(run_config, node_config)`` hook (fedsq_app/client_app.py) with that task's run config and
-node config, as Flower handed them to the child (which records them, as JSON in a 0600 file of the
-executor's private state directory). The hook builds the model (S and Q from the pretrained backbone),
+module's ``prime(run_config, node_config) -> (built, summary)`` hook (fedsq_app/client_app.py) with that
+task's run config and node config, as Flower handed them to the child (which records them, as JSON in a
+0600 file of the executor's private state directory). The hook builds the model (S and Q from the pretrained backbone),
 the node's data and S's mask cache with the very functions and keys ``train`` uses, so each later child
 inherits them by fork (copy-on-write), loads Q from its message and trains: the same results as a new
 process. The state is keyed by (run id, FAB hash, run config, node config); another key drops it first
