@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from fedsq_app.core.aggregation import AGGREGATIONS
 from fedsq_app.core.weights import WEIGHT_MODES
-from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND
+from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND
 from fedsq_app.data.partitions import PARTITIONERS
 from fedsq_app.data.splits import parse_classes
 from fedsq_app.runtime.checkpoint import CHECKPOINT_FILE
@@ -65,6 +65,8 @@ class RunConfig:
     min_valid_replies: int = 3  # fewer valid replies: the round keeps the previous model; 2 = two-silo mode
     clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER  # two-silo rounds: clip updates to k x the median norm; 0 = off
     influence_bound: float = DEFAULT_INFLUENCE_BOUND  # a silo's pull on the mean <= this x median update norm
+    deviation_bound: float = DEFAULT_DEVIATION_BOUND  # an update's distance from the median one <= this x the
+    # round's median distance (x a size factor); 0 = off
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
     silo_sizes: str = ""  # deployment, a path on the coordinator: JSON {registered name or key sha256: size}
     weights: str = "auto"  # auto | partitions | silo-sizes | equal: where each node's aggregation weight comes from
@@ -136,6 +138,10 @@ class RunConfig:
         if self.clip_multiplier != 0 and self.clip_multiplier < 1:
             raise ConfigError(f"clip-multiplier must be 0 (off) or >= 1 (a multiple of the round's median update "
                               f"norm: below 1 it clips half the honest updates every round), got {self.clip_multiplier}")
+        if self.deviation_bound != 0 and self.deviation_bound < 1:
+            raise ConfigError(f"deviation-bound must be 0 (off) or >= 1 (a multiple of the round's median distance "
+                              f"from the median update: below 1 it cuts half the honest updates), got "
+                              f"{self.deviation_bound}")
         if not 0 <= self.influence_bound <= 1:
             raise ConfigError(f"influence-bound must be in [0, 1] (0 = off: a silo's largest pull on the mean, a "
                               f"fraction of the round's median update norm), got {self.influence_bound}")

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsq_app.config import ConfigError, RunConfig
-from fedsq_app.core.defenses import (DEFAULT_INFLUENCE_BOUND, bound_influence, clamp_bn_statistics, clip_updates,
-                                    median_update, update_keys, update_norm)
+from fedsq_app.core.defenses import (DEFAULT_INFLUENCE_BOUND, bound_deviation, bound_influence, clamp_bn_statistics,
+                                    clip_updates, deviations, median_update, update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays, pack, pack_record
-from fedsq_app.core.replies import CheckedReply, screen_replies, weigh_each
+from fedsq_app.core.replies import CheckedReply, bound_note, screen_replies, weigh_each
 from fedsq_app.core.strategy import ValidatedFedAvg
 from fedsq_app.core.weights import AutoWeights, PartitionWeights, SiloSizes, load_silo_sizes
 
@@ -501,3 +501,42 @@ def test_screen_replies_never_raises_on_a_weight_policy_failure():
     rng = np.random.default_rng(7)
     checked = screen_replies([_reply(_honest(rng), n) for n in (1, 2, 3)], GLOBAL, weigh=broken)
     assert checked.accepted == [] and all("could not weigh" in r for _, r in checked.rejected)
+
+
+# ------------------------------------------------------------------------------------------ deviation bound
+def test_the_deviation_bound_cuts_an_outlier_but_not_a_large_silo_for_its_weight():
+    """Each update's distance from the median update is bounded by β × the round's median distance, widened
+    by √(weight / median weight): a large honest silo's longer update passes; the same update from a silo of
+    median weight, or a far longer one, is pulled back to its allowance."""
+    rng = np.random.default_rng(11)
+    base = [CheckedReply(n, _honest(rng), 100, {}) for n in range(1, 6)]
+    keys = update_keys(GLOBAL)
+    _, devs = deviations(base, GLOBAL, keys)
+    typical = sorted(devs)[2]
+    longer = _with_update(_honest(rng), 6.0)
+    large = replace(base[4], arrays=longer, num_examples=4900)  # 49 x the median weight: allowance x 7
+    _, scales, median_dev = bound_deviation(base[:4] + [large], GLOBAL, 3.0)
+    assert scales == [1.0] * 5 and median_dev > 0
+    small = replace(large, num_examples=100)
+    bounded, scales, median_dev = bound_deviation(base[:4] + [small], GLOBAL, 3.0)
+    assert scales[:4] == [1.0] * 4 and scales[4] < 1  # cut to exactly its allowance
+    center = median_update(base[:4] + [small], GLOBAL, keys)
+    moved = np.sqrt(sum(float(np.sum((bounded[4].arrays[k].astype(np.float64) - GLOBAL[k] - center[k]) ** 2))
+                        for k in keys))
+    assert moved == pytest.approx(3.0 * median_dev, rel=1e-4)
+    huge = replace(base[4], arrays=_with_update(base[4].arrays, 1000.0))
+    bounded, scales, median_dev = bound_deviation(base[:4] + [huge], GLOBAL, 3.0)
+    assert scales[:4] == [1.0] * 4 and scales[4] < 0.05
+    assert bound_deviation(base[:2], GLOBAL, 3.0)[2] is None and bound_deviation(base, GLOBAL, 0.0)[2] is None
+    assert typical > 0
+
+
+def test_the_deviation_bound_is_the_rounds_bound_when_the_influence_bound_is_off():
+    rng = np.random.default_rng(12)
+    honest = [_reply(_honest(rng), n) for n in range(1, 6)]
+    hostile = _reply(_with_update(_honest(rng), -50.0), 6)
+    arrays, _, checked = _aggregate(honest + [hostile], influence_bound=0.0, deviation_bound=3.0)
+    assert checked.bound_kind == "deviation" and arrays is not None
+    outcome = checked.outcomes[-1]
+    assert outcome.clip_scale < 0.1 and outcome.update_norm > 0 and outcome.deviation > 0
+    assert "deviation bounded" in bound_note(checked, outcome.clip_scale)

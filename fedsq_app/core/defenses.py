@@ -41,6 +41,9 @@ DEFAULT_CLIP_MULTIPLIER = 2.0
 # with two of six holding 47 % of the data needs β <= 0.3; honest silos of a 20-silo α = 0.05 federation
 # rarely pull harder (docs/RELIABILITY.md).
 DEFAULT_INFLUENCE_BOUND = 0.3
+# β of the deviation bound: an update may lie at most this × the round's median distance from the median
+# update (× the silo's size factor) away from it (docs/RELIABILITY.md).
+DEFAULT_DEVIATION_BOUND = 0.0
 # The norm clip widens with a silo's weight: the exponent trades the honest large silos' longer updates
 # (about sqrt of their size ratio, measured) against what an attacker holding a large silo gains.
 WEIGHT_EXPONENT = 0.25
@@ -166,6 +169,43 @@ def bound_influence(replies: list, template: dict[str, np.ndarray],
         result.append(reply if scale == 1.0 else
                       with_update(reply, template, {k: center[k] + scale * deviation[k] for k in keys}))
     return result, scales, limit
+
+
+# How much wider a larger silo's deviation allowance is: × (w_k / median w) ** this. A silo with more data
+# takes more local steps, so its honest update, and its distance from the median one, is longer.
+SIZE_EXPONENT = 0.5
+
+
+def deviations(replies: list, template: dict[str, np.ndarray], keys: list[str]) -> tuple[dict, list[float]]:
+    """(c, ‖Δ_k − c‖ per reply): the coordinate-wise median update and each update's distance from it."""
+    center = median_update(replies, template, keys)
+    return center, [math.sqrt(sum(float(np.sum((reply.arrays[k].astype(np.float64) - template[k] - center[k]) ** 2))
+                                  for k in keys)) for reply in replies]
+
+
+def bound_deviation(replies: list, template: dict[str, np.ndarray], bound: float,
+                    floor: float = 0.0) -> tuple[list, list[float], float | None]:
+    """(replies whose deviation ‖Δ_k − c‖ from the median update c is scaled to at most their allowance,
+    each reply's scale of Δ_k − c, the round's median deviation). The allowance is ``bound`` × the round's
+    (lower) median deviation (at least ``floor``) × max(1, w_k / median w) ** ``SIZE_EXPONENT``: a bound
+    set by the round's own spread, not by a silo's weight share, so a large honest silo is not cut for
+    being large. From 3 replies; below, or with ``bound`` 0: unchanged, None."""
+    keys = update_keys(template)
+    if bound <= 0 or len(replies) < MIN_REPLIES_FOR_MEDIAN or not keys:
+        return list(replies), [1.0] * len(replies), None
+    center, devs = deviations(replies, template, keys)
+    typical = max(lower_median(devs), floor)
+    weights = [float(reply.num_examples) for reply in replies]
+    reference = lower_median(weights)
+    result, scales = [], []
+    for reply, dev, weight in zip(replies, devs, weights):
+        allowance = bound * typical * (max(1.0, weight / reference) ** SIZE_EXPONENT if reference > 0 else 1.0)
+        scale = 1.0 if dev <= allowance else allowance / dev
+        scales.append(scale)
+        result.append(reply if scale == 1.0 else with_update(
+            reply, template, {k: center[k] + scale * (reply.arrays[k].astype(np.float64) - template[k] - center[k])
+                              for k in keys}))
+    return result, scales, typical
 
 
 def clamp_bn_statistics(replies: list, template: dict[str, np.ndarray]) -> tuple[list, list[int]]:

@@ -16,8 +16,9 @@ from typing import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, bound_influence,
-                                     clamp_bn_statistics, clip_updates, lower_median, update_keys, update_norm)
+from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND,
+                                     MIN_REPLIES_FOR_MEDIAN, bound_deviation, bound_influence, clamp_bn_statistics,
+                                     clip_updates, deviations, lower_median, update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays
 from fedsq_app.core.wire import NUM_EXAMPLES, REFUSED_PERMANENTLY, TRAIN_LOSS
 
@@ -64,6 +65,8 @@ class ReplyOutcome:
     # Its update (influence bound: its distance from the median update) was scaled by this; < 1: bounded.
     clip_scale: float | None = None  # None if rejected
     bn_clamped: int | None = None  # BN statistics coordinates clamped into the other replies' range
+    update_norm: float | None = None  # ‖Δ_k‖ as sent (before any bound); None if rejected
+    deviation: float | None = None  # ‖Δ_k − c‖, c the round's median update (from 3 replies)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class RoundReplies:
     clip_bound: float | None = None
     bound_kind: str | None = None  # which: "pull" (influence bound) or "norm" (norm clip); None: no bound
     reference_norm: float | None = None  # the accepted updates' lower median norm (the next rounds' floor)
+    reference_deviation: float | None = None  # their lower median distance from the median update (likewise)
 
 
 def magnitude_bounds(template: dict[str, np.ndarray]) -> dict[str, float]:
@@ -213,7 +217,8 @@ def weigh_each(weigh: WeightPolicy, replies: list[CheckedReply]) -> list[int | s
 def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], *,
                    weigh: WeightPolicy = equal_weights, clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER,
                    influence_bound: float = DEFAULT_INFLUENCE_BOUND, check_magnitudes: bool = True,
-                   clamp_bn: bool = True, norm_floor: float = 0.0) -> RoundReplies:
+                   clamp_bn: bool = True, norm_floor: float = 0.0, deviation_bound: float = DEFAULT_DEVIATION_BOUND,
+                   deviation_floor: float = 0.0) -> RoundReplies:
     """All server-side checks of one round's training replies (pure, never raises): validation of what
     decodes, one reply per node, the server's weights, then the influence bounds (``fedsq_app.core.defenses``:
     from 3 replies each silo's pull bounded by ``influence_bound``, else each update norm-clipped by
@@ -242,18 +247,24 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
-    clipped, scales, bound = bound_influence(weighted, template, influence_bound, norm_floor)
+    keys = update_keys(template)
+    norms = [update_norm(r, template, keys) for r in weighted] if keys else []
+    spread = deviations(weighted, template, keys)[1] if len(weighted) >= MIN_REPLIES_FOR_MEDIAN and keys else []
+    deviated, deviation_scales, typical = bound_deviation(weighted, template, deviation_bound, deviation_floor)
+    clipped, scales, bound = bound_influence(deviated, template, influence_bound, norm_floor)
     kind = "pull"
-    if bound is None:  # the influence bound is off, or fewer than 3 replies: the norm clip
+    if bound is None and typical is not None:
+        scales, bound, kind = deviation_scales, typical, "deviation"
+    elif bound is None:  # both bounds off, or fewer than 3 replies: the norm clip
         clipped, scales, bound = clip_updates(weighted, template, clip_multiplier, norm_floor)
         kind = "norm"
+    else:
+        scales = [a * b for a, b in zip(scales, deviation_scales)]
     clamped, clamp_counts = clamp_bn_statistics(clipped, template) if clamp_bn else (clipped, [0] * len(clipped))
 
-    keys = update_keys(template)
-    reference = (max(lower_median([update_norm(r, template, keys) for r in weighted]), norm_floor)
-                 if weighted and keys else None)
     result = RoundReplies(accepted=clamped, clip_bound=bound, bound_kind=kind if bound is not None else None,
-                          reference_norm=reference)
+                          reference_norm=max(lower_median(norms), norm_floor) if norms else None,
+                          reference_deviation=max(lower_median(spread), deviation_floor) if spread else None)
     position = {i: p for p, i in enumerate(kept)}
     for i, message in enumerate(messages):
         reply = checked[i] if isinstance(checked[i], CheckedReply) else None
@@ -266,6 +277,8 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             num_examples=reply.claimed if reply else None, weight=weights.get(i),
             train_loss=reply.metrics.get(TRAIN_LOSS) if reply else None, created_at=_created_at(message),
             clip_scale=scales[p] if p is not None else None,
+            update_norm=norms[p] if p is not None and norms else None,
+            deviation=spread[p] if p is not None and spread else None,
             bn_clamped=clamp_counts[p] if p is not None else None))
     return result
 
@@ -273,8 +286,8 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
 def split_replies(replies: Iterable[Message], expected: ArraySpecs) -> RoundReplies:
     """Validation alone (equal weights; no magnitude bounds, clipping or clamp)."""
     template = {key: np.zeros(shape, dtype=dtype) for key, (shape, dtype) in expected.items()}
-    return screen_replies(replies, template, clip_multiplier=0.0, influence_bound=0.0, check_magnitudes=False,
-                          clamp_bn=False)
+    return screen_replies(replies, template, clip_multiplier=0.0, influence_bound=0.0, deviation_bound=0.0,
+                          check_magnitudes=False, clamp_bn=False)
 
 
 def bound_note(checked: RoundReplies, scale: float) -> str:
@@ -282,6 +295,9 @@ def bound_note(checked: RoundReplies, scale: float) -> str:
     update's length (norm clip, below 3 replies), and the factor its update (its deviation from the round's
     median update, for the pull) was scaled by."""
     limit = checked.clip_bound
+    if checked.bound_kind == "deviation":
+        return (f"deviation bounded: its distance from the median update scaled by {scale:.3g} (the round's median "
+                f"distance {limit:.4g}, times the bound, wider for a larger weight)")
     if checked.bound_kind == "pull":
         pull = f"{limit / scale:.4g}" if scale > 0 else "any"
         return f"pull bounded: deviation from the median update scaled by {scale:.3g} (pull {pull} -> limit {limit:.4g})"

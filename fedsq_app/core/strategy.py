@@ -20,8 +20,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
-from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN,
-                                     norm_floor, update_keys)
+from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND,
+                                     MIN_REPLIES_FOR_MEDIAN, norm_floor, update_keys)
 from fedsq_app.core.liveness import Quarantine
 from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.replies import WeightPolicy, bound_note, equal_weights, permanent_refusals, screen_replies
@@ -59,7 +59,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
 
     def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN,
                  clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, influence_bound: float = DEFAULT_INFLUENCE_BOUND,
-                 bn_clamp: bool = True, weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
+                 deviation_bound: float = DEFAULT_DEVIATION_BOUND, bn_clamp: bool = True,
+                 weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
                  trim_fraction: float = 0.2, pack_arrays: bool = False, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
@@ -67,6 +68,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.clip_multiplier = clip_multiplier
         self.bn_clamp = bn_clamp
         self.influence_bound = influence_bound
+        self.deviation_bound = deviation_bound
         self.weigh = weigh
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
@@ -76,7 +78,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.excluded_nodes: list[dict] = []  # {node_id, round, reason}: refused for good, never sampled again
         self.quarantine = Quarantine()  # nodes rejected round after round: not sampled for a while
         self.sampled: list[int] = []  # the nodes asked to train this round
-        self.reference_norms: list[float] = []  # each round's reference update norm: the bound's floor
+        self.references: dict[str, list[float]] = {"norm": [], "deviation": []}  # per round: the bounds' floors
 
     # Server-side state for checkpoints (e.g. a server optimiser's moments). Stateless here; a strategy
     # with state returns its arrays (saved as safetensors) and JSON-able scalars, and restores them.
@@ -148,7 +150,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         replies = list(replies)
         checked = screen_replies(replies, template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
                                  influence_bound=self.influence_bound, clamp_bn=self.bn_clamp,
-                                 norm_floor=norm_floor(self.reference_norms))
+                                 deviation_bound=self.deviation_bound, norm_floor=norm_floor(self.references["norm"]),
+                                 deviation_floor=norm_floor(self.references["deviation"]))
         self.round_replies[server_round] = checked
         needed = self.quarantine.needed(self.min_valid_replies, self.sampled)
         for record in self.quarantine.update(server_round, [r.node_id for r in checked.accepted], checked.rejected):
@@ -166,8 +169,9 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                 "keeping the previous global model (fail closed: the defenses need that many)", server_round,
                 len(checked.accepted), needed, self.min_valid_replies)
             return None, None
-        if checked.reference_norm is not None:
-            self.reference_norms.append(checked.reference_norm)
+        for kind, value in (("norm", checked.reference_norm), ("deviation", checked.reference_deviation)):
+            if value is not None:
+                self.references[kind].append(value)
         try:
             averaged = aggregate(checked.accepted, template, self.aggregation, self.trim_fraction)
             metrics = weighted_metrics(checked.accepted)

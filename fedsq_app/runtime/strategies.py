@@ -52,7 +52,7 @@ def make_strategy(config, structural_sha256: str, weigh=None) -> ValidatedFedAvg
                   min_evaluate_nodes=1,
                   min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
                   min_valid_replies=config.min_valid_replies, clip_multiplier=config.clip_multiplier, bn_clamp=config.bn_clamp,
-                  influence_bound=config.influence_bound,
+                  influence_bound=config.influence_bound, deviation_bound=config.deviation_bound,
                   aggregation=config.aggregation,
                   trim_fraction=config.trim_fraction, pack_arrays=True)  # this app's ClientApp unpacks
     if weigh is not None:

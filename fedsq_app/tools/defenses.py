@@ -54,9 +54,11 @@ DEFENSES = {  # name -> run-config keys on top of the run's
     "defaults": {},
     "median": {"aggregation": "median"},
     "trimmed-mean": {"aggregation": "trimmed-mean"},
-    # The cost experiment's split of the defaults into their parts.
+    # The cost experiment's split of the defaults into their parts, and the two bounds side by side.
     "influence bound only": {"bn-clamp": False},
-    "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0},
+    "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0},
+    "influence bound 0.3": {"influence-bound": 0.3, "deviation-bound": 0.0},
+    "deviation bound 3": {"influence-bound": 0.0, "deviation-bound": 3.0},
 }
 TWO_SILO = {"min-valid-replies": 2}
 # S for the cost experiment, pretrained on train[:6000]; the federation reads train[9000:] (docs/RELIABILITY.md).
@@ -135,6 +137,10 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
             "rounds_kept": sum(not r["aggregated"] for r in results["rounds"]),
             "honest_rejected": sum(not r["accepted"] for r in honest), "honest_replies": len(honest),
             "honest_clipped": sum(1 for r in honest if r["accepted"] and (r["clip_scale"] or 1) < 1),
+            "honest_below_half": sum(1 for r in honest if r["accepted"] and (r["clip_scale"] or 1) < 0.5),
+            # (server weight, scale, ‖Δ‖, distance from the median update) of each accepted honest reply
+            "honest_scales": [(r["weight"], r["clip_scale"], r.get("update_norm"), r.get("deviation"))
+                              for r in honest if r["accepted"]],
             "honest_bn_clamped": sum(1 for r in honest if r["accepted"] and r["bn_clamped"]),
             "honest_weight_changed": sum(1 for r in honest if r["accepted"] and r["weight"] != r["num_examples"]),
             "hostile_rejected": sum(not r["accepted"] for r in hostile), "hostile_replies": len(hostile),
@@ -188,7 +194,8 @@ def run_cost(args: argparse.Namespace, out: Path) -> dict:
         except DataError as error:  # e.g. no Dirichlet split with min-partition-size for this seed: next seed
             unsplittable[seed] = str(error)
             tqdm.write(f"seed {seed} skipped: {error}")
-    sizes = {**base, "clients": args.clients, "seeds": seeds, "wall_time_s": time.time() - started}
+    sizes = {**base, "clients": args.clients, "seeds": seeds, "wall_time_s": time.time() - started,
+             "set": parse_set(args.set)}
     return {"experiment": "cost", "sizes": sizes, "unsplittable": unsplittable, "runs": runs}
 
 
@@ -209,16 +216,35 @@ def _count(runs: list[dict], key: str, total: str) -> str:
     return f"{sum(r[key] for r in runs)} of {sum(r[total] for r in runs)}"
 
 
+SIZE_GROUPS = ("smallest third", "middle third", "largest third")
+
+
+def scales_by_size(runs: list[dict]) -> dict[str, tuple[int, int, int]]:
+    """Honest accepted replies by their silo's weight (thirds of each run's silos by server weight): (replies,
+    scaled below 1, scaled below 0.5) per third."""
+    counts = {group: [0, 0, 0] for group in SIZE_GROUPS}
+    for run in runs:
+        weights = sorted({w for w, *_ in run.get("honest_scales", [])})
+        for weight, scale, *_ in run.get("honest_scales", []):
+            group = SIZE_GROUPS[min(2, 3 * weights.index(weight) // max(len(weights), 1))]
+            scale = 1.0 if scale is None else scale
+            counts[group][0] += 1
+            counts[group][1] += scale < 1
+            counts[group][2] += scale < 0.5
+    return {group: tuple(c) for group, c in counts.items()}
+
+
 def markdown(report: dict) -> str:
     sizes, runs = report["sizes"], report["runs"]
     head = (f"Sizes: {sizes['clients']} clients, {sizes['num-server-rounds']} rounds, dataset {sizes['dataset']}, "
             f"max-train-samples {sizes['max-train-samples']}, Dirichlet α = {sizes['alpha']}, seeds {sizes['seeds']}; "
-            f"FedSQ, small CNN, everything else the default run config. {len(runs)} runs in "
+            f"strategy {sizes.get('strategy', 'fedsq')}, model {sizes.get('model', 'smallcnn')}, everything else "
+            f"the default run config{' but ' + str(sizes['set']) if sizes.get('set') else ''}. {len(runs)} runs in "
             f"{sizes['wall_time_s'] / 60:.1f} min.")
     if report["experiment"] == "cost":
         off = {r["seed"]: r for r in runs if r["defense"] == "none"}
         arms = [d for d in dict.fromkeys(r["defense"] for r in runs) if d != "none"]
-        rows, costs = [], []
+        rows, costs, by_size = [], [], []
         for arm in arms:
             on = {r["seed"]: r for r in runs if r["defense"] == arm}
             paired = paired_test([on[s]["bva"] - off[s]["bva"] for s in on if s in off])
@@ -227,12 +253,18 @@ def markdown(report: dict) -> str:
                         f"{_count(cells, 'honest_rejected', 'honest_replies')} | "
                         f"{_count(cells, 'honest_weight_changed', 'honest_replies')} | "
                         f"{_count(cells, 'honest_clipped', 'honest_replies')} | "
+                        f"{sum(r.get('honest_below_half', 0) for r in cells)} | "
                         f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |")
             costs.append(f"Honest cost, {arm} − none (paired over {paired['n']} seeds, pp): {_ci(paired)}")
+            by_size.append(f"| {arm} | " + " | ".join(
+                f"{below} / {half} of {total}" for total, below, half in scales_by_size(cells).values()) + " |")
         return "\n".join([head, "", "| defenses | BVA (%) | honest replies rejected | honest weights changed | "
-                          "honest updates bounded (influence or norm) | honest replies with BN coordinates clamped |",
-                          "|---|---|---|---|---|---|", *rows,
-                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – |", "", *costs, "",
+                          "honest updates bounded | of them scaled below 0.5 | honest replies with BN coordinates "
+                          "clamped |", "|---|---|---|---|---|---|---|", *rows,
+                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – | – |", "", *costs, "",
+                          "Honest updates bounded / scaled below 0.5, by silo size (thirds of each run's silos by "
+                          "server weight):", "", "| defenses | " + " | ".join(SIZE_GROUPS) + " |",
+                          "|---|---|---|---|", *by_size, "",
                           f"Seeds the partitioner could not split (skipped): {sorted(report['unsplittable']) or 'none'}",
                           ""])
     lines = [head, "", "D = ‖aggregate − honest-only aggregate‖ / median honest update norm, per round (mean over "
@@ -282,6 +314,44 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_cost(report: dict, path: Path) -> None:
+    """Left: each arm's paired BVA difference against no defences (mean, 95 % CI). Right: the share of
+    honest updates each arm scaled below 0.5, by silo size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    off = {r["seed"]: r for r in runs if r["defense"] == "none"}
+    arms = [d for d in dict.fromkeys(r["defense"] for r in runs) if d != "none"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, arm in enumerate(arms):
+        on = {r["seed"]: r for r in runs if r["defense"] == arm}
+        test = paired_test([on[s]["bva"] - off[s]["bva"] for s in on if s in off])
+        low, high = (test["low"], test["high"]) if not math.isnan(test["low"]) else (test["mean"], test["mean"])
+        left.errorbar(i, 100 * test["mean"], yerr=[[100 * (test["mean"] - low)], [100 * (high - test["mean"])]],
+                      fmt="o", capsize=4)
+        groups = scales_by_size([r for r in runs if r["defense"] == arm])
+        shares = [100 * half / total if total else 0 for total, _, half in groups.values()]
+        right.bar(np.arange(3) + (i - (len(arms) - 1) / 2) * 0.8 / len(arms), shares, 0.8 / len(arms), label=arm)
+    left.axhline(0, color="grey", lw=0.8)
+    for limit in (-0.5, 0.5):
+        left.axhline(limit, color="grey", lw=0.6, ls=":")
+    left.set_xticks(range(len(arms)), arms, fontsize=7, rotation=15)
+    left.set_ylabel("BVA − BVA without defences (pp), 95 % CI")
+    right.set_xticks(range(3), SIZE_GROUPS, fontsize=8)
+    right.axhline(5, color="grey", lw=0.6, ls=":")
+    right.set_ylabel("honest updates scaled below 0.5 (%)")
+    right.legend(fontsize=7)
+    sizes = report["sizes"]
+    figure.suptitle(f"Honest cost: {sizes['clients']} silos, Dirichlet α = {sizes['alpha']}, "
+                    f"{sizes['num-server-rounds']} rounds, {len(off)} paired seeds", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsq-defenses", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     if report["experiment"] == "attacks":
         plot(report, out / "damage.png")
+    elif any(r["defense"] == "none" for r in report["runs"]):
+        plot_cost(report, out / "cost.png")
     print(table)
     print(f"wrote {out / 'summary.md'} and {out / 'summary.json'}")
 
