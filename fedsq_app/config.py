@@ -71,7 +71,8 @@ class RunConfig:
     silo_sizes: str = ""  # deployment, a path on the coordinator: JSON {registered name or key sha256: size}
     weights: str = "auto"  # auto | partitions | silo-sizes | equal: where each node's aggregation weight comes from
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
-    trim_fraction: float = 0.2  # trimmed-mean: share of the largest and of the smallest values dropped
+    trim_fraction: float = 0.2  # trimmed-mean: share of largest and smallest values dropped; krum, multi-krum,
+    # bulyan: share of the replies assumed hostile
     allow_pretrain_overlap: bool = False  # true: run even if train/test split overlaps the backbone's pretraining
     resume_from: str = ""  # a previous run's output dir: continue from its last checkpoint
     # Data and backbones (docs/DATA.md).

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsq_app.config import ConfigError, RunConfig
+from fedsq_app.core.aggregation import aggregate
 from fedsq_app.core.defenses import (DEFAULT_INFLUENCE_BOUND, bound_deviation, bound_influence, clamp_bn_statistics,
                                     clip_updates, deviations, median_update, update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays, pack, pack_record
@@ -540,3 +541,19 @@ def test_the_deviation_bound_is_the_rounds_bound_when_the_influence_bound_is_off
     outcome = checked.outcomes[-1]
     assert outcome.clip_scale < 0.1 and outcome.update_norm > 0 and outcome.deviation > 0
     assert "deviation bounded" in bound_note(checked, outcome.clip_scale)
+
+def test_flowers_krum_multi_krum_and_bulyan_leave_out_the_outlier():
+    rng = np.random.default_rng(13)
+    honest = [CheckedReply(n, _honest(rng), 100, {}) for n in range(1, 7)]
+    outlier = CheckedReply(7, _with_update(_honest(rng), -40.0), 100, {})
+    replies = honest + [outlier]
+    clean = aggregate(honest, GLOBAL, "mean")
+    for method in ("krum", "multi-krum", "bulyan"):
+        got = aggregate(replies, GLOBAL, method, 0.2)  # f = 1 of 7
+        assert set(got) == set(GLOBAL) and all(got[k].dtype == GLOBAL[k].dtype for k in GLOBAL)
+        far = np.sqrt(sum(float(np.sum((got[k].astype(np.float64) - clean[k]) ** 2)) for k in PARAMS))
+        poisoned = np.sqrt(sum(float(np.sum((aggregate(replies, GLOBAL, "mean")[k].astype(np.float64) - clean[k]) ** 2))
+                               for k in PARAMS))
+        assert far < 0.2 * poisoned, method
+    assert np.array_equal(aggregate(replies, GLOBAL, "krum", 0.2)["conv.weight"],
+                          aggregate(list(reversed(replies)), GLOBAL, "krum", 0.2)["conv.weight"])

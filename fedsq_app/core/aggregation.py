@@ -10,7 +10,10 @@ import math
 from typing import Callable
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from fedsq_app.core.replies import CheckedReply
 from fedsq_app.core.wire import IDENTITY_METRICS, NUM_EXAMPLES, TRAIN_LOSS
@@ -91,9 +94,53 @@ def _median(replies: list[CheckedReply], template: dict[str, np.ndarray], trim_f
     return median_average(replies, template)
 
 
-# The one registry of aggregation names: mean is FedAvg's weighted mean; median and trimmed-mean are robust.
+def _krum_selection(replies: list[CheckedReply], template: dict[str, np.ndarray], hostile: int,
+                    keep: int) -> list[CheckedReply]:
+    """The ``keep`` replies Flower's Krum / Multi-Krum picks (``select_multikrum``: lowest sums of squared
+    distances to their n − f − 2 nearest), assuming ``hostile`` (f) of them hostile; in node order."""
+    replies = sorted(replies, key=lambda r: r.node_id)
+    keys = [k for k, v in template.items() if v.dtype.kind == "f"]
+    contents = [RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(r.arrays[k])) for k in keys})})
+                for r in replies]
+    chosen = {id(c) for c in select_multikrum(contents, num_malicious_nodes=hostile, num_nodes_to_select=keep)}
+    return [reply for reply, content in zip(replies, contents) if id(content) in chosen]
+
+
+def assumed_hostile(count: int, share: float) -> int:
+    """f for Krum and Bulyan: ⌊``share`` × the replies⌋ (run config ``trim-fraction``)."""
+    return int(share * count)
+
+
+def _krum(replies: list[CheckedReply], template: dict[str, np.ndarray], share: float) -> dict[str, np.ndarray]:
+    return weighted_average(_krum_selection(replies, template, assumed_hostile(len(replies), share), 1), template)
+
+
+def _multi_krum(replies: list[CheckedReply], template: dict[str, np.ndarray], share: float) -> dict[str, np.ndarray]:
+    hostile = assumed_hostile(len(replies), share)
+    return weighted_average(_krum_selection(replies, template, hostile, max(1, len(replies) - hostile)), template)
+
+
+def _bulyan(replies: list[CheckedReply], template: dict[str, np.ndarray], share: float) -> dict[str, np.ndarray]:
+    """Flower's Bulyan: Multi-Krum picks θ = n − 2f, then each coordinate is the mean of the β = θ − 2f values
+    nearest its median (``aggregate_n_closest_weights``). f is capped so that n ≥ 4f + 3."""
+    hostile = min(assumed_hostile(len(replies), share), max(0, (len(replies) - 3) // 4))
+    selected = _krum_selection(replies, template, hostile, len(replies) - 2 * hostile)
+    keys = [k for k, v in template.items() if v.dtype.kind == "f"]
+    stacks = [[reply.arrays[k].astype(np.float64) for k in keys] for reply in selected]
+    medians = [np.median(np.stack(layer), axis=0) for layer in zip(*stacks)]
+    nearest = aggregate_n_closest_weights(medians, stacks, max(1, len(selected) - 2 * hostile))
+    result = {k: v.copy() for k, v in template.items()}  # counters: the server's value is kept
+    result.update({k: np.asarray(v).astype(template[k].dtype).reshape(template[k].shape)
+                   for k, v in zip(keys, nearest)})
+    return result
+
+
+# The one registry of aggregation names: mean is FedAvg's weighted mean; the others are Byzantine-robust
+# (median and trimmed-mean coordinate-wise; krum, multi-krum and bulyan Flower's selection rules, assuming
+# ``trim-fraction`` of the replies hostile).
 AGGREGATIONS: dict[str, Callable[[list[CheckedReply], dict[str, np.ndarray], float], dict[str, np.ndarray]]] = {
-    "mean": _mean, "median": _median, "trimmed-mean": trimmed_average}
+    "mean": _mean, "median": _median, "trimmed-mean": trimmed_average, "krum": _krum, "multi-krum": _multi_krum,
+    "bulyan": _bulyan}
 
 
 def check_aggregation(method: str) -> None:

@@ -54,6 +54,9 @@ DEFENSES = {  # name -> run-config keys on top of the run's
     "defaults": {},
     "median": {"aggregation": "median"},
     "trimmed-mean": {"aggregation": "trimmed-mean"},
+    "krum": {"aggregation": "krum"},  # Flower's selection rules, after the same validation and bounds
+    "multi-krum": {"aggregation": "multi-krum"},
+    "bulyan": {"aggregation": "bulyan"},
     # The cost experiment's split of the defaults into their parts, and the two bounds side by side.
     "influence bound only": {"bn-clamp": False},
     "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0},
@@ -71,12 +74,16 @@ def _floating(arrays: dict[str, np.ndarray]) -> list[str]:
 
 class HostileGrid(InProcessGrid):
     """In-process grid whose first ``hostile`` nodes run ``attack`` on their replies; ``dropped`` honest
-    replies are lost every round. Measures D each round with the run's own screening and averaging."""
+    replies are lost every round, and the first ``absent`` nodes' replies too (the federation without its
+    attackers, which every attack is read against). Measures D each round with the run's own screening and
+    averaging."""
 
-    def __init__(self, run_config: dict, num_nodes: int, attack: Attack | None, hostile: int, dropped: int) -> None:
+    def __init__(self, run_config: dict, num_nodes: int, attack: Attack | None, hostile: int, dropped: int,
+                 absent: int = 0) -> None:
         super().__init__(run_config, num_nodes)
         self.attack, self.hostile_ids = attack, set(range(FIRST_NODE_ID, FIRST_NODE_ID + hostile))
         self.dropped = set(range(FIRST_NODE_ID + num_nodes - dropped, FIRST_NODE_ID + num_nodes))
+        self.dropped |= set(range(FIRST_NODE_ID, FIRST_NODE_ID + absent))
         self.config = RunConfig.from_mapping(run_config)
         self.damages: list[float] = []
 
@@ -115,10 +122,10 @@ class HostileGrid(InProcessGrid):
 
 
 def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, hostile: int = 0,
-            dropped: int = 0) -> dict:
+            dropped: int = 0, absent: int = 0) -> dict:
     """One federation; returns the figures this benchmark compares."""
     config = RunConfig.from_mapping(run_config)
-    grid = HostileGrid(run_config, num_clients, attack, hostile, dropped)
+    grid = HostileGrid(run_config, num_clients, attack, hostile, dropped, absent)
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"
     finished = json.loads(results_file.read_text()) if results_file.is_file() else {}
     # An honest run that finished before (an interrupted benchmark) is read back; attack runs always rerun,
@@ -131,6 +138,7 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
     honest = [r for r in replies if r["node_id"] not in grid.hostile_ids]
     hostile = [r for r in replies if r["node_id"] in grid.hostile_ids]
     return {"bva": results["best_val_accuracy"], "best_round": results["best_round"],
+            "final_val": results["rounds"][-1]["val_accuracy"] if results["rounds"] else None,
             "test": results["test_accuracy"], "initial_val": results["initial"]["val_accuracy"],
             "damage_max": float(np.nanmax(grid.damages)) if grid.damages else None,
             "damage_mean": float(np.nanmean(grid.damages)) if grid.damages else None,
@@ -159,23 +167,37 @@ def base_config(args: argparse.Namespace, out: Path) -> dict:
     return {**config, **parse_set(args.set)}
 
 
+ABSENT: dict[str, int] = {}  # scenario name -> how many of the first nodes' replies are dropped
+
+
+def without(hostile: int) -> str:
+    """The scenario of the federation without its ``hostile`` attackers (their replies dropped)."""
+    name = f"without the {hostile} attacker(s) (their replies dropped)"
+    ABSENT[name] = hostile
+    return name
+
+
 def run_attacks(args: argparse.Namespace, out: Path) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     base = base_config(args, out)
+    arms = args.arms.split(",") if args.arms else ["none", "defaults", "median", "trimmed-mean"]
     cells = [("honest", "none", seed) for seed in seeds] + [("honest", "defaults", seed) for seed in seeds]
-    for name, (_, _, nodes, _) in ATTACKS.items():
+    for name, (_, hostile, nodes, _) in ATTACKS.items():
         if args.only and not any(part.strip() in name for part in args.only.split(",")):
             continue
-        defenses = ["none", "defaults", "two-silo mode"] if nodes == 3 else list(DEFENSES)
+        defenses = ["none", "defaults", "two-silo mode"] if nodes == 3 else arms
         cells += [(name, defense, seed) for defense in defenses for seed in seeds]
+        if nodes is None:  # the same federation without its attackers, under each defence
+            cells += [(without(hostile), defense, seed) for defense in defenses for seed in seeds]
     runs, started = [], time.time()
-    for scenario, defense, seed in tqdm(cells, desc="fedsq-defenses attacks", unit="run"):
+    for scenario, defense, seed in tqdm(list(dict.fromkeys(cells)), desc="fedsq-defenses attacks", unit="run"):
         attack, hostile, nodes, dropped = ATTACKS.get(scenario, (None, 0, None, 0))
+        absent = ABSENT.get(scenario, 0)
         keys = TWO_SILO if defense == "two-silo mode" else DEFENSES[defense]
         slug = "".join(c if c.isalnum() else "-" for c in scenario)[:40]
         run_config = {**base, **keys, "seed": seed, "run-name": f"{slug}-{defense.replace(' ', '-')}-s{seed}"}
         runs.append({"scenario": scenario, "defense": defense, "seed": seed,
-                     **run_one(run_config, nodes or args.clients, attack, hostile, dropped)})
+                     **run_one(run_config, nodes or args.clients, attack, hostile, dropped, absent)})
     return {"experiment": "attacks", "sizes": {**base, "clients": args.clients, "seeds": seeds,
                                                "wall_time_s": time.time() - started}, "runs": runs}
 
@@ -184,7 +206,7 @@ def run_cost(args: argparse.Namespace, out: Path) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     base = base_config(args, out)
     runs, unsplittable, started = [], {}, time.time()
-    cells = [(defense, seed) for seed in seeds for defense in args.arms.split(",")]
+    cells = [(defense, seed) for seed in seeds for defense in (args.arms or "defaults,none").split(",")]
     for defense, seed in tqdm(cells, desc="fedsq-defenses cost", unit="run"):
         if seed in unsplittable:
             continue
@@ -269,8 +291,9 @@ def markdown(report: dict) -> str:
                           ""])
     lines = [head, "", "D = ‖aggregate − honest-only aggregate‖ / median honest update norm, per round (mean over "
              "rounds, and the worst round); BVA in %, mean ± std over seeds.", "",
-             "| attack | defense | accepted (hostile replies) | D mean | D max | BVA | rounds that kept the model |",
-             "|---|---|---|---|---|---|---|"]
+             "| attack | defense | accepted (hostile replies) | D mean | D max | BVA | rounds that kept the model | "
+             "final accuracy − without the attackers (pp) |",
+             "|---|---|---|---|---|---|---|---|"]
     for scenario in dict.fromkeys(r["scenario"] for r in runs):
         for defense in dict.fromkeys(r["defense"] for r in runs if r["scenario"] == scenario):
             cell = [r for r in runs if (r["scenario"], r["defense"]) == (scenario, defense)]
@@ -279,12 +302,18 @@ def markdown(report: dict) -> str:
             # A round whose honest replies all failed (the model already destroyed) has no D: left out.
             damages = [r["damage_mean"] for r in cell if r["damage_mean"] is not None and not math.isnan(r["damage_mean"])]
             worst = [r["damage_max"] for r in cell if r["damage_max"] is not None and not math.isnan(r["damage_max"])]
-            shown = "–" if scenario == "honest" else \
+            shown = "–" if scenario == "honest" or scenario in ABSENT else \
                 f"{accepted} of {sum(r['hostile_replies'] for r in cell)} ({clipped} clipped)"
             lines.append(f"| {scenario} | {defense} | {shown} | "
                          f"{np.mean(damages):.2f} | {max(worst):.2f} | " if damages else
                          f"| {scenario} | {defense} | {shown} | – | – | ")
-            lines[-1] += f"{_pct([r['bva'] for r in cell])} | {sum(r['rounds_kept'] for r in cell)} |"
+            lines[-1] += f"{_pct([r['bva'] for r in cell])} | {sum(r['rounds_kept'] for r in cell)} | "
+            hostile = ATTACKS.get(scenario, (None, 0))[1]
+            alone = {r["seed"]: r for r in runs if (r["scenario"], r["defense"]) == (without(hostile), defense)}
+            paired = paired_test([r["final_val"] - alone[r["seed"]]["final_val"] for r in cell
+                                  if r["seed"] in alone and r.get("final_val") is not None
+                                  and alone[r["seed"]].get("final_val") is not None]) if hostile else None
+            lines[-1] += f"{_ci(paired)} |" if paired else "– |"
     return "\n".join(lines) + "\n"
 
 
@@ -364,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default="", help="run-config pretrained (attacks: 'auto'; cost: COST_BACKBONE)")
     parser.add_argument("--test-split", default="test[:1000]", help="test rows (touched once per run)")
     parser.add_argument("--only", default="", help="attacks: only those whose name contains one of these (a,b)")
-    parser.add_argument("--arms", default="defaults,none", help=f"cost: paired with 'none' ({', '.join(DEFENSES)})")
+    parser.add_argument("--arms", default="", help=f"cost: paired with 'none' (default: defaults,none); attacks: "
+                        f"the defences (default: none,defaults,median,trimmed-mean); of {', '.join(DEFENSES)}")
     parser.add_argument("--train-split", default="", help="run-config train-split: rows the backbone never saw")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config key for every arm, under the arm's own keys (influence-bound=0.35 "
