@@ -46,7 +46,7 @@ def _reply(arrays: dict, num_examples: int, node_id: int) -> Message:
 
 # Flower's maths on claimed counts, with the trust model's bounds off: what these tests compare with Flower.
 FLOWER_MATHS = dict(weigh=lambda replies: [r.claimed for r in replies], min_valid_replies=2, clip_multiplier=0.0,
-                    influence_bound=0.0, bn_clamp=False)
+                    influence_bound=0.0, deviation_bound=0.0, bn_clamp=False)
 
 
 # ---------------------------------------------------------------------------------------------- FedAdam

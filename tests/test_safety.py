@@ -103,10 +103,10 @@ def test_duplicate_node_ids_never_crash_the_checks():
 def test_defaults_are_on_in_the_run_config():
     strategy = _defaults()
     assert strategy.clip_multiplier == 2.0 and strategy.min_valid_replies == 3 and strategy.aggregation == "mean"
-    assert strategy.influence_bound == 0.3 and strategy.bn_clamp
+    assert strategy.deviation_bound == 3.0 and strategy.influence_bound == 0.0 and strategy.bn_clamp
     fedsq = FedSQ(structural_sha256="x")  # the classes' own defaults match the run config's
-    assert (fedsq.clip_multiplier, fedsq.min_valid_replies, fedsq.influence_bound) == (
-        strategy.clip_multiplier, strategy.min_valid_replies, strategy.influence_bound)
+    assert (fedsq.clip_multiplier, fedsq.min_valid_replies, fedsq.influence_bound, fedsq.deviation_bound) == (
+        strategy.clip_multiplier, strategy.min_valid_replies, strategy.influence_bound, strategy.deviation_bound)
 
 
 # ------------------------------------------------------------------------------------ 2. robust options
@@ -116,7 +116,7 @@ def test_robust_aggregation_uses_flowers_maths_and_resists_one_attacker(method):
     honest = [_update(rng) for _ in range(9)]
     attacker = _scaled(_update(rng), -1000.0)  # within the magnitude bounds, far beyond any honest one
     replies = [_reply(a, n) for n, a in enumerate(honest + [attacker], start=1)]
-    config = RunConfig(strategy="fedsq", aggregation=method, clip_multiplier=0, influence_bound=0)
+    config = RunConfig(strategy="fedsq", aggregation=method, clip_multiplier=0, influence_bound=0, deviation_bound=0)
     from fedsq_app.runtime.strategies import make_strategy
 
     strategy = make_strategy(config, structural_sha256="x")  # FedSQ: the robust average applies to Q
