@@ -46,14 +46,15 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
 
     Used as is for the FedAvg baseline. The trust model (docs/RELIABILITY.md): replies are checked on what
     they decode to; each node's weight is the server's (``weigh``, a ``fedsq_app.core.weights`` policy;
-    default: equal weights, never the claimed ``num-examples``); each silo's pull on the mean, its weight
-    share x its update's distance from the round's median update, is bounded by ``influence_bound`` x the
-    round's median update norm (below 3 replies, or with it 0: each update is norm-clipped to
-    ``clip_multiplier`` x that median), and BN statistics are clamped into the other replies'
-    range; a round with fewer than ``min_valid_replies`` valid replies keeps the previous model. A node that
-    refuses a message for a reason that will not change (``wire.REFUSED_PERMANENTLY``: leakage, another S) is
-    sampled no more for the rest of the run (``excluded_nodes``, results.json's list).
-    ``aggregation`` 'median' or 'trimmed-mean' replaces the weighted mean by a coordinate-wise robust one.
+    default: equal weights, never the claimed ``num-examples``); each update's distance from the round's
+    median update is bounded by ``deviation_bound`` x the round's median such distance (x a size factor),
+    and with ``influence_bound`` > 0 each silo's weighted pull too (below 3 replies, or both 0: each update
+    is norm-clipped to ``clip_multiplier`` x the median norm); BN statistics are clamped into the other
+    replies' range; a round with fewer valid replies than it needs (``min_valid_replies``, less nodes
+    already failing: ``core/liveness.py``) keeps the previous model, and nodes failing round after round
+    are quarantined. A node that refuses a message for a reason that will not change
+    (``wire.REFUSED_PERMANENTLY``: leakage, another S) is sampled no more (``excluded_nodes``).
+    ``aggregation`` replaces the weighted mean by a robust one (``core/aggregation.AGGREGATIONS``).
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
 

@@ -205,5 +205,5 @@ for _count in (1, 2):
         f"IPM eps=10 ({_count} of 6)": (ipm(10.0), _count, None, 0),
         f"min-max ({_count} of 6)": (min_max_or_sum("min-max"), _count, None, 0),
         f"min-sum ({_count} of 6)": (min_max_or_sum("min-sum"), _count, None, 0),
-        f"fixed target, at the bound ({_count} of 6)": (fixed_target(), _count, None, 0),
+        f"fixed target at the bound ({_count} of 6)": (fixed_target(), _count, None, 0),
     })
