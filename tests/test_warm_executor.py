@@ -204,6 +204,8 @@ def test_warm_deployment_gives_the_standard_executors_results(fedsq_cache: Path)
     print(json.dumps(results))
     assert standard["status"] == warm["status"] == "finished:completed", results
     assert len(standard["rounds_s"]) == len(warm["rounds_s"]) == rounds, results
+    # A reply lost in transfer (Flower's push-session expiry on an overloaded machine) changes the figures.
+    assert standard["accepted"] == warm["accepted"] == [nodes] * rounds, f"a reply was lost: {results}"
     assert standard["digest"] and standard["digest"] == warm["digest"], results
     # Round 1's task builds its own state; every later task of the run uses the parent's.
     assert warm["children"]["primed"] >= nodes * (rounds - 1), warm["children"]

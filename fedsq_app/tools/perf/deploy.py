@@ -164,7 +164,8 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
             results[mode] = {"status": status, "wall_s": round(wall, 1), "rounds_s": [round(r, 2) for r in rounds_s],
                              "steady_s": round(statistics.median(rounds_s[1:] or rounds_s), 2) if rounds_s else None,
                              "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1),
-                             "digest": results_digest(run, mode) if path.is_file() else None}
+                             "digest": results_digest(run, mode) if path.is_file() else None,
+                             "accepted": [r.get("accepted") for r in run["rounds"]]}
             if mode == "deploy-warm":
                 results[mode]["children"] = forked_children(procs.log_dir)
             print(json.dumps({"app": str(app), mode: results[mode]}), file=sys.stderr, flush=True)
