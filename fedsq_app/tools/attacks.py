@@ -207,3 +207,39 @@ for _count in (1, 2):
         f"min-sum ({_count} of 6)": (min_max_or_sum("min-sum"), _count, None, 0),
         f"fixed target at the bound ({_count} of 6)": (fixed_target(), _count, None, 0),
     })
+
+
+ABSENT: dict[str, int] = {}  # scenario name -> how many of the first nodes' replies are dropped
+
+
+def without(hostile: int) -> str:
+    """The scenario of the federation without its ``hostile`` attackers (their replies dropped)."""
+    name = f"without the {hostile} attacker(s) (their replies dropped)"
+    ABSENT[name] = hostile
+    return name
+
+
+def nan_reply(start, hostile, honest):
+    """A local run that diverged: one NaN in the first floating array of the reply."""
+    for reply in hostile:
+        arrays = message_arrays(reply, start)
+        key = next(k for k, v in arrays.items() if v.dtype.kind == "f")
+        broken = arrays[key].copy()
+        broken.flat[0] = np.nan
+        _set(reply, {key: broken}, start)
+
+
+def claims(metric: str, value: int) -> Attack:
+    """A node whose replies name ``metric`` = ``value`` (a misconfiguration, or a lie)."""
+    def attack(start, hostile, honest):
+        for reply in hostile:
+            reply.content[wire.METRICS][metric] = value
+    return attack
+
+
+# case -> (what the first node does to its train replies, nodes, run-config keys of the federation without it)
+LIVENESS: dict[str, tuple[Attack, int, dict]] = {
+    "one of 3 replies NaN every round": (nan_reply, 3, {"min-valid-replies": 2}),
+    "one of 6 names 7 partitions": (claims(wire.NUM_PARTITIONS, 7), 6, {}),
+    "one of 6 names partition 2 (another node's)": (claims(wire.PARTITION_ID, 2), 6, {}),
+}

@@ -1,7 +1,7 @@
 """``fedsq-defenses``: what the trust model's defenses stop, and what they cost an honest federation.
 
 Runs the real ServerApp and ClientApp in this process (``fedsq_app.harness.inprocess``: no Ray, so many
-short runs fit on a small CPU machine). Two experiments:
+short runs fit on a small CPU machine). Three experiments:
 
 1. **attacks**: ``--clients`` nodes, one or two of them hostile every round. For every round the grid
    also computes the damage D = ‖aggregate − honest-only aggregate‖ / median honest update norm (all
@@ -12,6 +12,10 @@ short runs fit on a small CPU machine). Two experiments:
    the Debian package's ``train[9000:]``, S pretrained on its ``train[:6000]``), defaults vs no defenses on
    the same seeds: the paired BVA difference with its
    95 % CI, honest replies rejected, honest weights changed, and how often honest updates were clipped.
+
+3. **liveness**: one node that fails every round (NaN replies; a wrong ``num-partitions``; another node's
+   partition id) under the defaults, against the same federation without that node's replies: the
+   others' accuracy, and how many of their replies were rejected.
 
     fedsq-defenses attacks --out outputs/defenses
     fedsq-pretrain --dataset idx:/usr/share/datasets/fashion-mnist --split "train[:6000]" --epochs 8 \
@@ -40,15 +44,15 @@ from fedsq_app.core.defenses import distance
 from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.data.sources import DataError
 from fedsq_app.harness.inprocess import FIRST_NODE_ID, InProcessGrid
-from fedsq_app.runtime.metrics import mean_std
 from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.weighting import weight_policy
 from fedsq_app.task import build_start_model, global_arrays, trainable_model
-from fedsq_app.tools.attacks import ATTACKS, Attack, message_arrays
+from fedsq_app.tools.attacks import ABSENT, ATTACKS, LIVENESS, Attack, message_arrays, without
+from fedsq_app.tools.defense_report import markdown, plot, plot_cost
 from fedsq_app.tools.bench.cli import parse_set
-from fedsq_app.tools.bench.stats import paired_test
 
-NONE = {"clip-multiplier": 0.0, "influence-bound": 0.0, "bn-clamp": False, "min-valid-replies": 1}
+NONE = {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0, "bn-clamp": False,
+        "min-valid-replies": 1}
 DEFENSES = {  # name -> run-config keys on top of the run's
     "none": NONE,
     "defaults": {},
@@ -57,11 +61,10 @@ DEFENSES = {  # name -> run-config keys on top of the run's
     "krum": {"aggregation": "krum"},  # Flower's selection rules, after the same validation and bounds
     "multi-krum": {"aggregation": "multi-krum"},
     "bulyan": {"aggregation": "bulyan"},
-    # The cost experiment's split of the defaults into their parts, and the two bounds side by side.
-    "influence bound only": {"bn-clamp": False},
+    # The defaults split into their parts, and the influence bound in place of the deviation bound.
+    "bound only": {"bn-clamp": False},
     "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0},
     "influence bound 0.3": {"influence-bound": 0.3, "deviation-bound": 0.0},
-    "deviation bound 3": {"influence-bound": 0.0, "deviation-bound": 3.0},
 }
 TWO_SILO = {"min-valid-replies": 2}
 # S for the cost experiment, pretrained on train[:6000]; the federation reads train[9000:] (docs/RELIABILITY.md).
@@ -143,6 +146,7 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
             "damage_max": float(np.nanmax(grid.damages)) if grid.damages else None,
             "damage_mean": float(np.nanmean(grid.damages)) if grid.damages else None,
             "rounds_kept": sum(not r["aggregated"] for r in results["rounds"]),
+            "quarantines": len(results.get("quarantined_nodes", [])),
             "honest_rejected": sum(not r["accepted"] for r in honest), "honest_replies": len(honest),
             "honest_clipped": sum(1 for r in honest if r["accepted"] and (r["clip_scale"] or 1) < 1),
             "honest_below_half": sum(1 for r in honest if r["accepted"] and (r["clip_scale"] or 1) < 0.5),
@@ -165,16 +169,6 @@ def base_config(args: argparse.Namespace, out: Path) -> dict:
     if args.train_split:
         config["train-split"] = args.train_split
     return {**config, **parse_set(args.set)}
-
-
-ABSENT: dict[str, int] = {}  # scenario name -> how many of the first nodes' replies are dropped
-
-
-def without(hostile: int) -> str:
-    """The scenario of the federation without its ``hostile`` attackers (their replies dropped)."""
-    name = f"without the {hostile} attacker(s) (their replies dropped)"
-    ABSENT[name] = hostile
-    return name
 
 
 def run_attacks(args: argparse.Namespace, out: Path) -> dict:
@@ -202,6 +196,25 @@ def run_attacks(args: argparse.Namespace, out: Path) -> dict:
                                                "wall_time_s": time.time() - started}, "runs": runs}
 
 
+def run_liveness(args: argparse.Namespace, out: Path) -> dict:
+    """Each liveness case (``attacks.LIVENESS``) under the defaults, and the same federation without the
+    culprit's replies, on the same seeds."""
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = base_config(args, out)
+    cells = [(case, alone, seed) for case in LIVENESS for seed in seeds for alone in (False, True)]
+    runs, started = [], time.time()
+    for case, alone, seed in tqdm(cells, desc="fedsq-defenses liveness", unit="run"):
+        rewrite, nodes, keys = LIVENESS[case]
+        slug = "".join(c if c.isalnum() else "-" for c in case)[:40]
+        run_config = {**base, **(keys if alone else {}), "seed": seed,
+                      "run-name": f"{slug}-{'without' if alone else 'with'}-s{seed}"}
+        figures = run_one(run_config, nodes, None if alone else rewrite, 0 if alone else 1, absent=int(alone))
+        runs.append({"scenario": case, "defense": "without the culprit" if alone else "defaults", "seed": seed,
+                     **figures})
+    return {"experiment": "liveness", "sizes": {**base, "clients": args.clients, "seeds": seeds,
+                                                "wall_time_s": time.time() - started}, "runs": runs}
+
+
 def run_cost(args: argparse.Namespace, out: Path) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     base = base_config(args, out)
@@ -221,170 +234,10 @@ def run_cost(args: argparse.Namespace, out: Path) -> dict:
     return {"experiment": "cost", "sizes": sizes, "unsplittable": unsplittable, "runs": runs}
 
 
-def _pct(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return "–" if not values or math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
-def _ci(test: dict) -> str:
-    if not test["n"] or math.isnan(test["mean"]):
-        return "–"
-    if math.isnan(test["low"]):
-        return f"{100 * test['mean']:+.2f} (n={test['n']})"
-    return f"{100 * test['mean']:+.2f} [{100 * test['low']:+.2f}, {100 * test['high']:+.2f}]"
-
-
-def _count(runs: list[dict], key: str, total: str) -> str:
-    return f"{sum(r[key] for r in runs)} of {sum(r[total] for r in runs)}"
-
-
-SIZE_GROUPS = ("smallest third", "middle third", "largest third")
-
-
-def scales_by_size(runs: list[dict]) -> dict[str, tuple[int, int, int]]:
-    """Honest accepted replies by their silo's weight (thirds of each run's silos by server weight): (replies,
-    scaled below 1, scaled below 0.5) per third."""
-    counts = {group: [0, 0, 0] for group in SIZE_GROUPS}
-    for run in runs:
-        weights = sorted({w for w, *_ in run.get("honest_scales", [])})
-        for weight, scale, *_ in run.get("honest_scales", []):
-            group = SIZE_GROUPS[min(2, 3 * weights.index(weight) // max(len(weights), 1))]
-            scale = 1.0 if scale is None else scale
-            counts[group][0] += 1
-            counts[group][1] += scale < 1
-            counts[group][2] += scale < 0.5
-    return {group: tuple(c) for group, c in counts.items()}
-
-
-def markdown(report: dict) -> str:
-    sizes, runs = report["sizes"], report["runs"]
-    head = (f"Sizes: {sizes['clients']} clients, {sizes['num-server-rounds']} rounds, dataset {sizes['dataset']}, "
-            f"max-train-samples {sizes['max-train-samples']}, Dirichlet α = {sizes['alpha']}, seeds {sizes['seeds']}; "
-            f"strategy {sizes.get('strategy', 'fedsq')}, model {sizes.get('model', 'smallcnn')}, everything else "
-            f"the default run config{' but ' + str(sizes['set']) if sizes.get('set') else ''}. {len(runs)} runs in "
-            f"{sizes['wall_time_s'] / 60:.1f} min.")
-    if report["experiment"] == "cost":
-        off = {r["seed"]: r for r in runs if r["defense"] == "none"}
-        arms = [d for d in dict.fromkeys(r["defense"] for r in runs) if d != "none"]
-        rows, costs, by_size = [], [], []
-        for arm in arms:
-            on = {r["seed"]: r for r in runs if r["defense"] == arm}
-            paired = paired_test([on[s]["bva"] - off[s]["bva"] for s in on if s in off])
-            cells = list(on.values())
-            rows.append(f"| {arm} | {_pct([r['bva'] for r in cells])} | "
-                        f"{_count(cells, 'honest_rejected', 'honest_replies')} | "
-                        f"{_count(cells, 'honest_weight_changed', 'honest_replies')} | "
-                        f"{_count(cells, 'honest_clipped', 'honest_replies')} | "
-                        f"{sum(r.get('honest_below_half', 0) for r in cells)} | "
-                        f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |")
-            costs.append(f"Honest cost, {arm} − none (paired over {paired['n']} seeds, pp): {_ci(paired)}")
-            by_size.append(f"| {arm} | " + " | ".join(
-                f"{below} / {half} of {total}" for total, below, half in scales_by_size(cells).values()) + " |")
-        return "\n".join([head, "", "| defenses | BVA (%) | honest replies rejected | honest weights changed | "
-                          "honest updates bounded | of them scaled below 0.5 | honest replies with BN coordinates "
-                          "clamped |", "|---|---|---|---|---|---|---|", *rows,
-                          f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – | – |", "", *costs, "",
-                          "Honest updates bounded / scaled below 0.5, by silo size (thirds of each run's silos by "
-                          "server weight):", "", "| defenses | " + " | ".join(SIZE_GROUPS) + " |",
-                          "|---|---|---|---|", *by_size, "",
-                          f"Seeds the partitioner could not split (skipped): {sorted(report['unsplittable']) or 'none'}",
-                          ""])
-    lines = [head, "", "D = ‖aggregate − honest-only aggregate‖ / median honest update norm, per round (mean over "
-             "rounds, and the worst round); BVA in %, mean ± std over seeds.", "",
-             "| attack | defense | accepted (hostile replies) | D mean | D max | BVA | rounds that kept the model | "
-             "final accuracy − without the attackers (pp) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for scenario in dict.fromkeys(r["scenario"] for r in runs):
-        for defense in dict.fromkeys(r["defense"] for r in runs if r["scenario"] == scenario):
-            cell = [r for r in runs if (r["scenario"], r["defense"]) == (scenario, defense)]
-            accepted = sum(r["hostile_replies"] - r["hostile_rejected"] for r in cell)
-            clipped = sum(r["hostile_clipped"] for r in cell)
-            # A round whose honest replies all failed (the model already destroyed) has no D: left out.
-            damages = [r["damage_mean"] for r in cell if r["damage_mean"] is not None and not math.isnan(r["damage_mean"])]
-            worst = [r["damage_max"] for r in cell if r["damage_max"] is not None and not math.isnan(r["damage_max"])]
-            shown = "–" if scenario == "honest" or scenario in ABSENT else \
-                f"{accepted} of {sum(r['hostile_replies'] for r in cell)} ({clipped} clipped)"
-            lines.append(f"| {scenario} | {defense} | {shown} | "
-                         f"{np.mean(damages):.2f} | {max(worst):.2f} | " if damages else
-                         f"| {scenario} | {defense} | {shown} | – | – | ")
-            lines[-1] += f"{_pct([r['bva'] for r in cell])} | {sum(r['rounds_kept'] for r in cell)} | "
-            hostile = ATTACKS.get(scenario, (None, 0))[1]
-            alone = {r["seed"]: r for r in runs if (r["scenario"], r["defense"]) == (without(hostile), defense)}
-            paired = paired_test([r["final_val"] - alone[r["seed"]]["final_val"] for r in cell
-                                  if r["seed"] in alone and r.get("final_val") is not None
-                                  and alone[r["seed"]].get("final_val") is not None]) if hostile else None
-            lines[-1] += f"{_ci(paired)} |" if paired else "– |"
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in report["runs"] if r["damage_mean"] is not None]
-    scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
-    defenses = list(dict.fromkeys(r["defense"] for r in runs))
-    figure, axis = plt.subplots(figsize=(2 + 1.6 * len(scenarios), 4))
-    width = 0.8 / max(len(defenses), 1)
-    for j, defense in enumerate(defenses):
-        values = [np.mean([r["damage_mean"] for r in runs if (r["scenario"], r["defense"]) == (s, defense)] or
-                          [math.nan]) for s in scenarios]
-        axis.bar(np.arange(len(scenarios)) + (j - (len(defenses) - 1) / 2) * width, values, width, label=defense)
-    axis.set_yscale("symlog", linthresh=1.0)
-    axis.axhline(0.5, color="grey", lw=0.8, ls="--")
-    axis.axhline(1.0, color="grey", lw=0.8, ls=":")
-    axis.set_xticks(np.arange(len(scenarios)), [s.replace(" (", "\n(") for s in scenarios], fontsize=7)
-    axis.set_ylabel("damage D (mean over rounds)")
-    axis.legend(title="defense", fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_cost(report: dict, path: Path) -> None:
-    """Left: each arm's paired BVA difference against no defences (mean, 95 % CI). Right: the share of
-    honest updates each arm scaled below 0.5, by silo size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = report["runs"]
-    off = {r["seed"]: r for r in runs if r["defense"] == "none"}
-    arms = [d for d in dict.fromkeys(r["defense"] for r in runs) if d != "none"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, arm in enumerate(arms):
-        on = {r["seed"]: r for r in runs if r["defense"] == arm}
-        test = paired_test([on[s]["bva"] - off[s]["bva"] for s in on if s in off])
-        low, high = (test["low"], test["high"]) if not math.isnan(test["low"]) else (test["mean"], test["mean"])
-        left.errorbar(i, 100 * test["mean"], yerr=[[100 * (test["mean"] - low)], [100 * (high - test["mean"])]],
-                      fmt="o", capsize=4)
-        groups = scales_by_size([r for r in runs if r["defense"] == arm])
-        shares = [100 * half / total if total else 0 for total, _, half in groups.values()]
-        right.bar(np.arange(3) + (i - (len(arms) - 1) / 2) * 0.8 / len(arms), shares, 0.8 / len(arms), label=arm)
-    left.axhline(0, color="grey", lw=0.8)
-    for limit in (-0.5, 0.5):
-        left.axhline(limit, color="grey", lw=0.6, ls=":")
-    left.set_xticks(range(len(arms)), arms, fontsize=7, rotation=15)
-    left.set_ylabel("BVA − BVA without defences (pp), 95 % CI")
-    right.set_xticks(range(3), SIZE_GROUPS, fontsize=8)
-    right.axhline(5, color="grey", lw=0.6, ls=":")
-    right.set_ylabel("honest updates scaled below 0.5 (%)")
-    right.legend(fontsize=7)
-    sizes = report["sizes"]
-    figure.suptitle(f"Honest cost: {sizes['clients']} silos, Dirichlet α = {sizes['alpha']}, "
-                    f"{sizes['num-server-rounds']} rounds, {len(off)} paired seeds", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsq-defenses", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["attacks", "cost"])
+    parser.add_argument("experiment", choices=["attacks", "cost", "liveness"])
     for flag, kind in (("--out", str), ("--seeds", str), ("--rounds", int), ("--clients", int), ("--dataset", str),
                        ("--alpha", float), ("--max-train-samples", int)):
         parser.add_argument(flag, type=kind, default=kind())  # "" or 0: the experiment's default (below)
@@ -402,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     defaults = {"attacks": dict(out="outputs/defenses", seeds="0,1,2", rounds=4, clients=6, dataset="embedded",
                                 alpha=0.3, max_train_samples=1200),
+                "liveness": dict(out="outputs/defenses-liveness", seeds="0,1,2", rounds=8, clients=6,
+                                 dataset="embedded", alpha=0.3, max_train_samples=1200),
                 "cost": dict(out="outputs/defenses-cost", seeds="0,1,2,3,4", rounds=8, clients=20,
                              dataset="idx:/usr/share/datasets/fashion-mnist", alpha=0.05, max_train_samples=6000,
                              train_split="train[9000:]", pretrained=COST_BACKBONE)}
@@ -410,13 +265,13 @@ def main(argv: list[str] | None = None) -> None:
             setattr(args, key, value)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report = run_attacks(args, out) if args.experiment == "attacks" else run_cost(args, out)
+    report = {"attacks": run_attacks, "cost": run_cost, "liveness": run_liveness}[args.experiment](args, out)
     table = markdown(report)
     (out / "summary.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     if report["experiment"] == "attacks":
         plot(report, out / "damage.png")
-    elif any(r["defense"] == "none" for r in report["runs"]):
+    elif report["experiment"] == "cost" and any(r["defense"] == "none" for r in report["runs"]):
         plot_cost(report, out / "cost.png")
     print(table)
     print(f"wrote {out / 'summary.md'} and {out / 'summary.json'}")
