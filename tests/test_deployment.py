@@ -603,3 +603,6 @@ def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> N
         assert len(forked) >= ROUNDS and set(forked) == {"0"}, log[-4000:]
         imported = re.search(r"ClientApp of \S+ imported \((\S+)\); later tasks fork from here", log)
         assert imported and f"{os.sep}apps{os.sep}" in imported.group(1), log[-4000:]  # the FAB's copy
+        # After round 1 the parent holds the run's model, data and masks: round 2's task forks with them.
+        assert re.search(r"primed run \d+ in [\d.]+ s", log) and "uses the parent's state of run" in log, \
+            log[-4000:]
