@@ -135,7 +135,7 @@ class Run:
 def main(grid: Grid, context: Context) -> None:
     run = set_up(context)
     run.strategy.weigh = weight_policy(run.config, run.data_key, grid,
-                                       fit_decider(run.model, run.data_key, run.start.spec, run.device))
+                                       fit_decider(run.model, run.data_key, run.start.spec, run.device, run.validation))
     if run.config.resume_from:
         resume(run)
     else:

@@ -63,11 +63,13 @@ def weight_policy(config, data_key: DataKey, grid: Grid, decide: Decider | None 
                                                         held_out=held_out), mode=config.weights)
 
 
-def fit_decider(model: nn.Module, data_key: DataKey, spec, device: torch.device) -> Decider:
-    """Who holds a partition several nodes name: the claimant whose model has the lowest loss on that
-    partition's own data (the server holds the pool). A node that trained on it fits it; one that names it
-    by mistake, or to take its weight, trained on other data. ``model``: the run's model (its travelling part
-    is restored after)."""
+def fit_decider(model: nn.Module, data_key: DataKey, spec, device: torch.device, reference=None) -> Decider:
+    """Who holds a partition several nodes name: the claimant whose model is most specialised to that
+    partition's own data (the server holds the pool): its loss there less its loss on ``reference`` (the
+    server's validation split, when it has one) is the lowest. A node that trained on the partition fits it
+    better than it fits the rest; one that names it by mistake, or to take its weight, trained on other data
+    (a better model overall is not a better claim). ``model``: the run's model (its travelling part is
+    restored after)."""
     travelling = travelling_module(model)
 
     def decide(pid: int, claimants: list) -> int | None:
@@ -78,12 +80,15 @@ def fit_decider(model: nn.Module, data_key: DataKey, spec, device: torch.device)
             for reply in claimants:
                 travelling.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in reply.arrays.items()})
                 loss, _ = evaluate(model, data, spec, device=device)
-                scored.append((loss, reply.node_id))
+                baseline = evaluate(model, reference, spec, device=device)[0] if reference is not None and len(
+                    reference) else 0.0
+                scored.append((loss - baseline, reply.node_id))
         finally:
             travelling.load_state_dict(saved)
-        loss, owner = min(scored)
-        log(WARNING, "partition %d was named by nodes %s: it is node %d's (loss %.4g on its data; the others: %s)",
-            pid, sorted(n for _, n in scored), owner, loss, ", ".join(f"{l:.4g}" for l, n in sorted(scored)[1:]))
+        score, owner = min(scored)
+        log(WARNING, "partition %d was named by nodes %s: it is node %d's (its loss on that partition's data, less "
+            "its loss on the server's validation split: %.4g; the others: %s)", pid, sorted(n for _, n in scored),
+            owner, score, ", ".join(f"{value:.4g}" for value, _ in sorted(scored)[1:]))
         return owner
 
     return decide
