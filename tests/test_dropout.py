@@ -85,8 +85,11 @@ def test_sigkilled_supernode_during_round_1_does_not_stop_the_run(fedsq_cache, t
           f"accepted={first['accepted']}; round 2 expected={second['expected']} received={second['received']} "
           f"rejected={second['rejected']} ({[r['reason'][:60] for r in second['rejections']]}); "
           f"run ended {time.monotonic() - killed_at:.0f} s after the kill, {time.monotonic() - started:.0f} s in all")
-    assert (first["expected"], first["received"], first["missing"], first["accepted"]) == (3, 2, 1, 2)
-    assert len(first["missing_nodes"]) == 1 and str(first["missing_nodes"][0]) in online
+    # The dead node's reply never comes (round-timeout), or, when the round outlasts its heartbeat on a loaded
+    # machine, comes as the SuperLink's "Node Unavailable" error: either way it is the one reply not accepted.
+    assert (first["expected"], first["accepted"]) == (3, 2) and first["missing"] + first["rejected"] == 1
+    dead = first["missing_nodes"] or [r["node_id"] for r in first["rejections"]]
+    assert len(dead) == 1 and str(dead[0]) in online
     assert first["aggregated"] and second["aggregated"]
     assert second["accepted"] == 2  # the dead node: missing again, or the SuperLink's "Node Unavailable" error
     assert second["missing"] + second["rejected"] == second["expected"] - 2
