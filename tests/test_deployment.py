@@ -551,7 +551,7 @@ def test_fedsq_run_completes_with_the_warm_executor(federation: Federation) -> N
     for index, silo in enumerate(("silo-1", "silo-2")):
         env = fed.env(silo)  # the silo's FLWR_HOME and cache: the FAB it installed before is found there
         # The page's warm-executor block, its placeholders put in: coordinator, CA, key, port, node config.
-        node = fed.start(f"{silo}-warm", fed.doc_command("warm-executor", "flower-supernode", subs={
+        node = fed.start(f"{silo}-warm", fed.doc_command("warm-executor", "fedsq-supernode", subs={
             "coord.example.org:8000": f"127.0.0.1:{fed.port}", "/path/to/ca.crt": str(fed.certs / "ca.crt"),
             "/etc/fedsq/keys/silo-a": str(fed.keys / silo), "--port 9094": f"--port {runtime_ports[index]}",
             "data-path='/srv/silo-a/images'": node_configs[silo]}), env)

@@ -62,7 +62,7 @@ def _options(args: list[str]) -> set[str]:
 
 
 def test_the_four_silo_loop_is_the_warm_executor_block_four_times(tmp_path):
-    """Run dry (tests/test_four_silos.py deploys it for real): its flower-supernode / fedsq-superexec / flwr are
+    """Run dry (tests/test_four_silos.py deploys it for real): its fedsq-supernode / fedsq-superexec / flwr are
     shell functions that record their arguments and environment. Four silos on ports 9094..9097, each SuperNode with
     the warm-executor block's options (--isolation process among them) and its own fedsq-superexec on its
     port, stopped with it (--parent-pid), with the task poll and one thread each."""
@@ -72,14 +72,14 @@ def test_the_four_silo_loop_is_the_warm_executor_block_four_times(tmp_path):
     from docblocks import argv, block
 
     record = 'echo "$FLWR_SUPEREXEC_TASK_POLL_INTERVAL $OMP_NUM_THREADS $*"'
-    prelude = "\n".join([f"flower-supernode() {{ {record}; }}", f"fedsq-superexec() {{ {record}; }}",
+    prelude = "\n".join([f"fedsq-supernode() {{ {record}; }}", f"fedsq-superexec() {{ {record}; }}",
                          f"flwr() {{ {record} >> \"$WORK/flwr-run.txt\"; }}"])
     body = "\n".join(line for line in block("four-silos").body.splitlines()
                      if not line.startswith(("deploy/make-node-keys.sh", "deploy/register-node-keys.sh")))
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", f"{prelude}\n{body}\nwait"], text=True,
                           capture_output=True, env={"WORK": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert done.returncode == 0, done.stderr
-    warm_node = _options(argv("warm-executor", "flower-supernode"))
+    warm_node = _options(argv("warm-executor", "fedsq-supernode"))
     warm_exec = _options(argv("warm-executor", "fedsq-superexec", optional={"$!": "1"}))
     for i in range(1, 5):
         node = shlex.split((tmp_path / f"silo-{i}.log").read_text())

@@ -86,7 +86,7 @@ def _json_from(stdout: str) -> dict:
 
 
 def test_four_silos_over_tls_with_node_auth_and_the_warm_executor(tmp_path: Path, fedsq_cache: Path) -> None:
-    tools = {name: tool(name) for name in ("flower-superlink", "flower-supernode", "flwr", "fedsq-superexec")}
+    tools = {name: tool(name) for name in ("flower-superlink", "fedsq-supernode", "flwr", "fedsq-superexec")}
     missing = [name for name, path in tools.items() if path is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not found next to {sys.executable} or on PATH (bash scripts/setup.sh)")

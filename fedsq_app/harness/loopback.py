@@ -236,12 +236,13 @@ EXECUTORS = {"warm": "fedsq-superexec", "standard": "flower-superexec"}
 
 def start_supernode(processes: Processes, env: dict[str, str], superlink_port: int, node_config: str, *,
                     name: str, extra_args: list[str] | None = None, runtime_port: int | None = None,
-                    isolation: str = "subprocess") -> Proc:
-    """A SuperNode (``--insecure`` unless ``extra_args`` give TLS options) with its own Runtime API port.
+                    isolation: str = "subprocess", command: str = "flower-supernode") -> Proc:
+    """A SuperNode (``--insecure`` unless ``extra_args`` give TLS options) with its own Runtime API port:
+    Flower's ``flower-supernode``, or ``fedsq-supernode`` (the same with short waits between its pulls).
 
     ``isolation="process"``: the SuperNode runs no SuperExec of its own; start one with ``start_superexec``
     on the same ``runtime_port``."""
-    argv = [tool("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}", "--host", "127.0.0.1",
+    argv = [tool(command), "--superlink", f"127.0.0.1:{superlink_port}", "--host", "127.0.0.1",
             "--port", str(runtime_port or free_port()), "--node-config", node_config, "--isolation", isolation]
     argv += extra_args if extra_args is not None else ["--insecure"]
     env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_S), **env}  # for the SuperExec it starts

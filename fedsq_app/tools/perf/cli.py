@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
                            help="OMP_NUM_THREADS of each SuperNode (its ClientApps inherit it), one per --app or one "
                                 "for all; default 1, what a simulated client gets (client-resources-num-cpus=1, "
                                 "for which Ray sets OMP_NUM_THREADS=1); 0: unset (torch takes every core)")
-            p.add_argument("--executor", nargs="+", default=["standard", "warm"], choices=("standard", "warm"),
+            p.add_argument("--executor", nargs="+", default=["standard", "warm"],
+                           choices=("standard", "warm", "warm-short-poll"),
                            help="the ClientApp SuperExec of each deployment, one deployment each: standard (Flower's: "
-                                "a new flwr-clientapp per message) and/or warm (fedsq-superexec: a fork per message)")
+                                "a new flwr-clientapp per message), warm (fedsq-superexec: a fork per message) and/or "
+                                "warm-short-poll (the warm one under fedsq-supernode: 0.5 s idle poll, not 3 s)")
             p.add_argument("--limit", type=float, default=900.0, help="seconds allowed per run")
             p.add_argument("--flower-floor", action="store_true",
                            help="also run tools/perf/floor.py, a ClientApp that echoes arrays shaped like the "

@@ -2,7 +2,8 @@
 
 The same run config as a simulation (``flower-superlink --simulation``, ``num-supernodes=3``) and as a
 loopback deployment per ``--executor`` (SuperLink + 3 SuperNodes, TLS off; ``standard``: Flower's SuperExec,
-a new ``flwr-clientapp`` per message; ``warm``: ``fedsq-superexec``, a fork per message), each started by
+a new ``flwr-clientapp`` per message; ``warm``: ``fedsq-superexec``, a fork per message; ``warm-short-poll``: the
+same with ``fedsq-supernode``, whose idle poll is 0.5 s instead of Flower's 3 s), each started by
 this command on 127.0.0.1, one after the other, and stopped by PID (``fedsq_app.harness.loopback``). Round times are the ServerApp's
 ``rounds[].wall_time_s``; steady = median of rounds 2..R. With ``--trace``, each deployed round stage by
 stage (``tracing/sitecustomize.py``).
@@ -89,6 +90,10 @@ def _run_and_wait(app: Path, connection: str, run_config: str, env: dict, work: 
     return status, time.time() - start
 
 
+# Each deployment's SuperNode command: ``warm-short-poll`` is ``warm`` with ``fedsq-supernode``'s short waits.
+SUPERNODES = {"standard": "flower-supernode", "warm": "flower-supernode", "warm-short-poll": "fedsq-supernode"}
+
+
 def _start_deployment(procs, env: dict, work: Path, cache: Path, nodes: int, superexec_poll: float,
                       threads_per_node: int, traced: dict, executor: str) -> int:
     """A SuperLink and ``nodes`` SuperNodes for one executor; returns the SuperLink's port once all are online.
@@ -108,10 +113,11 @@ def _start_deployment(procs, env: dict, work: Path, cache: Path, nodes: int, sup
                     "FEDSQ_CACHE_DIR": str(node_cache), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(superexec_poll)}
         if threads_per_node:
             node_env["OMP_NUM_THREADS"] = str(threads_per_node)
-        isolation = "process" if executor == "warm" else "subprocess"
+        warm = executor.startswith("warm")
         loopback.start_supernode(procs, node_env, port, f"partition-id={i} num-partitions={nodes}",
-                                 name=f"supernode-{executor}-{i}", runtime_port=runtime_ports[i], isolation=isolation)
-        if executor == "warm":
+                                 name=f"supernode-{executor}-{i}", runtime_port=runtime_ports[i],
+                                 isolation="process" if warm else "subprocess", command=SUPERNODES[executor])
+        if warm:
             loopback.start_superexec(procs, node_env, runtime_ports[i], name=f"superexec-{executor}-{i}")
     loopback.write_connection(work / "home-user", executor, f"127.0.0.1:{port}")  # rewritten per executor
     loopback.wait_until(lambda: sum(n.get("status") == "online" for n in _flwr_json(
@@ -213,7 +219,7 @@ def round_breakdown(trace: Path, first_round: int = 2) -> dict[str, list[float]]
     aggregated = sorted(e["t"] for e in server if e["message"].startswith("aggregate_train"))
     nodes: dict[str, list[dict]] = {}
     for e in events:
-        if e["program"].startswith("flower-supernode") and e["event"] == "log":
+        if e["program"].startswith(("flower-supernode", "fedsq-supernode")) and e["event"] == "log":
             nodes.setdefault(_port(e["program"], "--port"), []).append(e)
     clientapps = {}
     for e in events:
