@@ -49,7 +49,7 @@ def reply_record(outcome: ReplyOutcome, round_start: float, size_mismatch: str |
     created = outcome.created_at
     record = {"node_id": outcome.node_id, "num_examples": outcome.num_examples, "weight": outcome.weight,
               "clip_scale": outcome.clip_scale, "bn_clamped": outcome.bn_clamped,
-              "update_norm": outcome.update_norm, "deviation": outcome.deviation,
+              "update_norm": outcome.update_norm, "deviation": outcome.deviation, "alignment": outcome.alignment,
               "train_loss": outcome.train_loss, "accepted": outcome.accepted, "reason": outcome.reason or None,
               "reply_time_s": round(created - round_start, 3) if created else None}
     if size_mismatch:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from fedsq_app.config import ConfigError, RunConfig
 from fedsq_app.core.aggregation import AGGREGATIONS, aggregate
-from fedsq_app.core.defenses import (DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND, bound_deviation, bound_influence, clamp_bn_statistics,
+from fedsq_app.core.defenses import (DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND, alignments, bound_deviation, bound_influence, clamp_bn_statistics,
                                     clip_updates, deviations, median_update, update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays, pack, pack_record
 from fedsq_app.core.replies import CheckedReply, bound_note, screen_replies, weigh_each
@@ -492,7 +492,8 @@ def test_fuzzed_rounds_never_raise_and_the_aggregate_is_always_finite(data, aggr
     honest = [_reply(_honest(np.random.default_rng(n)), 100 + n) for n in range(data.draw(st.integers(0, 3)))]
     for reply in honest[: data.draw(st.integers(0, len(honest)))]:
         reply.content["arrays"] = pack_record(reply.content["arrays"])
-    strategy = _strategy(aggregation=aggregation, min_valid_replies=floor)
+    strategy = _strategy(aggregation=aggregation, min_valid_replies=floor, direction_check=data.draw(st.booleans()))
+    strategy.opposed = set(range(1, 7)) | set(range(100, 104))  # every node opposed before: the check runs
     arrays, metrics = strategy.aggregate_train(1, forged + honest)  # must not raise
     checked = strategy.round_replies[1]
     assert len(checked.accepted) + len(checked.rejected) == len(forged) + len(honest)
@@ -571,3 +572,37 @@ def test_flowers_krum_multi_krum_and_bulyan_leave_out_the_outlier():
         assert far < 0.2 * poisoned, method
     assert np.array_equal(aggregate(replies, GLOBAL, "krum", 0.2)["conv.weight"],
                           aggregate(list(reversed(replies)), GLOBAL, "krum", 0.2)["conv.weight"])
+
+
+# ------------------------------------------------------------------------------------------ across rounds
+def test_alignment_is_the_cosine_with_the_rounds_median_update():
+    keys = update_keys(GLOBAL)
+    center = {k: np.full(GLOBAL[k].shape, 0.01) for k in keys}
+    along = {k: (GLOBAL[k] + 0.03 if k in keys else GLOBAL[k]) for k in GLOBAL}
+    against = {k: (GLOBAL[k] - 0.02 if k in keys else GLOBAL[k]) for k in GLOBAL}
+    replies = [CheckedReply(n, a, 1, {}) for n, a in enumerate((along, against, GLOBAL))]
+    assert np.allclose(alignments(replies, GLOBAL, keys, center), [1.0, -1.0, 0.0])
+
+
+def test_the_direction_check_rejects_a_node_pulling_against_the_median_two_replies_running():
+    """Round 1: the reversed node is only recorded (honest noise may point anywhere once). Round 2: its
+    reply is rejected; round 3 it is rejected again and quarantined. Without the check it is never rejected;
+    honest nodes never are."""
+    rng = np.random.default_rng(3)
+
+    def round_of(strategy, server_round):
+        honest = [_honest(rng) for _ in range(4)]
+        reversed_ = _with_update(_honest(rng), -1.0)
+        strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+        strategy.aggregate_train(server_round, [_reply(a, n) for n, a in enumerate(honest + [reversed_], start=1)])
+        return strategy.round_replies[server_round]
+
+    checked = _strategy(direction_check=True)
+    outcomes = [{o.node_id: o for o in round_of(checked, r).outcomes} for r in (1, 2, 3)]
+    assert outcomes[0][5].accepted and outcomes[0][5].alignment < 0
+    assert not outcomes[1][5].accepted and "points against the round's median update" in outcomes[1][5].reason
+    assert not outcomes[2][5].accepted and [q["node_id"] for q in checked.quarantine.records] == [5]
+    assert all(o[n].accepted and o[n].alignment > 0 for o in outcomes for n in range(1, 5))
+    unchecked = _strategy()
+    assert all(o.accepted for r in (1, 2, 3) for o in round_of(unchecked, r).outcomes)
+    assert 5 in unchecked.opposed  # recorded either way

@@ -209,6 +209,20 @@ def bound_deviation(replies: list, template: dict[str, np.ndarray], bound: float
     return result, scales, typical
 
 
+def alignments(replies: list, template: dict[str, np.ndarray], keys: list[str],
+               center: dict[str, np.ndarray]) -> list[float]:
+    """cos(Δ_k, c) per reply, c the round's median update: below 0, the update points against what the
+    round's replies agree on (0 where either has length 0)."""
+    center_norm = math.sqrt(sum(float(np.sum(center[k] ** 2)) for k in keys))
+    result = []
+    for reply in replies:
+        update = {k: reply.arrays[k].astype(np.float64) - template[k] for k in keys}
+        norm = math.sqrt(sum(float(np.sum(u ** 2)) for u in update.values()))
+        dot = sum(float(np.sum(update[k] * center[k])) for k in keys)
+        result.append(dot / (norm * center_norm) if norm > 0 and center_norm > 0 else 0.0)
+    return result
+
+
 def clamp_bn_statistics(replies: list, template: dict[str, np.ndarray]) -> tuple[list, list[int]]:
     """(replies with every BN statistics coordinate clamped to [2nd smallest, 2nd largest] over the
     round's replies, how many coordinates each had clamped). From 3 replies; below, unchanged."""

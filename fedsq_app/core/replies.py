@@ -17,8 +17,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND,
-                                     MIN_REPLIES_FOR_MEDIAN, bound_deviation, bound_influence, clamp_bn_statistics,
-                                     clip_updates, deviations, lower_median, update_keys, update_norm)
+                                     MIN_REPLIES_FOR_MEDIAN, alignments, bound_deviation, bound_influence,
+                                     clamp_bn_statistics, clip_updates, deviations, lower_median, median_update,
+                                     update_keys, update_norm)
 from fedsq_app.core.packing import decode_arrays
 from fedsq_app.core.wire import NUM_EXAMPLES, REFUSED_PERMANENTLY, TRAIN_LOSS
 
@@ -67,6 +68,7 @@ class ReplyOutcome:
     bn_clamped: int | None = None  # BN statistics coordinates clamped into the other replies' range
     update_norm: float | None = None  # ‖Δ_k‖ as sent (before any bound); None if rejected
     deviation: float | None = None  # ‖Δ_k − c‖, c the round's median update (from 3 replies)
+    alignment: float | None = None  # cos(Δ_k, c): below 0, against the round's median update (from 3 replies)
 
 
 @dataclass
@@ -218,11 +220,14 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
                    weigh: WeightPolicy = equal_weights, clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER,
                    influence_bound: float = DEFAULT_INFLUENCE_BOUND, check_magnitudes: bool = True,
                    clamp_bn: bool = True, norm_floor: float = 0.0, deviation_bound: float = DEFAULT_DEVIATION_BOUND,
-                   deviation_floor: float = 0.0) -> RoundReplies:
+                   deviation_floor: float = 0.0, opposed_before: frozenset[int] = frozenset()) -> RoundReplies:
     """All server-side checks of one round's training replies (pure, never raises): validation of what
-    decodes, one reply per node, the server's weights, then the influence bounds (``fedsq_app.core.defenses``:
-    from 3 replies each silo's pull bounded by ``influence_bound``, else each update norm-clipped by
-    ``clip_multiplier``; the BN statistics clamp).
+    decodes, one reply per node, the server's weights, the direction check, then the influence bounds
+    (``fedsq_app.core.defenses``: from 3 replies each silo's pull bounded by ``influence_bound``, else each
+    update norm-clipped by ``clip_multiplier``; the BN statistics clamp).
+
+    Direction check: a reply whose update points against the round's median update (``alignment`` < 0),
+    from a node in ``opposed_before`` (its previous reply did too), is rejected before the bounds are set.
 
     Accepted replies come back sorted by node id, so nothing depends on the order in which replies
     happened to arrive. Replies are tracked by index, never by equality.
@@ -246,8 +251,17 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
         else:
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
-    weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
     keys = update_keys(template)
+    aligned = {}
+    if len(kept) >= MIN_REPLIES_FOR_MEDIAN and keys:
+        replies_kept = [checked[i] for i in kept]
+        aligned = dict(zip(kept, alignments(replies_kept, template, keys, median_update(replies_kept, template, keys))))
+        for i in kept:
+            if aligned[i] < 0 and checked[i].node_id in opposed_before:
+                reasons[i] = (f"its update points against the round's median update (cosine {aligned[i]:.3f}), "
+                              "as its previous reply's did")
+        kept = [i for i in kept if i not in reasons]
+    weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
     norms = [update_norm(r, template, keys) for r in weighted] if keys else []
     spread = deviations(weighted, template, keys)[1] if len(weighted) >= MIN_REPLIES_FOR_MEDIAN and keys else []
     deviated, deviation_scales, typical = bound_deviation(weighted, template, deviation_bound, deviation_floor)
@@ -278,7 +292,7 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             train_loss=reply.metrics.get(TRAIN_LOSS) if reply else None, created_at=_created_at(message),
             clip_scale=scales[p] if p is not None else None,
             update_norm=norms[p] if p is not None and norms else None,
-            deviation=spread[p] if p is not None and spread else None,
+            deviation=spread[p] if p is not None and spread else None, alignment=aligned.get(i),
             bn_clamped=clamp_counts[p] if p is not None else None))
     return result
 

@@ -55,6 +55,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     are quarantined. A node that refuses a message for a reason that will not change
     (``wire.REFUSED_PERMANENTLY``: leakage, another S) is sampled no more (``excluded_nodes``).
     ``aggregation`` replaces the weighted mean by a robust one (``core/aggregation.AGGREGATIONS``).
+    ``direction_check``: a node whose update points against the round's median update two replies running
+    is rejected (then quarantined as any node rejected round after round): a bound across rounds.
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
 
@@ -62,7 +64,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                  clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, influence_bound: float = DEFAULT_INFLUENCE_BOUND,
                  deviation_bound: float = DEFAULT_DEVIATION_BOUND, bn_clamp: bool = True,
                  weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
-                 trim_fraction: float = 0.2, pack_arrays: bool = False, **fedavg_kwargs) -> None:
+                 trim_fraction: float = 0.2, pack_arrays: bool = False, direction_check: bool = False,
+                 **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
         self.min_valid_replies = min_valid_replies
@@ -74,6 +77,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
         self.pack_arrays = pack_arrays  # send Q as one array per dtype (core/packing.py): nodes must unpack it
+        self.direction_check = direction_check
+        self.opposed: set[int] = set()  # nodes whose last reply pointed against its round's median update
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
         self.excluded_nodes: list[dict] = []  # {node_id, round, reason}: refused for good, never sampled again
@@ -152,8 +157,12 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         checked = screen_replies(replies, template, weigh=self.weigh, clip_multiplier=self.clip_multiplier,
                                  influence_bound=self.influence_bound, clamp_bn=self.bn_clamp,
                                  deviation_bound=self.deviation_bound, norm_floor=norm_floor(self.references["norm"]),
-                                 deviation_floor=norm_floor(self.references["deviation"]))
+                                 deviation_floor=norm_floor(self.references["deviation"]),
+                                 opposed_before=frozenset(self.opposed) if self.direction_check else frozenset())
         self.round_replies[server_round] = checked
+        for outcome in checked.outcomes:
+            if outcome.alignment is not None:
+                (self.opposed.add if outcome.alignment < 0 else self.opposed.discard)(outcome.node_id)
         needed = self.quarantine.needed(self.min_valid_replies, self.sampled)
         for record in self.quarantine.update(server_round, [r.node_id for r in checked.accepted], checked.rejected):
             log(WARNING, "node %s: replies rejected %d rounds in a row (last: %s): not sampled for %d round(s)",

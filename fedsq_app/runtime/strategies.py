@@ -53,7 +53,7 @@ def make_strategy(config, structural_sha256: str, weigh=None) -> ValidatedFedAvg
                   min_train_nodes=config.min_train_nodes, min_available_nodes=config.min_available_nodes,
                   min_valid_replies=config.min_valid_replies, clip_multiplier=config.clip_multiplier, bn_clamp=config.bn_clamp,
                   influence_bound=config.influence_bound, deviation_bound=config.deviation_bound,
-                  aggregation=config.aggregation,
+                  aggregation=config.aggregation, direction_check=config.direction_check,
                   trim_fraction=config.trim_fraction, pack_arrays=True)  # this app's ClientApp unpacks
     if weigh is not None:
         common["weigh"] = weigh

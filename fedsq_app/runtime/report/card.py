@@ -12,9 +12,12 @@ from fedsq_app.runtime.strategies import STRATEGIES
 
 # The run-config keys that decide what a reply may do to the global model (docs/RELIABILITY.md).
 TRUST_KEYS = {
+    "deviation-bound": "an update's largest distance from the round's median update, as a multiple of the round's "
+                       "median such distance (wider for a larger silo; 0 = off)",
     "influence-bound": "a silo's largest pull on the mean, as a fraction of the round's median update norm (0 = off)",
     "clip-multiplier": "two-silo rounds: updates clipped to this multiple of the median norm (0 = off)",
     "bn-clamp": "each reply's BN statistics clamped into the other replies' range (from 3 replies)",
+    "direction-check": "a node's update pointing against the round's median update two replies running is rejected",
     "min-valid-replies": "fewer valid replies: the round keeps the previous model",
     "aggregation": "how accepted updates are combined",
     "trim-fraction": "trimmed-mean: share of the largest and of the smallest values dropped",
