@@ -94,3 +94,34 @@ def test_the_fixed_target_attack_pulls_one_bias_the_same_way_every_round():
         directions.append(update["fc.bias"][0])
     median = float(np.median([distance(h, start, update_keys(start)) for h in honest]))
     assert directions[0] == directions[1] == pytest.approx(100 * median, rel=1e-4)
+
+
+def test_reports_of_one_experiment_merge_into_one_table(tmp_path):
+    """Further arms of the same attacks, run later, join the earlier table; a later cell replaces an earlier
+    one; reports of different sizes are refused rather than mixed."""
+    import json
+
+    from fedsq_app.tools.defense_report import main, merge
+
+    def run(defense: str, seed: int, bva: float) -> dict:
+        return {"scenario": "ALIE z=1 (1 of 6)", "defense": defense, "seed": seed, "bva": bva, "final_val": bva,
+                "damage_mean": 0.1, "damage_max": 0.2, "rounds_kept": 0, "hostile_replies": 8,
+                "hostile_rejected": 0, "hostile_clipped": 0}
+
+    sizes = {"clients": 6, "num-server-rounds": 8, "dataset": "embedded", "max-train-samples": 1200, "alpha": 0.3,
+             "seeds": [0], "wall_time_s": 60.0}
+    first = {"experiment": "attacks", "sizes": sizes, "runs": [run("none", 0, 0.5), run("defaults", 0, 0.6)]}
+    second = {"experiment": "attacks", "sizes": {**sizes, "seeds": [0, 1]},
+              "runs": [run("krum", 0, 0.7), run("defaults", 0, 0.65)]}
+    merged = merge([first, second])
+    assert {(r["defense"], r["bva"]) for r in merged["runs"]} == {("none", 0.5), ("defaults", 0.65), ("krum", 0.7)}
+    assert merged["sizes"]["wall_time_s"] == 120.0 and merged["sizes"]["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="different experiments or sizes"):
+        merge([first, {**second, "sizes": {**sizes, "num-server-rounds": 4}}])
+    paths = []
+    for i, report in enumerate((first, second)):
+        paths.append(tmp_path / f"s{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    main([*map(str, paths), "--out", str(tmp_path / "merged")])
+    table = (tmp_path / "merged" / "summary.md").read_text()
+    assert "| ALIE z=1 (1 of 6) | krum |" in table and (tmp_path / "merged" / "damage.png").is_file()

@@ -190,3 +190,42 @@ def plot_cost(report: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report of several runs of the same experiment and sizes (say, the same attacks under further
+    arms): their runs together, a later report's cell (scenario, defence, seed) replacing an earlier one's."""
+    kinds = {(r["experiment"], r["sizes"].get("num-server-rounds"), r["sizes"].get("alpha")) for r in reports}
+    if len(kinds) != 1:
+        raise ValueError(f"these reports are of different experiments or sizes, not one table: {sorted(kinds)}")
+    cells = {}
+    for report in reports:
+        cells.update({(r["scenario"], r["defense"], r["seed"]): r for r in report["runs"]})
+    sizes = {**reports[-1]["sizes"], "wall_time_s": sum(r["sizes"].get("wall_time_s", 0.0) for r in reports),
+             "seeds": sorted({s for r in reports for s in r["sizes"].get("seeds", [])})}
+    return {**reports[-1], "sizes": sizes, "runs": list(cells.values()), "merged_from": len(reports)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedsq_app.tools.defense_report --out DIR SUMMARY.json ...``: one table and plot of several
+    ``fedsq-defenses`` summaries of one experiment."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m fedsq_app.tools.defense_report", description=main.__doc__)
+    parser.add_argument("summaries", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    report = merge([json.loads(path.read_text()) for path in args.summaries])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(report, indent=2))
+    (args.out / "summary.md").write_text(markdown(report))
+    if report["experiment"] == "attacks":
+        plot(report, args.out / "damage.png")
+    elif report["experiment"] == "cost" and any(r["defense"] == "none" for r in report["runs"]):
+        plot_cost(report, args.out / "cost.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
