@@ -492,7 +492,7 @@ def test_fuzzed_rounds_never_raise_and_the_aggregate_is_always_finite(data, aggr
     honest = [_reply(_honest(np.random.default_rng(n)), 100 + n) for n in range(data.draw(st.integers(0, 3)))]
     for reply in honest[: data.draw(st.integers(0, len(honest)))]:
         reply.content["arrays"] = pack_record(reply.content["arrays"])
-    strategy = _strategy(aggregation=aggregation, min_valid_replies=floor, direction_check=data.draw(st.booleans()))
+    strategy = _strategy(aggregation=aggregation, min_valid_replies=floor, direction_check=data.draw(st.sampled_from([0.0, 0.2])))
     strategy.opposed = set(range(1, 7)) | set(range(100, 104))  # every node opposed before: the check runs
     arrays, metrics = strategy.aggregate_train(1, forged + honest)  # must not raise
     checked = strategy.round_replies[1]
@@ -597,7 +597,7 @@ def test_the_direction_check_rejects_a_node_pulling_against_the_median_two_repli
         strategy.aggregate_train(server_round, [_reply(a, n) for n, a in enumerate(honest + [reversed_], start=1)])
         return strategy.round_replies[server_round]
 
-    checked = _strategy(direction_check=True)
+    checked = _strategy(direction_check=0.2)
     outcomes = [{o.node_id: o for o in round_of(checked, r).outcomes} for r in (1, 2, 3)]
     assert outcomes[0][5].accepted and outcomes[0][5].alignment < 0
     assert not outcomes[1][5].accepted and "points against the round's median update" in outcomes[1][5].reason
@@ -605,4 +605,26 @@ def test_the_direction_check_rejects_a_node_pulling_against_the_median_two_repli
     assert all(o[n].accepted and o[n].alignment > 0 for o in outcomes for n in range(1, 5))
     unchecked = _strategy()
     assert all(o.accepted for r in (1, 2, 3) for o in round_of(unchecked, r).outcomes)
-    assert 5 in unchecked.opposed  # recorded either way
+    assert all(o.alignment is not None for r in (1, 2, 3) for o in unchecked.round_replies[r].outcomes)  # recorded
+
+
+def test_the_direction_check_lets_a_slightly_opposed_update_through_and_rejects_a_clearly_opposed_one():
+    """τ = 0.2: with the node opposed the round before, cosine −0.1 passes, −0.5 is rejected; a node not
+    opposed before passes at any cosine; τ = 0 checks nothing."""
+    step = {k: np.full(GLOBAL[k].shape, 0.01, np.float32) for k in PARAMS}
+    across = np.resize(np.array([1.0, -1.0], np.float32), GLOBAL["conv.weight"].shape)
+
+    def arrays(along: float, sideways: float) -> dict:
+        return {k: (GLOBAL[k] + along * step[k] + (sideways * 0.01 * across if k == "conv.weight" else 0)
+                    ).astype(np.float32) if k in PARAMS else GLOBAL[k] for k in GLOBAL}
+
+    honest = [_reply(arrays(1.0, 0.0), n) for n in range(1, 5)]
+    norm = np.sqrt(sum(float(np.sum(step[k] ** 2)) for k in PARAMS))
+    sideways_for = lambda cos: np.sqrt((1 / cos ** 2 - 1)) * norm / (0.01 * np.linalg.norm(across))  # noqa: E731
+    slight, clear = arrays(-1.0, sideways_for(0.1)), arrays(-1.0, sideways_for(0.5))
+    for opponent, opposed_before, tau, rejected in ((slight, {9}, 0.2, False), (clear, {9}, 0.2, True),
+                                                    (clear, set(), 0.2, False), (clear, {9}, 0.0, False)):
+        checked = screen_replies(honest + [_reply(opponent, 9)], GLOBAL, opposed_before=frozenset(opposed_before),
+                                 opposition=tau)
+        outcome = {o.node_id: o for o in checked.outcomes}[9]
+        assert outcome.accepted is not rejected and outcome.alignment < 0, (tau, outcome)

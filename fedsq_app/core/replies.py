@@ -220,14 +220,16 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
                    weigh: WeightPolicy = equal_weights, clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER,
                    influence_bound: float = DEFAULT_INFLUENCE_BOUND, check_magnitudes: bool = True,
                    clamp_bn: bool = True, norm_floor: float = 0.0, deviation_bound: float = DEFAULT_DEVIATION_BOUND,
-                   deviation_floor: float = 0.0, opposed_before: frozenset[int] = frozenset()) -> RoundReplies:
+                   deviation_floor: float = 0.0, opposed_before: frozenset[int] = frozenset(),
+                   opposition: float = 0.0) -> RoundReplies:
     """All server-side checks of one round's training replies (pure, never raises): validation of what
     decodes, one reply per node, the server's weights, the direction check, then the influence bounds
     (``fedsq_app.core.defenses``: from 3 replies each silo's pull bounded by ``influence_bound``, else each
     update norm-clipped by ``clip_multiplier``; the BN statistics clamp).
 
-    Direction check: a reply whose update points against the round's median update (``alignment`` < 0),
-    from a node in ``opposed_before`` (its previous reply did too), is rejected before the bounds are set.
+    Direction check (``opposition`` τ > 0): a reply whose update points against the round's median update
+    (``alignment`` < −τ), from a node in ``opposed_before`` (its previous reply did too), is rejected before
+    the bounds are set.
 
     Accepted replies come back sorted by node id, so nothing depends on the order in which replies
     happened to arrive. Replies are tracked by index, never by equality.
@@ -257,7 +259,7 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
         replies_kept = [checked[i] for i in kept]
         aligned = dict(zip(kept, alignments(replies_kept, template, keys, median_update(replies_kept, template, keys))))
         for i in kept:
-            if aligned[i] < 0 and checked[i].node_id in opposed_before:
+            if opposition > 0 and aligned[i] < -opposition and checked[i].node_id in opposed_before:
                 reasons[i] = (f"its update points against the round's median update (cosine {aligned[i]:.3f}), "
                               "as its previous reply's did")
         kept = [i for i in kept if i not in reasons]

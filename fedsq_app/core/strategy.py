@@ -55,8 +55,9 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     are quarantined. A node that refuses a message for a reason that will not change
     (``wire.REFUSED_PERMANENTLY``: leakage, another S) is sampled no more (``excluded_nodes``).
     ``aggregation`` replaces the weighted mean by a robust one (``core/aggregation.AGGREGATIONS``).
-    ``direction_check``: a node whose update points against the round's median update two replies running
-    is rejected (then quarantined as any node rejected round after round): a bound across rounds.
+    ``direction_check`` τ > 0: a node whose update points against the round's median update (cosine below
+    −τ) two replies running is rejected (then quarantined as any node rejected round after round): a bound
+    across rounds.
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
     """
 
@@ -64,7 +65,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                  clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, influence_bound: float = DEFAULT_INFLUENCE_BOUND,
                  deviation_bound: float = DEFAULT_DEVIATION_BOUND, bn_clamp: bool = True,
                  weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
-                 trim_fraction: float = 0.2, pack_arrays: bool = False, direction_check: bool = False,
+                 trim_fraction: float = 0.2, pack_arrays: bool = False, direction_check: float = 0.0,
                  **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
@@ -78,7 +79,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.trim_fraction = trim_fraction
         self.pack_arrays = pack_arrays  # send Q as one array per dtype (core/packing.py): nodes must unpack it
         self.direction_check = direction_check
-        self.opposed: set[int] = set()  # nodes whose last reply pointed against its round's median update
+        self.opposed: set[int] = set()  # nodes whose last reply pointed against its round's median update (< −τ)
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
         self.excluded_nodes: list[dict] = []  # {node_id, round, reason}: refused for good, never sampled again
@@ -158,11 +159,11 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                                  influence_bound=self.influence_bound, clamp_bn=self.bn_clamp,
                                  deviation_bound=self.deviation_bound, norm_floor=norm_floor(self.references["norm"]),
                                  deviation_floor=norm_floor(self.references["deviation"]),
-                                 opposed_before=frozenset(self.opposed) if self.direction_check else frozenset())
+                                 opposed_before=frozenset(self.opposed), opposition=self.direction_check)
         self.round_replies[server_round] = checked
         for outcome in checked.outcomes:
-            if outcome.alignment is not None:
-                (self.opposed.add if outcome.alignment < 0 else self.opposed.discard)(outcome.node_id)
+            if outcome.alignment is not None and self.direction_check > 0:
+                (self.opposed.add if outcome.alignment < -self.direction_check else self.opposed.discard)(outcome.node_id)
         needed = self.quarantine.needed(self.min_valid_replies, self.sampled)
         for record in self.quarantine.update(server_round, [r.node_id for r in checked.accepted], checked.rejected):
             log(WARNING, "node %s: replies rejected %d rounds in a row (last: %s): not sampled for %d round(s)",

@@ -61,7 +61,7 @@ DEFENSES = {  # name -> run-config keys on top of the run's
     "krum": {"aggregation": "krum"},  # Flower's selection rules, after the same validation and bounds
     "multi-krum": {"aggregation": "multi-krum"},
     "bulyan": {"aggregation": "bulyan"},
-    "direction check": {"direction-check": True},  # the defaults with the bound across rounds
+    "direction check": {"direction-check": 0.2},  # the defaults with the bound across rounds
     # The defaults split into their parts, and the influence bound in place of the deviation bound.
     "bound only": {"bn-clamp": False},
     "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0},

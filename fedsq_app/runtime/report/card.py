@@ -17,7 +17,8 @@ TRUST_KEYS = {
     "influence-bound": "a silo's largest pull on the mean, as a fraction of the round's median update norm (0 = off)",
     "clip-multiplier": "two-silo rounds: updates clipped to this multiple of the median norm (0 = off)",
     "bn-clamp": "each reply's BN statistics clamped into the other replies' range (from 3 replies)",
-    "direction-check": "a node's update pointing against the round's median update two replies running is rejected",
+    "direction-check": "τ > 0: a node's update whose cosine with the round's median update is below −τ two replies "
+                       "running is rejected (0 = off)",
     "min-valid-replies": "fewer valid replies: the round keeps the previous model",
     "aggregation": "how accepted updates are combined",
     "trim-fraction": "trimmed-mean: share of the largest and of the smallest values dropped",
