@@ -119,13 +119,34 @@ def markdown(report: dict) -> str:
                          f"{np.mean(damages):.2f} | {max(worst):.2f} | " if damages else
                          f"| {scenario} | {defense} | {shown} | – | – | ")
             lines[-1] += f"{_pct([r['bva'] for r in cell])} | {sum(r['rounds_kept'] for r in cell)} | "
-            hostile = ATTACKS.get(scenario, (None, 0))[1]
-            alone = {r["seed"]: r for r in runs if (r["scenario"], r["defense"]) == (without(hostile), defense)}
-            paired = paired_test([r["final_val"] - alone[r["seed"]]["final_val"] for r in cell
-                                  if r["seed"] in alone and r.get("final_val") is not None
-                                  and alone[r["seed"]].get("final_val") is not None]) if hostile else None
+            paired = against_absence(runs, scenario, defense)
             lines[-1] += f"{_ci(paired)} |" if paired else "– |"
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *attack_grid(runs)]) + "\n"
+
+
+def against_absence(runs: list[dict], scenario: str, defense: str) -> dict | None:
+    """The attack's final accuracy less the same federation's without its attackers, same defence, paired by
+    seed (None for a scenario without attackers)."""
+    hostile = ATTACKS.get(scenario, (None, 0))[1]
+    if not hostile:
+        return None
+    alone = {r["seed"]: r for r in runs if (r["scenario"], r["defense"]) == (without(hostile), defense)}
+    return paired_test([r["final_val"] - alone[r["seed"]]["final_val"] for r in runs
+                        if (r["scenario"], r["defense"]) == (scenario, defense) and r["seed"] in alone
+                        and r.get("final_val") is not None and alone[r["seed"]].get("final_val") is not None])
+
+
+def attack_grid(runs: list[dict]) -> list[str]:
+    """One row per attack, one column per defence: the paired difference from the federation without the
+    attackers (pp, mean [95 % CI]); "–" where that defence did not run it."""
+    attacks = [s for s in dict.fromkeys(r["scenario"] for r in runs) if ATTACKS.get(s, (None, 0))[1]]
+    defenses = list(dict.fromkeys(r["defense"] for r in runs if r["scenario"] in attacks))
+    lines = ["Final accuracy − the same federation without the attackers, same defence (pp, paired by seed):", "",
+             "| attack | " + " | ".join(defenses) + " |", "|---|" + "---|" * len(defenses)]
+    for scenario in attacks:
+        cells = [against_absence(runs, scenario, d) for d in defenses]
+        lines.append(f"| {scenario} | " + " | ".join(_ci(c) if c and c["n"] else "–" for c in cells) + " |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
