@@ -493,7 +493,7 @@ def test_fuzzed_rounds_never_raise_and_the_aggregate_is_always_finite(data, aggr
     for reply in honest[: data.draw(st.integers(0, len(honest)))]:
         reply.content["arrays"] = pack_record(reply.content["arrays"])
     strategy = _strategy(aggregation=aggregation, min_valid_replies=floor, direction_check=data.draw(st.sampled_from([0.0, 0.2])))
-    strategy.opposed = set(range(1, 7)) | set(range(100, 104))  # every node opposed before: the check runs
+    strategy.opposition.nodes = set(range(1, 7)) | set(range(100, 104))  # every node opposed before: checked
     arrays, metrics = strategy.aggregate_train(1, forged + honest)  # must not raise
     checked = strategy.round_replies[1]
     assert len(checked.accepted) + len(checked.rejected) == len(forged) + len(honest)

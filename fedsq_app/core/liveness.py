@@ -57,3 +57,21 @@ class Quarantine:
             self.records.append(record)
             started.append(record)
         return started
+
+
+@dataclass
+class Opposition:
+    """The direction check's memory (``direction-check`` τ, docs/RELIABILITY.md): the nodes whose last reply
+    pointed against its round's median update, cosine below −τ. τ = 0: off, nothing is kept."""
+
+    tau: float = 0.0
+    nodes: set[int] = field(default_factory=set)
+
+    def before(self) -> frozenset[int]:
+        return frozenset(self.nodes)
+
+    def record(self, outcomes) -> None:
+        """One round's reply outcomes (``alignment``: the cosine, None where the round had too few replies)."""
+        for outcome in outcomes:
+            if self.tau > 0 and outcome.alignment is not None:
+                (self.nodes.add if outcome.alignment < -self.tau else self.nodes.discard)(outcome.node_id)

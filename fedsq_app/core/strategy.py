@@ -22,7 +22,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND,
                                      MIN_REPLIES_FOR_MEDIAN, norm_floor, update_keys)
-from fedsq_app.core.liveness import Quarantine
+from fedsq_app.core.liveness import Opposition, Quarantine
 from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.replies import WeightPolicy, bound_note, equal_weights, permanent_refusals, screen_replies
 from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
@@ -52,13 +52,11 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     is norm-clipped to ``clip_multiplier`` x the median norm); BN statistics are clamped into the other
     replies' range; a round with fewer valid replies than it needs (``min_valid_replies``, less nodes
     already failing: ``core/liveness.py``) keeps the previous model, and nodes failing round after round
-    are quarantined. A node that refuses a message for a reason that will not change
-    (``wire.REFUSED_PERMANENTLY``: leakage, another S) is sampled no more (``excluded_nodes``).
-    ``aggregation`` replaces the weighted mean by a robust one (``core/aggregation.AGGREGATIONS``).
-    ``direction_check`` τ > 0: a node whose update points against the round's median update (cosine below
-    −τ) two replies running is rejected (then quarantined as any node rejected round after round): a bound
-    across rounds.
-    ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's examples do not).
+    are quarantined. A node refusing for a reason that will not change (``wire.REFUSED_PERMANENTLY``:
+    leakage, another S) is sampled no more (``excluded_nodes``). ``aggregation`` replaces the weighted
+    mean by a robust one (``core/aggregation.AGGREGATIONS``). ``direction_check`` τ > 0: a node pointing
+    against the round's median update two replies running (cosine < −τ) is rejected, then quarantined.
+    ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's do not).
     """
 
     def __init__(self, *, min_valid_replies: int = MIN_REPLIES_FOR_MEDIAN,
@@ -78,8 +76,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
         self.pack_arrays = pack_arrays  # send Q as one array per dtype (core/packing.py): nodes must unpack it
-        self.direction_check = direction_check
-        self.opposed: set[int] = set()  # nodes whose last reply pointed against its round's median update (< −τ)
+        self.opposition = Opposition(direction_check)  # the direction check across rounds
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
         self.excluded_nodes: list[dict] = []  # {node_id, round, reason}: refused for good, never sampled again
@@ -159,11 +156,9 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                                  influence_bound=self.influence_bound, clamp_bn=self.bn_clamp,
                                  deviation_bound=self.deviation_bound, norm_floor=norm_floor(self.references["norm"]),
                                  deviation_floor=norm_floor(self.references["deviation"]),
-                                 opposed_before=frozenset(self.opposed), opposition=self.direction_check)
+                                 opposed_before=self.opposition.before(), opposition=self.opposition.tau)
         self.round_replies[server_round] = checked
-        for outcome in checked.outcomes:
-            if outcome.alignment is not None and self.direction_check > 0:
-                (self.opposed.add if outcome.alignment < -self.direction_check else self.opposed.discard)(outcome.node_id)
+        self.opposition.record(checked.outcomes)
         needed = self.quarantine.needed(self.min_valid_replies, self.sampled)
         for record in self.quarantine.update(server_round, [r.node_id for r in checked.accepted], checked.rejected):
             log(WARNING, "node %s: replies rejected %d rounds in a row (last: %s): not sampled for %d round(s)",
@@ -172,8 +167,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         for node_id, reason in checked.rejected:
             log(WARNING, "\t> rejected reply from node %s: %s", node_id, reason)
         self.exclude_refusals(server_round, replies)
-        clipped = [o for o in checked.outcomes if o.accepted and o.clip_scale is not None and o.clip_scale < 1]
-        for outcome in clipped:
+        for outcome in (o for o in checked.outcomes if o.accepted and o.clip_scale is not None and o.clip_scale < 1):
             log(INFO, "\t> node %s: %s", outcome.node_id, bound_note(checked, outcome.clip_scale))
         if len(checked.accepted) < needed:
             log(WARNING, "round %d: %d valid replies < %d needed (min-valid-replies %d, less nodes already failing): "
@@ -181,8 +175,7 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                 len(checked.accepted), needed, self.min_valid_replies)
             return None, None
         for kind, value in (("norm", checked.reference_norm), ("deviation", checked.reference_deviation)):
-            if value is not None:
-                self.references[kind].append(value)
+            self.references[kind] += [] if value is None else [value]
         try:
             averaged = aggregate(checked.accepted, template, self.aggregation, self.trim_fraction)
             metrics = weighted_metrics(checked.accepted)
