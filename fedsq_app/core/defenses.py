@@ -216,9 +216,8 @@ def alignments(replies: list, template: dict[str, np.ndarray], keys: list[str],
     center_norm = math.sqrt(sum(float(np.sum(center[k] ** 2)) for k in keys))
     result = []
     for reply in replies:
-        update = {k: reply.arrays[k].astype(np.float64) - template[k] for k in keys}
-        norm = math.sqrt(sum(float(np.sum(u ** 2)) for u in update.values()))
-        dot = sum(float(np.sum(update[k] * center[k])) for k in keys)
+        norm = update_norm(reply, template, keys)
+        dot = sum(float(np.sum((reply.arrays[k].astype(np.float64) - template[k]) * center[k])) for k in keys)
         result.append(dot / (norm * center_norm) if norm > 0 and center_norm > 0 else 0.0)
     return result
 

@@ -257,7 +257,8 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
     aligned = {}
     if len(kept) >= MIN_REPLIES_FOR_MEDIAN and keys:
         replies_kept = [checked[i] for i in kept]
-        aligned = dict(zip(kept, alignments(replies_kept, template, keys, median_update(replies_kept, template, keys))))
+        center = median_update(replies_kept, template, keys)
+        aligned = dict(zip(kept, alignments(replies_kept, template, keys, center)))
         for i in kept:
             if opposition > 0 and aligned[i] < -opposition and checked[i].node_id in opposed_before:
                 reasons[i] = (f"its update points against the round's median update (cosine {aligned[i]:.3f}), "
