@@ -237,15 +237,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("summaries", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    report = merge([json.loads(path.read_text()) for path in args.summaries])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(report, indent=2))
-    (args.out / "summary.md").write_text(markdown(report))
+    print(write(merge([json.loads(path.read_text()) for path in args.summaries]), args.out))
+
+
+def write(report: dict, out: Path) -> str:
+    """``summary.md``, ``summary.json`` and the experiment's plot in ``out``; returns the markdown."""
+    import json
+
+    table = markdown(report)
+    (out / "summary.md").write_text(table)
+    (out / "summary.json").write_text(json.dumps(report, indent=2))
     if report["experiment"] == "attacks":
-        plot(report, args.out / "damage.png")
+        plot(report, out / "damage.png")
     elif report["experiment"] == "cost" and any(r["defense"] == "none" for r in report["runs"]):
-        plot_cost(report, args.out / "cost.png")
-    print(markdown(report))
+        plot_cost(report, out / "cost.png")
+    return table
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from fedsq_app.runtime.strategies import make_strategy
 from fedsq_app.runtime.weighting import weight_policy
 from fedsq_app.task import build_start_model, global_arrays, trainable_model
 from fedsq_app.tools.attacks import ABSENT, ATTACKS, LIVENESS, Attack, message_arrays, without
-from fedsq_app.tools.defense_report import markdown, plot, plot_cost
+from fedsq_app.tools.defense_report import write
 from fedsq_app.tools.bench.cli import parse_set
 
 NONE = {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0, "bn-clamp": False,
@@ -267,14 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     report = {"attacks": run_attacks, "cost": run_cost, "liveness": run_liveness}[args.experiment](args, out)
-    table = markdown(report)
-    (out / "summary.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps(report, indent=2))
-    if report["experiment"] == "attacks":
-        plot(report, out / "damage.png")
-    elif report["experiment"] == "cost" and any(r["defense"] == "none" for r in report["runs"]):
-        plot_cost(report, out / "cost.png")
-    print(table)
+    print(write(report, out))
     print(f"wrote {out / 'summary.md'} and {out / 'summary.json'}")
 
 
