@@ -125,3 +125,28 @@ def test_reports_of_one_experiment_merge_into_one_table(tmp_path):
     main([*map(str, paths), "--out", str(tmp_path / "merged")])
     table = (tmp_path / "merged" / "summary.md").read_text()
     assert "| ALIE z=1 (1 of 6) | krum |" in table and (tmp_path / "merged" / "damage.png").is_file()
+
+
+def test_an_honest_run_is_read_back_only_if_it_ran_the_same_settings(tmp_path):
+    """A benchmark resumes from finished runs of the very config it asks for, whatever they were named; a run
+    of other settings (the defaults of an older version) or one that did not finish is run again."""
+    import json
+
+    from fedsq_app.config import RunConfig
+    from fedsq_app.server_app import config_json
+    from fedsq_app.tools.defenses import finished_before
+
+    config = RunConfig.from_mapping({"out-dir": str(tmp_path), "run-name": "cost-defaults-s0", "seed": 0})
+    results = tmp_path / "results.json"
+    assert not finished_before(results, config)
+    recorded = {**config_json(config), "run-name": "cost-direction check-s0", "out-dir": "/elsewhere"}
+    results.write_text(json.dumps({"config": recorded, "test_accuracy": 0.8}))
+    assert finished_before(results, config)
+    results.write_text(json.dumps({"config": recorded}))
+    assert not finished_before(results, config)
+    for key, value in (("direction-check", 0.35), ("seed", 1)):
+        results.write_text(json.dumps({"config": {**recorded, key: value}, "test_accuracy": 0.8}))
+        assert not finished_before(results, config), key
+    older = {k: v for k, v in recorded.items() if k != "direction-check"}
+    results.write_text(json.dumps({"config": older, "test_accuracy": 0.8}))
+    assert not finished_before(results, config)

@@ -125,16 +125,24 @@ class HostileGrid(InProcessGrid):
         return distance(mixed, alone, keys) / max(float(np.median(norms)), 1e-12) if norms else math.nan
 
 
+def finished_before(results_file: Path, config: RunConfig) -> bool:
+    """Whether ``results_file`` holds a finished run of ``config`` (its name and place aside): a run of other
+    settings, such as the defaults of an older version, is never read back under today's name."""
+    finished = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    ran, wanted = finished.get("config", {}), json.loads(json.dumps(server_app.config_json(config)))
+    return "test_accuracy" in finished and all(ran.get(k) == v for k, v in wanted.items()
+                                                if k not in ("run-name", "out-dir"))
+
+
 def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, hostile: int = 0,
             dropped: int = 0, absent: int = 0) -> dict:
     """One federation; returns the figures this benchmark compares."""
     config = RunConfig.from_mapping(run_config)
     grid = HostileGrid(run_config, num_clients, attack, hostile, dropped, absent)
     results_file = Path(config.out_dir).expanduser().resolve() / config.resolved_run_name() / "results.json"
-    finished = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    # An honest run that finished before (an interrupted benchmark) is read back; attack runs always rerun,
-    # since D is measured while they run.
-    if attack is not None or "test_accuracy" not in finished:
+    # An honest run that finished before with this very config (an interrupted benchmark) is read back; attack
+    # runs always rerun, since D is measured while they run.
+    if attack is not None or not finished_before(results_file, config):
         server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                       run_config=dict(run_config)))
     results = json.loads(results_file.read_text())
