@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from fedsq_app.core.aggregation import AGGREGATIONS
 from fedsq_app.core.weights import WEIGHT_MODES
-from fedsq_app.core.defenses import DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND
+from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_DIRECTION_CHECK,
+                                     DEFAULT_INFLUENCE_BOUND)
 from fedsq_app.data.partitions import PARTITIONERS
 from fedsq_app.data.splits import parse_classes
 from fedsq_app.runtime.checkpoint import CHECKPOINT_FILE
@@ -68,8 +69,8 @@ class RunConfig:
     deviation_bound: float = DEFAULT_DEVIATION_BOUND  # an update's distance from the median one <= this x the
     # round's median distance (x a size factor); 0 = off
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
-    direction_check: float = 0.0  # τ > 0: reject an update whose cosine with the round's median update is below
-    # −τ when the node's previous one's was too (a bound across rounds); 0 = off
+    direction_check: float = DEFAULT_DIRECTION_CHECK  # τ > 0: reject an update whose cosine with the round's
+    # median update is below −τ when the node's previous one's was too (a bound across rounds); 0 = off
     silo_sizes: str = ""  # deployment, a path on the coordinator: JSON {registered name or key sha256: size}
     weights: str = "auto"  # auto | partitions | silo-sizes | equal: where each node's aggregation weight comes from
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)

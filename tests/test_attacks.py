@@ -150,3 +150,14 @@ def test_an_honest_run_is_read_back_only_if_it_ran_the_same_settings(tmp_path):
     older = {k: v for k, v in recorded.items() if k != "direction-check"}
     results.write_text(json.dumps({"config": older, "test_accuracy": 0.8}))
     assert not finished_before(results, config)
+
+
+def test_the_honest_cost_counts_rejected_replies_by_silo_size_beside_the_bounded_ones():
+    """A rejected honest reply is the bound's limit case (scale 0): the by-size table counts it in its silo's
+    third, apart from the accepted replies it bounded."""
+    from fedsq_app.tools.defense_report import scales_by_size
+
+    run = {"honest_scales": [(10, None, 1.0, 0.1), (20, 0.8, 1.0, 0.1), (30, 0.4, 1.0, 0.1), (30, 1.0, 1.0, 0.1)],
+           "honest_rejected_weights": [30, 10]}
+    assert scales_by_size([run]) == {"smallest third": (2, 0, 0, 1), "middle third": (1, 1, 0, 0),
+                                     "largest third": (3, 1, 1, 1)}

@@ -586,8 +586,8 @@ def test_alignment_is_the_cosine_with_the_rounds_median_update():
 
 def test_the_direction_check_rejects_a_node_pulling_against_the_median_two_replies_running():
     """Round 1: the reversed node is only recorded (honest noise may point anywhere once). Round 2: its
-    reply is rejected; round 3 it is rejected again and quarantined. Without the check it is never rejected;
-    honest nodes never are."""
+    reply is rejected; round 3 it is rejected again and quarantined (the default, τ = 0.2). With the check off
+    it is never rejected; honest nodes never are."""
     rng = np.random.default_rng(3)
 
     def round_of(strategy, server_round):
@@ -597,13 +597,13 @@ def test_the_direction_check_rejects_a_node_pulling_against_the_median_two_repli
         strategy.aggregate_train(server_round, [_reply(a, n) for n, a in enumerate(honest + [reversed_], start=1)])
         return strategy.round_replies[server_round]
 
-    checked = _strategy(direction_check=0.2)
+    checked = _strategy()
     outcomes = [{o.node_id: o for o in round_of(checked, r).outcomes} for r in (1, 2, 3)]
     assert outcomes[0][5].accepted and outcomes[0][5].alignment < 0
     assert not outcomes[1][5].accepted and "points against the round's median update" in outcomes[1][5].reason
     assert not outcomes[2][5].accepted and [q["node_id"] for q in checked.quarantine.records] == [5]
     assert all(o[n].accepted and o[n].alignment > 0 for o in outcomes for n in range(1, 5))
-    unchecked = _strategy()
+    unchecked = _strategy(direction_check=0.0)
     assert all(o.accepted for r in (1, 2, 3) for o in round_of(unchecked, r).outcomes)
     assert all(o.alignment is not None for r in (1, 2, 3) for o in unchecked.round_replies[r].outcomes)  # recorded
 

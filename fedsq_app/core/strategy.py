@@ -20,8 +20,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
-from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND,
-                                     MIN_REPLIES_FOR_MEDIAN, norm_floor, update_keys)
+from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_DIRECTION_CHECK,
+                                     DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN, norm_floor, update_keys)
 from fedsq_app.core.liveness import Opposition, Quarantine
 from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.replies import WeightPolicy, bound_note, equal_weights, permanent_refusals, screen_replies
@@ -63,8 +63,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                  clip_multiplier: float = DEFAULT_CLIP_MULTIPLIER, influence_bound: float = DEFAULT_INFLUENCE_BOUND,
                  deviation_bound: float = DEFAULT_DEVIATION_BOUND, bn_clamp: bool = True,
                  weigh: WeightPolicy = equal_weights, aggregation: str = "mean",
-                 trim_fraction: float = 0.2, pack_arrays: bool = False, direction_check: float = 0.0,
-                 **fedavg_kwargs) -> None:
+                 trim_fraction: float = 0.2, pack_arrays: bool = False,
+                 direction_check: float = DEFAULT_DIRECTION_CHECK, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         check_aggregation(aggregation)
         self.min_valid_replies = min_valid_replies

@@ -33,18 +33,23 @@ def _count(runs: list[dict], key: str, total: str) -> str:
 SIZE_GROUPS = ("smallest third", "middle third", "largest third")
 
 
-def scales_by_size(runs: list[dict]) -> dict[str, tuple[int, int, int]]:
-    """Honest accepted replies by their silo's weight (thirds of each run's silos by server weight): (replies,
-    scaled below 1, scaled below 0.5) per third."""
-    counts = {group: [0, 0, 0] for group in SIZE_GROUPS}
+def scales_by_size(runs: list[dict]) -> dict[str, tuple[int, int, int, int]]:
+    """Honest replies by their silo's weight (thirds of each run's silos by server weight): (replies, accepted
+    and scaled below 1, accepted and scaled below 0.5, rejected) per third."""
+    counts = {group: [0, 0, 0, 0] for group in SIZE_GROUPS}
     for run in runs:
-        weights = sorted({w for w, *_ in run.get("honest_scales", [])})
-        for weight, scale, *_ in run.get("honest_scales", []):
+        rejected = run.get("honest_rejected_weights", [])
+        weights = sorted({w for w, *_ in run.get("honest_scales", [])} | set(rejected))
+        replies = [(weight, scale) for weight, scale, *_ in run.get("honest_scales", [])]
+        for weight, scale in replies + [(weight, 0.0) for weight in rejected]:
             group = SIZE_GROUPS[min(2, 3 * weights.index(weight) // max(len(weights), 1))]
             scale = 1.0 if scale is None else scale
             counts[group][0] += 1
-            counts[group][1] += scale < 1
-            counts[group][2] += scale < 0.5
+            if scale == 0.0:
+                counts[group][3] += 1
+            else:
+                counts[group][1] += scale < 1
+                counts[group][2] += scale < 0.5
     return {group: tuple(c) for group, c in counts.items()}
 
 
@@ -90,13 +95,14 @@ def markdown(report: dict) -> str:
                         f"{_count(cells, 'honest_bn_clamped', 'honest_replies')} |")
             costs.append(f"Honest cost, {arm} − none (paired over {paired['n']} seeds, pp): {_ci(paired)}")
             by_size.append(f"| {arm} | " + " | ".join(
-                f"{below} / {half} of {total}" for total, below, half in scales_by_size(cells).values()) + " |")
+                f"{below} / {half} / {rejected} of {total}"
+                for total, below, half, rejected in scales_by_size(cells).values()) + " |")
         return "\n".join([head, "", "| defenses | BVA (%) | honest replies rejected | honest weights changed | "
                           "honest updates bounded | of them scaled below 0.5 | honest replies with BN coordinates "
                           "clamped |", "|---|---|---|---|---|---|---|", *rows,
                           f"| none | {_pct([r['bva'] for r in off.values()])} | – | – | – | – | – |", "", *costs, "",
-                          "Honest updates bounded / scaled below 0.5, by silo size (thirds of each run's silos by "
-                          "server weight):", "", "| defenses | " + " | ".join(SIZE_GROUPS) + " |",
+                          "Honest replies bounded / scaled below 0.5 / rejected, by silo size (thirds of each run's "
+                          "silos by server weight):", "", "| defenses | " + " | ".join(SIZE_GROUPS) + " |",
                           "|---|---|---|---|", *by_size, "",
                           f"Seeds the partitioner could not split (skipped): {sorted(report['unsplittable']) or 'none'}",
                           ""])
@@ -194,7 +200,7 @@ def plot_cost(report: dict, path: Path) -> None:
         left.errorbar(i, 100 * test["mean"], yerr=[[100 * (test["mean"] - low)], [100 * (high - test["mean"])]],
                       fmt="o", capsize=4)
         groups = scales_by_size([r for r in runs if r["defense"] == arm])
-        shares = [100 * half / total if total else 0 for total, _, half in groups.values()]
+        shares = [100 * (half + rejected) / total if total else 0 for total, _, half, rejected in groups.values()]
         right.bar(np.arange(3) + (i - (len(arms) - 1) / 2) * 0.8 / len(arms), shares, 0.8 / len(arms), label=arm)
     left.axhline(0, color="grey", lw=0.8)
     for limit in (-0.5, 0.5):
@@ -203,7 +209,7 @@ def plot_cost(report: dict, path: Path) -> None:
     left.set_ylabel("BVA − BVA without defences (pp), 95 % CI")
     right.set_xticks(range(3), SIZE_GROUPS, fontsize=8)
     right.axhline(5, color="grey", lw=0.6, ls=":")
-    right.set_ylabel("honest updates scaled below 0.5 (%)")
+    right.set_ylabel("honest replies scaled below 0.5 or rejected (%)")
     right.legend(fontsize=7)
     sizes = report["sizes"]
     figure.suptitle(f"Honest cost: {sizes['clients']} silos, Dirichlet α = {sizes['alpha']}, "

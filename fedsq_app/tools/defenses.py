@@ -52,20 +52,19 @@ from fedsq_app.tools.defense_report import write
 from fedsq_app.tools.bench.cli import parse_set
 
 NONE = {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0, "bn-clamp": False,
-        "min-valid-replies": 1}
+        "direction-check": 0.0, "min-valid-replies": 1}
+UNCHECKED = {"direction-check": 0.0}  # per-round rules alone, without the check across rounds
 DEFENSES = {  # name -> run-config keys on top of the run's
     "none": NONE,
     "defaults": {},
-    "median": {"aggregation": "median"},
-    "trimmed-mean": {"aggregation": "trimmed-mean"},
-    "krum": {"aggregation": "krum"},  # Flower's selection rules, after the same validation and bounds
-    "multi-krum": {"aggregation": "multi-krum"},
-    "bulyan": {"aggregation": "bulyan"},
-    "direction check": {"direction-check": 0.2},  # the defaults with the bound across rounds
+    "no direction check": UNCHECKED,
+    # Flower's rules after the same validation and per-round bounds, in place of the check across rounds.
+    **{rule: {"aggregation": rule, **UNCHECKED} for rule in ("median", "trimmed-mean", "krum", "multi-krum",
+                                                             "bulyan")},
     # The defaults split into their parts, and the influence bound in place of the deviation bound.
-    "bound only": {"bn-clamp": False},
-    "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0},
-    "influence bound 0.3": {"influence-bound": 0.3, "deviation-bound": 0.0},
+    "bound only": {"bn-clamp": False, **UNCHECKED},
+    "BN clamp only": {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0, **UNCHECKED},
+    "influence bound 0.3": {"influence-bound": 0.3, "deviation-bound": 0.0, **UNCHECKED},
 }
 TWO_SILO = {"min-valid-replies": 2}
 # S for the cost experiment, pretrained on train[:6000]; the federation reads train[9000:] (docs/RELIABILITY.md).
@@ -162,6 +161,7 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
             # (server weight, scale, ‖Δ‖, distance from the median update) of each accepted honest reply
             "honest_scales": [(r["weight"], r["clip_scale"], r.get("update_norm"), r.get("deviation"))
                               for r in honest if r["accepted"]],
+            "honest_rejected_weights": [r["weight"] for r in honest if not r["accepted"]],
             "honest_bn_clamped": sum(1 for r in honest if r["accepted"] and r["bn_clamped"]),
             "honest_weight_changed": sum(1 for r in honest if r["accepted"] and r["weight"] != r["num_examples"]),
             "hostile_rejected": sum(not r["accepted"] for r in hostile), "hostile_replies": len(hostile),
