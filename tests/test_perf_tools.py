@@ -128,3 +128,13 @@ def test_flower_floor_packs_the_same_bytes_into_fewer_arrays():
         assert len(get_all_nested_objects(content)) == 2 + 2 * count, count
     with pytest.raises(ValueError):
         floor_arrays(0)
+
+
+def test_the_screening_benchmark_prints_one_row_per_direction_check_setting(capsys):
+    """``fedsq-perf screen`` times the server's screening of a round of real-shaped replies (no figure is
+    checked: numbers are the machine's)."""
+    from fedsq_app.tools.perf.cli import main
+
+    main(["screen", "--model", "smallcnn", "--replies", "4", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smallcnn |")]
+    assert [row.split(" | ")[3] for row in rows] == ["0.0", "0.2"]

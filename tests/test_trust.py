@@ -628,3 +628,27 @@ def test_the_direction_check_lets_a_slightly_opposed_update_through_and_rejects_
                                  opposition=tau)
         outcome = {o.node_id: o for o in checked.outcomes}[9]
         assert outcome.accepted is not rejected and outcome.alignment < 0, (tau, outcome)
+
+
+def test_a_round_computes_the_median_update_once_unless_the_direction_check_removes_replies(monkeypatch):
+    """The median update (a sort per coordinate, seconds for a ResNet-18-sized round) is shared by the
+    direction check, the recorded deviations and the deviation bound; a rejection changes the set of
+    replies, and so the median, once."""
+    from fedsq_app.core import defenses, replies as replies_module
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return defenses_median(*args, **kwargs)
+
+    defenses_median = defenses.median_update
+    monkeypatch.setattr(defenses, "median_update", counted)
+    monkeypatch.setattr(replies_module, "median_update", counted)
+    rng = np.random.default_rng(4)
+    honest = [_reply(_honest(rng), n) for n in range(1, 5)]
+    reversed_ = _reply(_with_update(_honest(rng), -1.0), 9)
+    for opposed_before, expected in ((frozenset(), 1), (frozenset({9}), 2)):
+        calls.clear()
+        checked = screen_replies(honest + [reversed_], GLOBAL, opposition=0.2, opposed_before=opposed_before)
+        assert len(calls) == expected and len(checked.accepted) == 6 - expected, opposed_before

@@ -182,24 +182,27 @@ def bound_influence(replies: list, template: dict[str, np.ndarray],
 SIZE_EXPONENT = 0.5
 
 
-def deviations(replies: list, template: dict[str, np.ndarray], keys: list[str]) -> tuple[dict, list[float]]:
-    """(c, ‖Δ_k − c‖ per reply): the coordinate-wise median update and each update's distance from it."""
-    center = median_update(replies, template, keys)
+def deviations(replies: list, template: dict[str, np.ndarray], keys: list[str],
+               center: dict[str, np.ndarray] | None = None) -> tuple[dict, list[float]]:
+    """(c, ‖Δ_k − c‖ per reply): the coordinate-wise median update (``center`` when the caller has it for
+    these very replies) and each update's distance from it."""
+    center = median_update(replies, template, keys) if center is None else center
     return center, [math.sqrt(sum(float(np.sum((reply.arrays[k].astype(np.float64) - template[k] - center[k]) ** 2))
                                   for k in keys)) for reply in replies]
 
 
-def bound_deviation(replies: list, template: dict[str, np.ndarray], bound: float,
-                    floor: float = 0.0) -> tuple[list, list[float], float | None]:
+def bound_deviation(replies: list, template: dict[str, np.ndarray], bound: float, floor: float = 0.0,
+                    measured: tuple[dict, list[float]] | None = None) -> tuple[list, list[float], float | None]:
     """(replies whose deviation ‖Δ_k − c‖ from the median update c is scaled to at most their allowance,
     each reply's scale of Δ_k − c, the round's median deviation). The allowance is ``bound`` × the round's
     (lower) median deviation (at least ``floor``) × max(1, w_k / median w) ** ``SIZE_EXPONENT``: a bound
     set by the round's own spread, not by a silo's weight share, so a large honest silo is not cut for
-    being large. From 3 replies; below, or with ``bound`` 0: unchanged, None."""
+    being large. From 3 replies; below, or with ``bound`` 0: unchanged, None. ``measured``: these replies'
+    ``deviations``, when the caller has them."""
     keys = update_keys(template)
     if bound <= 0 or len(replies) < MIN_REPLIES_FOR_MEDIAN or not keys:
         return list(replies), [1.0] * len(replies), None
-    center, devs = deviations(replies, template, keys)
+    center, devs = measured or deviations(replies, template, keys)
     typical = max(lower_median(devs), floor)
     weights = [float(reply.num_examples) for reply in replies]
     reference = lower_median(weights)

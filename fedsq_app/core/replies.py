@@ -254,7 +254,7 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
     keys = update_keys(template)
-    aligned = {}
+    aligned, center = {}, None
     if len(kept) >= MIN_REPLIES_FOR_MEDIAN and keys:
         replies_kept = [checked[i] for i in kept]
         center = median_update(replies_kept, template, keys)
@@ -263,11 +263,17 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             if opposition > 0 and aligned[i] < -opposition and checked[i].node_id in opposed_before:
                 reasons[i] = (f"its update points against the round's median update (cosine {aligned[i]:.3f}), "
                               "as its previous reply's did")
+        if any(i in reasons for i in kept):  # fewer replies, another median
+            center = None
         kept = [i for i in kept if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
     norms = [update_norm(r, template, keys) for r in weighted] if keys else []
-    spread = deviations(weighted, template, keys)[1] if len(weighted) >= MIN_REPLIES_FOR_MEDIAN and keys else []
-    deviated, deviation_scales, typical = bound_deviation(weighted, template, deviation_bound, deviation_floor)
+    # The median update is the costliest figure here (a sort per coordinate): computed once for the round.
+    measured = deviations(weighted, template, keys, center) if len(weighted) >= MIN_REPLIES_FOR_MEDIAN and keys \
+        else None
+    spread = measured[1] if measured else []
+    deviated, deviation_scales, typical = bound_deviation(weighted, template, deviation_bound, deviation_floor,
+                                                          measured)
     clipped, scales, bound = bound_influence(deviated, template, influence_bound, norm_floor)
     kind = "pull"
     if bound is None and typical is not None:

@@ -5,6 +5,7 @@
     fedsq-perf overhead [--clients 4] [--rounds 3] [--samples 2000]                    (tools/perf/sim.py)
     fedsq-perf scale    [--clients 20 100] [--rounds 3]                                (tools/perf/sim.py)
     fedsq-perf compat   [--models ...] [--batch 32] [--size 64]  (tools/perf/compat.py; docs/LIBRARY.md)
+    fedsq-perf screen   [--model resnet18] [--replies 20] [--repeats 3]           (tools/perf/screen.py)
     fedsq-perf coldstart [--app DIR ...] [--runs 4]      (tools/perf/cold.py)
     fedsq-perf deploy    [--app DIR ...] [--rounds 5] [--threads-per-node 1] [--trace FILE] [--flower-floor] [--executor standard warm]
                          [--floor-arrays 22 1] [--only-floor]   (tools/perf/deploy.py, floor.py)
@@ -19,7 +20,7 @@ import argparse
 import torch
 
 from fedsq_app.tools.perf import compat
-from fedsq_app.tools.perf import cold, sim
+from fedsq_app.tools.perf import cold, screen, sim
 from fedsq_app.tools.perf.micro import (COMPILABLE, DEFAULT_VARIANTS, MODELS, VARIANTS, machine,
                                         mask_bytes_per_sample, print_compile_markdown, print_step_markdown,
                                         step_table)
@@ -93,7 +94,14 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--trace", default="", help="write the deployment's process and Flower log events to "
                            "TRACE.<i> (one per --app) and print each deployed round stage by stage")
     compat.add_parser(sub)
+    screening = sub.add_parser("screen", help="the server's screening of one round's replies, seconds")
+    screening.add_argument("--model", default="resnet18", choices=("smallcnn", "resnet18", "alexnet"))
+    screening.add_argument("--replies", type=int, default=20)
+    screening.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.command == "screen":
+        screen.main(args)
+        return
     if args.command in ("coldstart", "deploy"):
         cold.main(args)
         return
