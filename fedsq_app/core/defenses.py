@@ -218,13 +218,13 @@ def bound_deviation(replies: list, template: dict[str, np.ndarray], bound: float
 
 
 def alignments(replies: list, template: dict[str, np.ndarray], keys: list[str],
-               center: dict[str, np.ndarray]) -> list[float]:
+               center: dict[str, np.ndarray], norms: list[float] | None = None) -> list[float]:
     """cos(Δ_k, c) per reply, c the round's median update: below 0, the update points against what the
-    round's replies agree on (0 where either has length 0)."""
+    round's replies agree on (0 where either has length 0). ``norms``: the replies' ``update_norm``s, when
+    the caller has them."""
     center_norm = math.sqrt(sum(float(np.sum(center[k] ** 2)) for k in keys))
     result = []
-    for reply in replies:
-        norm = update_norm(reply, template, keys)
+    for reply, norm in zip(replies, norms or [update_norm(reply, template, keys) for reply in replies]):
         dot = sum(float(np.sum((reply.arrays[k].astype(np.float64) - template[k]) * center[k])) for k in keys)
         result.append(dot / (norm * center_norm) if norm > 0 and center_norm > 0 else 0.0)
     return result

@@ -254,11 +254,12 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             weights[i] = weight
     kept = [i for i in candidates if i not in reasons]
     keys = update_keys(template)
+    norm_of = {i: update_norm(checked[i], template, keys) for i in kept} if keys else {}
     aligned, center = {}, None
     if len(kept) >= MIN_REPLIES_FOR_MEDIAN and keys:
         replies_kept = [checked[i] for i in kept]
         center = median_update(replies_kept, template, keys)
-        aligned = dict(zip(kept, alignments(replies_kept, template, keys, center)))
+        aligned = dict(zip(kept, alignments(replies_kept, template, keys, center, [norm_of[i] for i in kept])))
         for i in kept:
             if opposition > 0 and aligned[i] < -opposition and checked[i].node_id in opposed_before:
                 reasons[i] = (f"its update points against the round's median update (cosine {aligned[i]:.3f}), "
@@ -267,7 +268,7 @@ def screen_replies(replies: Iterable[Message], template: dict[str, np.ndarray], 
             center = None
         kept = [i for i in kept if i not in reasons]
     weighted = [replace(checked[i], num_examples=weights[i]) for i in kept]
-    norms = [update_norm(r, template, keys) for r in weighted] if keys else []
+    norms = [norm_of[i] for i in kept] if keys else []
     # The median update is the costliest figure here (a sort per coordinate): computed once for the round.
     measured = deviations(weighted, template, keys, center) if len(weighted) >= MIN_REPLIES_FOR_MEDIAN and keys \
         else None
