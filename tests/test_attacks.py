@@ -161,3 +161,5 @@ def test_the_honest_cost_counts_rejected_replies_by_silo_size_beside_the_bounded
            "honest_rejected_weights": [30, 10]}
     assert scales_by_size([run]) == {"smallest third": (2, 0, 0, 1), "middle third": (1, 1, 0, 0),
                                      "largest third": (3, 1, 1, 1)}
+    bounded_to_nothing = {**run, "honest_scales": run["honest_scales"] + [(20, 0.0, 1.0, 0.1)]}
+    assert scales_by_size([bounded_to_nothing])["middle third"] == (2, 2, 1, 0)  # accepted, not rejected

@@ -38,18 +38,22 @@ def scales_by_size(runs: list[dict]) -> dict[str, tuple[int, int, int, int]]:
     and scaled below 1, accepted and scaled below 0.5, rejected) per third."""
     counts = {group: [0, 0, 0, 0] for group in SIZE_GROUPS}
     for run in runs:
-        rejected = run.get("honest_rejected_weights", [])
-        weights = sorted({w for w, *_ in run.get("honest_scales", [])} | set(rejected))
-        replies = [(weight, scale) for weight, scale, *_ in run.get("honest_scales", [])]
-        for weight, scale in replies + [(weight, 0.0) for weight in rejected]:
-            group = SIZE_GROUPS[min(2, 3 * weights.index(weight) // max(len(weights), 1))]
+        accepted, rejected = run.get("honest_scales", []), run.get("honest_rejected_weights", [])
+        weights = sorted({w for w, *_ in accepted} | set(rejected))
+
+        def third(weight) -> list[int]:
+            return counts[SIZE_GROUPS[min(2, 3 * weights.index(weight) // max(len(weights), 1))]]
+
+        for weight, scale, *_ in accepted:
             scale = 1.0 if scale is None else scale
-            counts[group][0] += 1
-            if scale == 0.0:
-                counts[group][3] += 1
-            else:
-                counts[group][1] += scale < 1
-                counts[group][2] += scale < 0.5
+            row = third(weight)
+            row[0] += 1
+            row[1] += scale < 1
+            row[2] += scale < 0.5
+        for weight in rejected:
+            row = third(weight)
+            row[0] += 1
+            row[3] += 1
     return {group: tuple(c) for group, c in counts.items()}
 
 

@@ -161,7 +161,8 @@ def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, ho
             # (server weight, scale, ‖Δ‖, distance from the median update) of each accepted honest reply
             "honest_scales": [(r["weight"], r["clip_scale"], r.get("update_norm"), r.get("deviation"))
                               for r in honest if r["accepted"]],
-            "honest_rejected_weights": [r["weight"] for r in honest if not r["accepted"]],
+            # a reply rejected before it was weighed (malformed) has no silo size to be counted by
+            "honest_rejected_weights": [r["weight"] for r in honest if not r["accepted"] and r["weight"] is not None],
             "honest_bn_clamped": sum(1 for r in honest if r["accepted"] and r["bn_clamped"]),
             "honest_weight_changed": sum(1 for r in honest if r["accepted"] and r["weight"] != r["num_examples"]),
             "hostile_rejected": sum(not r["accepted"] for r in hostile), "hostile_replies": len(hostile),
