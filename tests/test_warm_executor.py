@@ -88,6 +88,28 @@ def test_installed_app_dir_is_found_by_the_fab_hash(tmp_path: Path) -> None:
     assert installed_app_dir("f" * 64, tmp_path) is None
 
 
+def test_a_child_installs_a_fab_only_when_no_task_installed_it_before(tmp_path: Path, monkeypatch) -> None:
+    """Flower's runner reinstalls the FAB in every task; a forked child returns the directory of an earlier
+    task's install instead (what Flower's install returns too, after extracting and hashing the archive)."""
+    import hashlib
+
+    from flwr.supernode.runtime import run_clientapp as flwr_clientapp
+
+    from fedsq_app.deploy.warm_executor import ForkExecutor
+
+    calls = []
+    monkeypatch.setattr(flwr_clientapp, "install_from_fab", lambda *args, **kwargs: calls.append(args) or "installed")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    ForkExecutor._install_once()
+    fab = b"a FAB's bytes"
+    assert flwr_clientapp.install_from_fab(fab, skip_prompt=True) == "installed" and len(calls) == 1
+    app = tmp_path / "apps" / f"fedsq.fedsq.0.1.0.{hashlib.sha256(fab).hexdigest()[:8]}"
+    app.mkdir(parents=True)
+    (app / "pyproject.toml").write_text("[project]\n")
+    assert flwr_clientapp.install_from_fab(fab, skip_prompt=True) == app and len(calls) == 1
+    assert flwr_clientapp.install_from_fab(b"another FAB", skip_prompt=True) == "installed" and len(calls) == 2
+
+
 # ---------------------------------------------------------------------------------------- the parent's state
 PRIME_SCRIPT = r"""
 import json, os, stat, sys, time, types

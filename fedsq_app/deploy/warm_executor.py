@@ -317,6 +317,7 @@ class ForkExecutor:
                 torch.set_num_threads(self.child_threads)
             log(INFO, "warm executor: task %d starts in child %d", spec.task_id, os.getpid())
             self._record_task_input(spec.task_id)
+            self._install_once()
             run_clientapp(
                 runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
                 certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
@@ -333,6 +334,22 @@ class ForkExecutor:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+    @staticmethod
+    def _install_once() -> None:
+        """In this child only: Flower's runner installs the task's FAB every time, extracting and hashing the whole
+        archive only to return the directory an earlier task installed it in (``install_from_fab``, an existing
+        app with ``skip_prompt``). Return that directory at once when the FAB's SHA-256 names it."""
+        install = flwr_clientapp.install_from_fab
+
+        def install_once(fab_file, install_dir=None, skip_prompt=False):
+            if isinstance(fab_file, bytes) and install_dir is None and skip_prompt:
+                installed = installed_app_dir(hashlib.sha256(fab_file).hexdigest())
+                if installed is not None:
+                    return installed
+            return install(fab_file, install_dir, skip_prompt)
+
+        flwr_clientapp.install_from_fab = install_once
 
     def _record_task_input(self, task_id: int) -> None:
         """In this child only: wrap Flower's pull of the task's input to record its run for the parent
