@@ -150,6 +150,16 @@ def test_an_honest_run_is_read_back_only_if_it_ran_the_same_settings(tmp_path):
     older = {k: v for k, v in recorded.items() if k != "direction-check"}
     results.write_text(json.dumps({"config": older, "test_accuracy": 0.8}))
     assert not finished_before(results, config)
+    # Written before the check had a judge: the repeat rule, not today's default; with the check off, the same run.
+    unjudged = {k: v for k, v in recorded.items() if k != "reply-judge"}
+    results.write_text(json.dumps({"config": unjudged, "test_accuracy": 0.8}))
+    assert not finished_before(results, config)
+    assert finished_before(results, RunConfig.from_mapping({"out-dir": str(tmp_path), "seed": 0,
+                                                            "reply-judge": "repeat"}))
+    off = {**unjudged, "direction-check": 0.0}
+    results.write_text(json.dumps({"config": off, "test_accuracy": 0.8}))
+    assert finished_before(results, RunConfig.from_mapping({"out-dir": str(tmp_path), "seed": 0,
+                                                            "direction-check": 0.0}))
 
 
 def test_the_honest_cost_counts_rejected_replies_by_silo_size_beside_the_bounded_ones():
