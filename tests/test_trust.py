@@ -735,3 +735,14 @@ def test_reply_judge_is_a_checked_setting():
     assert RunConfig.from_mapping({"reply-judge": "repeat"}).reply_judge == "repeat"
     with pytest.raises(ConfigError, match="reply-judge='validaton'.*did you mean 'validation'"):
         RunConfig.from_mapping({"reply-judge": "validaton"})
+
+
+def test_two_reply_rounds_are_not_judged():
+    """With two valid replies a rejection could only keep the previous model: the norm clip bounds them instead."""
+    from fedsq_app.core.judge import judge_replies
+
+    replies = [_reply(_honest(np.random.default_rng(1)), 1), _reply(_with_update(_honest(np.random.default_rng(2)),
+                                                                                   10.0), 2)]
+    checked = screen_replies(replies, GLOBAL, opposition=0.2)
+    assert any(o.clip_scale < 1 for o in checked.outcomes)  # bounded by the two-reply clip
+    assert judge_replies(checked, 0.2, lambda r: 1.0 / len(r))[0] is checked

@@ -8,7 +8,7 @@ apart; what the reply does to the round can. Each suspect is left out of the rou
 (leave-one-out): if the aggregate without it has a lower loss on the server's validation split than the
 aggregate with every reply, it is rejected; otherwise it stays as the bounds left it. A reply that agrees
 with the round and lies within the bound is never judged: an honest round costs one evaluation per suspect,
-plus one, and none when nothing is suspect.
+plus one, and none when nothing is suspect. Rounds of fewer than 3 accepted replies are not judged.
 
 Pure given ``loss_of`` (the caller's aggregate-then-evaluate); raises only what ``loss_of`` raises.
 """
@@ -19,6 +19,7 @@ import math
 from dataclasses import replace
 from typing import Callable
 
+from fedsq_app.core.defenses import MIN_REPLIES_FOR_MEDIAN
 from fedsq_app.core.replies import ReplyOutcome, RoundReplies
 
 VALIDATION_JUDGE = "validation"  # the default; "repeat": rejected when the node's previous reply was opposed too
@@ -48,9 +49,10 @@ def judge_replies(checked: RoundReplies, tau: float,
                   loss_of: Callable[[list], float]) -> tuple[RoundReplies, dict[int, list[float]]]:
     """(``checked`` with each suspect reply the round is better without moved to the rejected, what was judged:
     {node id: [loss with every reply, loss without this one]}). ``loss_of(replies)``: the server's validation
-    loss of those accepted replies' aggregate."""
+    loss of those accepted replies' aggregate. From 3 accepted replies: below, a rejection could only fail the
+    round closed (two-reply rounds keep their norm clip)."""
     suspects = {o.node_id: why for o in checked.outcomes if (why := suspicion(o, tau))}
-    if not suspects:
+    if not suspects or len(checked.accepted) < MIN_REPLIES_FOR_MEDIAN:
         return checked, {}
     base = loss_of(checked.accepted)
     judged, dropped = {}, {}
