@@ -3,6 +3,7 @@ what its name says, or the damage table measures something else."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -173,3 +174,24 @@ def test_the_honest_cost_counts_rejected_replies_by_silo_size_beside_the_bounded
                                      "largest third": (3, 1, 1, 1)}
     bounded_to_nothing = {**run, "honest_scales": run["honest_scales"] + [(20, 0.0, 1.0, 0.1)]}
     assert scales_by_size([bounded_to_nothing])["middle third"] == (2, 2, 1, 0)  # accepted, not rejected
+
+
+@pytest.mark.parametrize("judge", ["validation", "repeat"])
+def test_ipm_colluders_are_judged_by_the_servers_validation_loss_from_their_first_reply(fedsq_cache, tmp_path, judge):
+    """The real ServerApp and ClientApp, two IPM colluders (ε = 10) of six: the default judge rejects both from
+    round 1, naming the two losses (results.json's ``judged``); the repeat rule lets their first replies in."""
+    from fedsq_app.tools.attacks import ipm
+    from fedsq_app.tools.defenses import run_one
+
+    run = {"num-server-rounds": 2, "max-train-samples": 600, "probe-size": 0, "min-available-nodes": 6,
+           "min-train-nodes": 6, "reply-judge": judge, "out-dir": str(tmp_path), "run-name": judge, "seed": 0}
+    run_one(run, 6, ipm(10.0), hostile=2)
+    first = json.loads((tmp_path / judge / "results.json").read_text())["rounds"][0]
+    hostile = [r for r in first["replies"] if r["node_id"] in (1001, 1002)]
+    assert len(hostile) == 2 and all(r["alignment"] < -0.2 for r in hostile)
+    if judge == "validation":
+        assert all(not r["accepted"] and "lower loss on the server's validation split" in r["reason"] for r in hostile)
+        assert all(first["judged"][str(r["node_id"])][1] < first["judged"][str(r["node_id"])][0] for r in hostile)
+    else:
+        assert all(r["accepted"] for r in hostile) and first["judged"] == {}
+    assert all(r["accepted"] for r in first["replies"] if r["node_id"] not in (1001, 1002))
