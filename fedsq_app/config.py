@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from fedsq_app.core.aggregation import AGGREGATIONS
 from fedsq_app.core.weights import WEIGHT_MODES
+from fedsq_app.core.judge import REPLY_JUDGES, VALIDATION_JUDGE
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_DIRECTION_CHECK,
                                      DEFAULT_INFLUENCE_BOUND)
 from fedsq_app.data.partitions import PARTITIONERS
@@ -69,8 +70,11 @@ class RunConfig:
     deviation_bound: float = DEFAULT_DEVIATION_BOUND  # an update's distance from the median one <= this x the
     # round's median distance (x a size factor); 0 = off
     bn_clamp: bool = True  # clamp each reply's BN statistics into the other replies' range (from 3 replies)
-    direction_check: float = DEFAULT_DIRECTION_CHECK  # τ > 0: reject an update whose cosine with the round's
-    # median update is below −τ when the node's previous one's was too (a bound across rounds); 0 = off
+    direction_check: float = DEFAULT_DIRECTION_CHECK  # τ > 0: judge a reply whose update's cosine with the round's
+    # median update is below −τ, or that the bound scaled (reply-judge); 0 = off
+    reply_judge: str = VALIDATION_JUDGE  # validation: such a reply is rejected when the round's aggregate has a lower
+    # loss on the server's validation split without it (the repeat rule without server validation) | repeat: a reply
+    # against the median is rejected when the node's previous one was too
     silo_sizes: str = ""  # deployment, a path on the coordinator: JSON {registered name or key sha256: size}
     weights: str = "auto"  # auto | partitions | silo-sizes | equal: where each node's aggregation weight comes from
     aggregation: str = "mean"  # mean (FedAvg's weighted mean) | median | trimmed-mean (Byzantine-robust)
@@ -150,6 +154,7 @@ class RunConfig:
             raise ConfigError(f"influence-bound must be in [0, 1] (0 = off: a silo's largest pull on the mean, a "
                               f"fraction of the round's median update norm), got {self.influence_bound}")
         _choice("aggregation", self.aggregation, tuple(AGGREGATIONS))
+        _choice("reply-judge", self.reply_judge, REPLY_JUDGES)
         _choice("weights", self.weights, WEIGHT_MODES)
         if self.weights == "silo-sizes" and not self.silo_sizes:
             raise ConfigError("weights='silo-sizes' needs silo-sizes (a JSON file on the coordinator)")

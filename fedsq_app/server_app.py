@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from torch import nn
 
 from fedsq_app.config import RunConfig
 from fedsq_app.core import wire
+from fedsq_app.core.judge import VALIDATION_JUDGE
 from fedsq_app.core.replies import ReplyOutcome, node_id_of
-from fedsq_app.core.strategy import FedSQWarmup, ValidatedFedAvg
+from fedsq_app.core.strategy import ValidatedFedAvg
+from fedsq_app.core.variants import FedSQWarmup
 from fedsq_app.data.leakage import check_pretrain_overlap
 from fedsq_app.data.partitions import (DataKey, DatasetInfo, class_names, dataset_info, partition_report,
                                        partitioned_pool, pool_and_validation, server_split)
@@ -89,6 +92,12 @@ def load_data(config: RunConfig):
     return data_key, info, len(pool), validation
 
 
+def validation_loss(run: Run, arrays: dict[str, np.ndarray]) -> float:
+    """The server's validation loss of ``arrays`` as the run's travelling part (the direction check's judge)."""
+    load_global_arrays(run.model, _to_record(arrays))
+    return evaluate(run.model, run.validation, run.start.spec, device=run.device)[0]
+
+
 def resume_state(config: RunConfig, structural_sha256: str, arrays: ArrayRecord) -> RunState:
     """Load ``resume-from``'s checkpoint and check that it belongs to this model."""
     state = load_run_state(config.resume_from)
@@ -136,6 +145,8 @@ def main(grid: Grid, context: Context) -> None:
     run = set_up(context)
     run.strategy.weigh = weight_policy(run.config, run.data_key, grid,
                                        fit_decider(run.model, run.data_key, run.start.spec, run.device, run.validation))
+    if run.config.server_validation and run.config.reply_judge == VALIDATION_JUDGE:
+        run.strategy.judge = partial(validation_loss, run)
     if run.config.resume_from:
         resume(run)
     else:
@@ -160,10 +171,7 @@ def main(grid: Grid, context: Context) -> None:
         val_loss, val_acc = validate(run, nodes)
         record = round_record(run, server_round, messages, replies, new_arrays is not None, train_metrics,
                               val_loss, val_acc, round_start)
-        if nodes is not None:
-            record["node_validation"] = nodes
-        if named_sha256 is not None:
-            record["structural_sha256"] = named_sha256
+        record.update({k: v for k, v in (("node_validation", nodes), ("structural_sha256", named_sha256)) if v is not None})
         record["weights_from"] = getattr(run.strategy.weigh, "source", "equal")
         note_label_distribution(run, server_round, grid)
         record["bytes_per_client"] = run.arrays.count_bytes()  # each way: replies carry the same keys and shapes
@@ -313,6 +321,7 @@ def round_record(run: Run, server_round: int, messages: list, replies: list, agg
         "rejected": len(checked.rejected) if checked else 0,
         "rejections": [{"node_id": n, "reason": r} for n, r in checked.rejected] if checked else [],
         "clip_bound": checked.clip_bound if checked else None,
+        "judged": run.strategy.judged.get(server_round, {}),  # {node: [validation loss with, without]}
         "replies": [reply_record(o, round_start, size_mismatch_of(run.strategy.weigh, o.node_id))
                     for o in _content_order(checked.outcomes)] if checked else [],
         "aggregated": aggregated, "wall_time_s": time.time() - round_start,

@@ -3,6 +3,7 @@ what its name says, or the damage table measures something else."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -150,6 +151,16 @@ def test_an_honest_run_is_read_back_only_if_it_ran_the_same_settings(tmp_path):
     older = {k: v for k, v in recorded.items() if k != "direction-check"}
     results.write_text(json.dumps({"config": older, "test_accuracy": 0.8}))
     assert not finished_before(results, config)
+    # Written before the check had a judge: the repeat rule, not today's default; with the check off, the same run.
+    unjudged = {k: v for k, v in recorded.items() if k != "reply-judge"}
+    results.write_text(json.dumps({"config": unjudged, "test_accuracy": 0.8}))
+    assert not finished_before(results, config)
+    assert finished_before(results, RunConfig.from_mapping({"out-dir": str(tmp_path), "seed": 0,
+                                                            "reply-judge": "repeat"}))
+    off = {**unjudged, "direction-check": 0.0}
+    results.write_text(json.dumps({"config": off, "test_accuracy": 0.8}))
+    assert finished_before(results, RunConfig.from_mapping({"out-dir": str(tmp_path), "seed": 0,
+                                                            "direction-check": 0.0}))
 
 
 def test_the_honest_cost_counts_rejected_replies_by_silo_size_beside_the_bounded_ones():
@@ -163,3 +174,24 @@ def test_the_honest_cost_counts_rejected_replies_by_silo_size_beside_the_bounded
                                      "largest third": (3, 1, 1, 1)}
     bounded_to_nothing = {**run, "honest_scales": run["honest_scales"] + [(20, 0.0, 1.0, 0.1)]}
     assert scales_by_size([bounded_to_nothing])["middle third"] == (2, 2, 1, 0)  # accepted, not rejected
+
+
+@pytest.mark.parametrize("judge", ["validation", "repeat"])
+def test_ipm_colluders_are_judged_by_the_servers_validation_loss_from_their_first_reply(fedsq_cache, tmp_path, judge):
+    """The real ServerApp and ClientApp, two IPM colluders (ε = 10) of six: the default judge rejects both from
+    round 1, naming the two losses (results.json's ``judged``); the repeat rule lets their first replies in."""
+    from fedsq_app.tools.attacks import ipm
+    from fedsq_app.tools.defenses import run_one
+
+    run = {"num-server-rounds": 2, "max-train-samples": 600, "probe-size": 0, "min-available-nodes": 6,
+           "min-train-nodes": 6, "reply-judge": judge, "out-dir": str(tmp_path), "run-name": judge, "seed": 0}
+    run_one(run, 6, ipm(10.0), hostile=2)
+    first = json.loads((tmp_path / judge / "results.json").read_text())["rounds"][0]
+    hostile = [r for r in first["replies"] if r["node_id"] in (1001, 1002)]
+    assert len(hostile) == 2 and all(r["alignment"] < -0.2 for r in hostile)
+    if judge == "validation":
+        assert all(not r["accepted"] and "lower loss on the server's validation split" in r["reason"] for r in hostile)
+        assert all(first["judged"][str(r["node_id"])][1] < first["judged"][str(r["node_id"])][0] for r in hostile)
+    else:
+        assert all(r["accepted"] for r in hostile) and first["judged"] == {}
+    assert all(r["accepted"] for r in first["replies"] if r["node_id"] not in (1001, 1002))

@@ -369,7 +369,7 @@ def test_every_preset_builds_valid_run_configs():
 def test_fedsq_momentum_steps_q_with_flowers_fedavgm_maths():
     from flwr.serverapp.strategy import FedAvgM
 
-    from fedsq_app.core.strategy import FedSQMomentum
+    from fedsq_app.core.variants import FedSQMomentum
 
     rng = np.random.default_rng(1)
     current = {"conv.weight": rng.normal(size=(3, 2)).astype(np.float32),

@@ -494,6 +494,7 @@ def test_fuzzed_rounds_never_raise_and_the_aggregate_is_always_finite(data, aggr
         reply.content["arrays"] = pack_record(reply.content["arrays"])
     strategy = _strategy(aggregation=aggregation, min_valid_replies=floor, direction_check=data.draw(st.sampled_from([0.0, 0.2])))
     strategy.opposition.nodes = set(range(1, 7)) | set(range(100, 104))  # every node opposed before: checked
+    strategy.judge = data.draw(st.sampled_from([None, _loss_towards(1.0), lambda arrays: float("nan")]))
     arrays, metrics = strategy.aggregate_train(1, forged + honest)  # must not raise
     checked = strategy.round_replies[1]
     assert len(checked.accepted) + len(checked.rejected) == len(forged) + len(honest)
@@ -652,3 +653,96 @@ def test_a_round_computes_the_median_update_once_unless_the_direction_check_remo
         calls.clear()
         checked = screen_replies(honest + [reversed_], GLOBAL, opposition=0.2, opposed_before=opposed_before)
         assert len(calls) == expected and len(checked.accepted) == 6 - expected, opposed_before
+
+
+# ------------------------------------------------------------------------------------------ the judge
+def _judged_rounds(judge, rounds=3, factor=-10.0, seed=3):
+    """Rounds of 4 honest nodes and node 5 sending ``factor`` x an honest update (IPM at ε = 10 by default),
+    under the default direction check with ``judge`` (None: the repeat rule)."""
+    rng = np.random.default_rng(seed)
+    strategy = _strategy()
+    strategy.judge = judge
+    for server_round in range(1, rounds + 1):
+        honest = [_honest(rng) for _ in range(4)]
+        strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+        strategy.aggregate_train(server_round, [_reply(a, n) for n, a in enumerate(honest + [_with_update(
+            _honest(rng), factor)], start=1)])
+    return strategy, [{o.node_id: o for o in strategy.round_replies[r].outcomes} for r in range(1, rounds + 1)]
+
+
+def _loss_towards(sign: float):
+    """A validation loss whose best model lies one honest step (``_honest``'s shared +0.01) times ``sign`` away."""
+    return lambda arrays: sum(float(np.sum((arrays[k].astype(np.float64) - GLOBAL[k] - sign * 0.01) ** 2))
+                              for k in PARAMS)
+
+
+def test_the_judge_rejects_an_opposed_reply_the_round_is_worse_with_from_its_first_reply():
+    """IPM at ε = 10: the repeat rule lets the first reply in (bounded) and rejects the next; the judge rejects
+    it from round 1, with both losses in the reason and in ``judged``, and the node is quarantined after two."""
+    _, repeat = _judged_rounds(None)
+    assert repeat[0][5].accepted and not repeat[1][5].accepted
+    strategy, outcomes = _judged_rounds(_loss_towards(+1.0))
+    assert all(not o[5].accepted and "lower loss on the server's validation split" in o[5].reason
+               for o in outcomes[:2])
+    with_, without = strategy.judged[1][5]
+    assert without < with_
+    assert {q["node_id"] for q in strategy.quarantine.records} == {5}
+    assert all(o[n].accepted for o in outcomes for n in range(1, 5))
+
+
+def test_the_judge_keeps_an_opposed_reply_the_round_is_better_with_round_after_round():
+    """An update against the others that the server's validation data agrees with (a silo whose data the
+    others lack) stays, every round, as sent: no rejection, no quarantine."""
+    strategy, outcomes = _judged_rounds(_loss_towards(-1.0), factor=-1.0)
+    assert all(o[5].accepted and o[5].alignment < -0.2 for o in outcomes)
+    assert all(strategy.judged[r][5][1] >= strategy.judged[r][5][0] for r in (1, 2, 3))
+    assert not strategy.quarantine.records
+
+
+def test_a_failing_or_non_finite_judge_never_raises_and_never_rejects_for_nothing():
+    def raising(arrays):
+        raise RuntimeError("no validation data")
+
+    _, outcomes = _judged_rounds(raising, rounds=1)
+    assert all(o.accepted for o in outcomes[0].values())  # the judge failed: nothing is removed
+    losses = iter([float("nan")])  # the round with every reply first, then each leave-one-out
+    _, outcomes = _judged_rounds(lambda arrays: next(losses, 1.0), rounds=1)
+    assert not outcomes[0][5].accepted  # with it the loss is not finite, without it it is
+    _, outcomes = _judged_rounds(lambda arrays: float("nan"), rounds=1)
+    assert all(o.accepted for o in outcomes[0].values())  # no finite loss either way: nothing to tell by
+
+
+def test_the_judge_also_judges_a_reply_the_bound_scaled_whatever_its_direction():
+    """An update along the others' but ten times as long (cosine > 0, beyond the deviation bound): judged, and
+    rejected where the round is worse with it; honest replies within the bound are never judged."""
+    strategy, outcomes = _judged_rounds(_loss_towards(+1.0), rounds=1, factor=10.0)
+    assert outcomes[0][5].alignment > 0 and not outcomes[0][5].accepted
+    assert "beyond the round's bound" in outcomes[0][5].reason and set(strategy.judged[1]) == {5}
+
+
+def test_judge_replies_judges_only_suspects():
+    from fedsq_app.core.judge import judge_replies
+
+    calls = []
+    replies = [_reply(_honest(np.random.default_rng(n)), n) for n in range(1, 5)]
+    checked = screen_replies(replies, GLOBAL, opposition=0.2)
+    assert judge_replies(checked, 0.2, lambda r: calls.append(r) or 0.0) == (checked, {})
+    assert not calls  # nothing opposed, nothing bounded: no evaluation at all
+
+
+def test_reply_judge_is_a_checked_setting():
+    assert RunConfig.from_mapping({}).reply_judge == "validation"
+    assert RunConfig.from_mapping({"reply-judge": "repeat"}).reply_judge == "repeat"
+    with pytest.raises(ConfigError, match="reply-judge='validaton'.*did you mean 'validation'"):
+        RunConfig.from_mapping({"reply-judge": "validaton"})
+
+
+def test_two_reply_rounds_are_not_judged():
+    """With two valid replies a rejection could only keep the previous model: the norm clip bounds them instead."""
+    from fedsq_app.core.judge import judge_replies
+
+    replies = [_reply(_honest(np.random.default_rng(1)), 1), _reply(_with_update(_honest(np.random.default_rng(2)),
+                                                                                   10.0), 2)]
+    checked = screen_replies(replies, GLOBAL, opposition=0.2)
+    assert any(o.clip_scale < 1 for o in checked.outcomes)  # bounded by the two-reply clip
+    assert judge_replies(checked, 0.2, lambda r: 1.0 / len(r))[0] is checked

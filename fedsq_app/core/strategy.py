@@ -10,22 +10,23 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from logging import INFO, WARNING
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedsq_app.core.aggregation import aggregate, check_aggregation, weighted_metrics
 from fedsq_app.core.defenses import (DEFAULT_CLIP_MULTIPLIER, DEFAULT_DEVIATION_BOUND, DEFAULT_DIRECTION_CHECK,
                                      DEFAULT_INFLUENCE_BOUND, MIN_REPLIES_FOR_MEDIAN, norm_floor, update_keys)
+from fedsq_app.core.judge import judge_replies
 from fedsq_app.core.liveness import Opposition, Quarantine
 from fedsq_app.core.evaluation import ScreenedEvaluation
 from fedsq_app.core.replies import WeightPolicy, bound_note, equal_weights, permanent_refusals, screen_replies
-from fedsq_app.core.wire import STRUCTURAL, STRUCTURAL_SHA256
+from fedsq_app.core.wire import STRUCTURAL_SHA256
 
 
 class _SampledFrom:
@@ -54,8 +55,10 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
     already failing: ``core/liveness.py``) keeps the previous model, and nodes failing round after round
     are quarantined. A node refusing for a reason that will not change (``wire.REFUSED_PERMANENTLY``:
     leakage, another S) is sampled no more (``excluded_nodes``). ``aggregation`` replaces the weighted
-    mean by a robust one (``core/aggregation.AGGREGATIONS``). ``direction_check`` τ > 0: a node pointing
-    against the round's median update two replies running (cosine < −τ) is rejected, then quarantined.
+    mean by a robust one (``core/aggregation.AGGREGATIONS``). ``direction_check`` τ > 0: a reply pointing
+    against the round's median update (cosine < −τ), or one the bound scaled, is rejected when ``judge``
+    (arrays -> the server's validation loss) finds the round better without it (``core/judge.py``); with no
+    judge, a reply pointing against the median is rejected when the node's previous one did too.
     ``pack_arrays`` sends Q packed (fewer transfers; this app's ClientApp unpacks it, Flower's do not).
     """
 
@@ -77,6 +80,8 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         self.trim_fraction = trim_fraction
         self.pack_arrays = pack_arrays  # send Q as one array per dtype (core/packing.py): nodes must unpack it
         self.opposition = Opposition(direction_check)  # the direction check across rounds
+        self.judge: Callable[[dict[str, np.ndarray]], float] | None = None  # arrays -> server validation loss
+        self.judged: dict[int, dict] = {}  # round -> {node id: [validation loss with, without]}
         self.current_arrays: ArrayRecord | None = None
         self.round_replies: dict[int, RoundReplies] = {}
         self.excluded_nodes: list[dict] = []  # {node_id, round, reason}: refused for good, never sampled again
@@ -156,7 +161,9 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                                  influence_bound=self.influence_bound, clamp_bn=self.bn_clamp,
                                  deviation_bound=self.deviation_bound, norm_floor=norm_floor(self.references["norm"]),
                                  deviation_floor=norm_floor(self.references["deviation"]),
-                                 opposed_before=self.opposition.before(), opposition=self.opposition.tau)
+                                 opposed_before=self.opposition.before() if self.judge is None else frozenset(),
+                                 opposition=self.opposition.tau)
+        checked = self.judge_round(server_round, checked, template)
         self.round_replies[server_round] = checked
         self.opposition.record(checked.outcomes)
         needed = self.quarantine.needed(self.min_valid_replies, self.sampled)
@@ -185,8 +192,21 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
             log(WARNING, "round %d: aggregation failed (%s: %s): keeping the previous global model", server_round,
                 type(error).__name__, error)
             return None, None
-        arrays = ArrayRecord({k: Array(_contiguous(v)) for k, v in averaged.items()})
+        arrays = ArrayRecord({k: Array(contiguous(v)) for k, v in averaged.items()})
         return arrays, MetricRecord(metrics)
+
+    def judge_round(self, server_round: int, checked, template: dict[str, np.ndarray]):
+        """``checked`` less the suspect replies (opposed or bounded) the server's validation split finds the round
+        better without (``core/judge.py``)."""
+        if self.judge is None or self.opposition.tau <= 0:
+            return checked
+        try:
+            checked, self.judged[server_round] = judge_replies(checked, self.opposition.tau, lambda replies: self.judge(
+                aggregate(replies, template, self.aggregation, self.trim_fraction)))
+        except Exception as error:  # noqa: BLE001 - the judge only ever removes; failing, it removes nothing
+            log(WARNING, "round %d: judging the suspect replies failed (%s: %s): they stay", server_round,
+                type(error).__name__, error)
+        return checked
 
 
 class FedSQ(ValidatedFedAvg):
@@ -219,7 +239,7 @@ class FedSQ(ValidatedFedAvg):
 parameter_keys = update_keys
 
 
-def _contiguous(array: np.ndarray) -> np.ndarray:
+def contiguous(array: np.ndarray) -> np.ndarray:
     # not np.ascontiguousarray: it turns 0-d arrays (BN's num_batches_tracked) into shape (1,)
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)
 
@@ -229,7 +249,7 @@ class ValidatedFedProx(ValidatedFedAvg, FedProx):
     on its trained parameters) with validated aggregation. With μ = 0 it is FedAvg."""
 
 
-class _GivenAverage(FedOpt):
+class GivenAverage(FedOpt):
     """Stands in for FedAvg's aggregation inside Flower's FedAdam: hands over an average computed elsewhere."""
 
     given: ArrayRecord | None = None
@@ -238,18 +258,18 @@ class _GivenAverage(FedOpt):
         return self.given, None
 
 
-class AdamServerUpdate(FedAdam, _GivenAverage):
+class AdamServerUpdate(FedAdam, GivenAverage):
     """Flower's own FedAdam update (m_t, v_t, bias-corrected η, τ), fed a validated average.
 
     ``FedAdam.aggregate_train`` calls ``super().aggregate_train``, which the MRO resolves to
-    ``_GivenAverage``: so every line of Flower's Adam maths runs unchanged on arrays we choose.
+    ``GivenAverage``: so every line of Flower's Adam maths runs unchanged on arrays we choose.
     """
 
     def step(self, server_round: int, current: dict[str, np.ndarray],
              averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """x_{t+1} from x_t = ``current`` and the clients' average ``averaged`` (same keys)."""
         self.current_arrays = current  # FedOpt's x_t: the arrays sent out this round
-        self.given = ArrayRecord({k: Array(_contiguous(v)) for k, v in averaged.items()})
+        self.given = ArrayRecord({k: Array(contiguous(v)) for k, v in averaged.items()})
         stepped, _ = self.aggregate_train(server_round, [])
         # Flower's bias correction is a float64 scalar: cast back, or the next round's replies (float32)
         # would no longer match the global model's dtypes.
@@ -278,7 +298,7 @@ class ValidatedFedAdam(ValidatedFedAvg):
         averaged = {k: a.numpy() for k, a in averaged_record.items()}
         keys = parameter_keys(averaged)
         stepped = self.adam.step(server_round, {k: current[k] for k in keys}, {k: averaged[k] for k in keys})
-        return ArrayRecord({k: Array(_contiguous(stepped.get(k, v))) for k, v in averaged.items()}), metrics
+        return ArrayRecord({k: Array(contiguous(stepped.get(k, v))) for k, v in averaged.items()}), metrics
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         """Adam's moments m_t and v_t (per parameter key), for the server's checkpoint."""
@@ -298,103 +318,3 @@ class ValidatedFedAdam(ValidatedFedAvg):
 
 class FedSQAdam(ValidatedFedAdam, FedSQ):
     """Extension beyond the paper: FedSQ (S gates, only Q travels) with FedAdam's server step on Q."""
-
-
-# ---------------------------------------------------------------------------------------------- variants
-# Two FedSQ variants beyond the paper, aimed at rounds-to-best (docs/RESULTS.md judges them).
-class MomentumServerUpdate(FedAvgM, _GivenAverage):
-    """Flower's own FedAvgM update (pseudo-gradient, momentum vector, server learning rate), fed a
-    validated average: ``FedAvgM.aggregate_train``'s ``super()`` resolves to ``_GivenAverage``."""
-
-    def step(self, server_round: int, current: dict[str, np.ndarray],
-             averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """x_{t+1} from x_t = ``current`` and the clients' average ``averaged`` (same keys, same order)."""
-        self.current_arrays = ArrayRecord({k: Array(_contiguous(v)) for k, v in current.items()})
-        self.given = ArrayRecord({k: Array(_contiguous(averaged[k])) for k in current})
-        stepped, _ = self.aggregate_train(server_round, [])
-        return {k: a.numpy().astype(current[k].dtype) for k, a in stepped.items()}
-
-
-class FedSQMomentum(FedSQ):
-    """FedSQ with FedAvgM's server momentum on Q: v ← β·v + (x_t − avg), x_{t+1} = x_t − η·v, on Q's
-    trainable parameters only (BN running statistics stay plainly averaged, counters kept), as FedAdam here."""
-
-    def __init__(self, *, server_momentum: float = 0.5, server_lr: float = 1.0, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.momentum = MomentumServerUpdate(server_learning_rate=server_lr, server_momentum=server_momentum)
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        averaged_record, metrics = super().aggregate_train(server_round, replies)
-        if averaged_record is None:  # too few valid replies: the previous model stays, the momentum too
-            return averaged_record, metrics
-        current = {k: a.numpy() for k, a in self.current_arrays.items()}
-        averaged = {k: a.numpy() for k, a in averaged_record.items()}
-        keys = parameter_keys(averaged)
-        stepped = self.momentum.step(server_round, {k: current[k] for k in keys}, averaged)
-        return ArrayRecord({k: Array(_contiguous(stepped.get(k, v))) for k, v in averaged.items()}), metrics
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        vector = self.momentum.momentum_vector
-        keys = list(self.momentum.current_arrays.keys()) if vector is not None else []
-        return {f"momentum/{k}": v for k, v in zip(keys, vector or [])}, {}
-
-    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
-        unknown = sorted(k for k in arrays if not k.startswith("momentum/"))
-        if unknown or info:
-            raise ValueError(f"{type(self).__name__}: the checkpoint's strategy state holds {unknown[:3]} "
-                             f"{sorted(info)[:3]}, not a momentum vector: was it written by another strategy?")
-        # Kept in the checkpoint's (= the parameters') key order, as FedAvgM pairs it with x_t's arrays.
-        self.momentum.momentum_vector = [v.copy() for v in arrays.values()] or None
-
-
-class FedSQWarmup(FedSQ):
-    """FedAvg for the first ``warmup_rounds`` rounds, then FedSQ with S frozen at that round's global model.
-
-    Tests the premise that gates settle early. The S hash in the train config names the start model during
-    the warm-up (clients then train the plain network) and S's new hash after ``switch``: it changes exactly
-    once. S's arrays travel once per node, in a second ArrayRecord, until that node's reply is accepted
-    (from then on the node keeps S in its context state); Q's traffic is FedAvg's.
-    """
-
-    def __init__(self, *, warmup_rounds: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.warmup_rounds = warmup_rounds
-        self.structural: ArrayRecord | None = None  # S after the switch
-        self.holders: set[int] = set()  # nodes known to hold it
-
-    def switch(self, structural: ArrayRecord, structural_sha256: str) -> None:
-        self.structural, self.structural_sha256 = structural, structural_sha256
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.structural is not None:
-            for message in messages:
-                if message.metadata.dst_node_id not in self.holders:
-                    message.content[STRUCTURAL] = self.structural
-        return messages
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        result = super().aggregate_train(server_round, replies)
-        if self.structural is not None:
-            self.holders.update(reply.node_id for reply in self.round_replies[server_round].accepted)
-        return result
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        if self.structural is None:
-            return {}, {}
-        arrays = {f"{STRUCTURAL}/{k}": a.numpy() for k, a in self.structural.items()}
-        return arrays, {"structural_sha256": self.structural_sha256, "holders": sorted(self.holders)}
-
-    def load_state_dict(self, arrays: dict[str, np.ndarray], info: dict) -> None:
-        if not arrays and not info:
-            return  # saved before the switch
-        if any(not k.startswith(f"{STRUCTURAL}/") for k in arrays) or "structural_sha256" not in info:
-            raise ValueError(f"{type(self).__name__}: the checkpoint's strategy state is not a warm-up S: "
-                             "was it written by another strategy?")
-        self.switch(ArrayRecord({k.removeprefix(f"{STRUCTURAL}/"): Array(_contiguous(v))
-                                 for k, v in arrays.items()}), info["structural_sha256"])
-        self.holders = set(info.get("holders", []))
-

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from fedsq_app.core.strategy import (FedSQ, FedSQAdam, FedSQMomentum, FedSQWarmup, ValidatedFedAdam,
-                                     ValidatedFedAvg, ValidatedFedProx)
+from fedsq_app.core.strategy import FedSQ, FedSQAdam, ValidatedFedAdam, ValidatedFedAvg, ValidatedFedProx
+from fedsq_app.core.variants import FedSQMomentum, FedSQWarmup
 
 
 @dataclass(frozen=True)

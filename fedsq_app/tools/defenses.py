@@ -58,6 +58,7 @@ DEFENSES = {  # name -> run-config keys on top of the run's
     "none": NONE,
     "defaults": {},
     "no direction check": UNCHECKED,
+    "repeat rule": {"reply-judge": "repeat"},  # the check without the server's validation loss
     # Flower's rules after the same validation and per-round bounds, in place of the check across rounds.
     **{rule: {"aggregation": rule, **UNCHECKED} for rule in ("median", "trimmed-mean", "krum", "multi-krum",
                                                              "bulyan")},
@@ -128,9 +129,11 @@ def finished_before(results_file: Path, config: RunConfig) -> bool:
     """Whether ``results_file`` holds a finished run of ``config`` (its name and place aside): a run of other
     settings, such as the defaults of an older version, is never read back under today's name."""
     finished = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    ran, wanted = finished.get("config", {}), json.loads(json.dumps(server_app.config_json(config)))
-    return "test_accuracy" in finished and all(ran.get(k) == v for k, v in wanted.items()
-                                                if k not in ("run-name", "out-dir"))
+    # A run written before the direction check had a judge ran the repeat rule; with the check off it has none.
+    ran = {"reply-judge": "repeat", **finished.get("config", {})}
+    wanted = json.loads(json.dumps(server_app.config_json(config)))
+    aside = {"run-name", "out-dir"} | ({"reply-judge"} if wanted.get("direction-check") == 0 else set())
+    return "test_accuracy" in finished and all(ran.get(k) == v for k, v in wanted.items() if k not in aside)
 
 
 def run_one(run_config: dict, num_clients: int, attack: Attack | None = None, hostile: int = 0,

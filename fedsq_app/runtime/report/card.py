@@ -17,8 +17,10 @@ TRUST_KEYS = {
     "influence-bound": "a silo's largest pull on the mean, as a fraction of the round's median update norm (0 = off)",
     "clip-multiplier": "two-silo rounds: updates clipped to this multiple of the median norm (0 = off)",
     "bn-clamp": "each reply's BN statistics clamped into the other replies' range (from 3 replies)",
-    "direction-check": "τ > 0: a node's update whose cosine with the round's median update is below −τ two replies "
-                       "running is rejected (0 = off)",
+    "direction-check": "τ > 0: a reply whose update's cosine with the round's median update is below −τ, or that "
+                       "the bound scaled, is judged by reply-judge (0 = off)",
+    "reply-judge": "validation: such a reply is rejected when the round's aggregate has a lower loss on the server's "
+                   "validation split without it; repeat: a reply against the median when the node's previous was too",
     "min-valid-replies": "fewer valid replies: the round keeps the previous model",
     "aggregation": "how accepted updates are combined",
     "trim-fraction": "trimmed-mean: share of the largest and of the smallest values dropped",
