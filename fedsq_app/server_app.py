@@ -20,7 +20,7 @@ from fedsq_app.config import RunConfig
 from fedsq_app.core import wire
 from fedsq_app.core.judge import VALIDATION_JUDGE
 from fedsq_app.core.replies import ReplyOutcome, node_id_of
-from fedsq_app.core.strategy import ValidatedFedAvg
+from fedsq_app.core.strategy import ValidatedFedAvg, contiguous
 from fedsq_app.core.variants import FedSQWarmup
 from fedsq_app.data.leakage import check_pretrain_overlap
 from fedsq_app.data.partitions import (DataKey, DatasetInfo, class_names, dataset_info, partition_report,
@@ -75,9 +75,7 @@ def _to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    # np.ascontiguousarray would turn 0-d arrays (BN's num_batches_tracked) into shape (1,)
-    return ArrayRecord({key: Array(value if value.flags.c_contiguous else value.copy(order="C"))
-                        for key, value in arrays.items()})
+    return ArrayRecord({key: Array(contiguous(value)) for key, value in arrays.items()})
 
 
 def load_data(config: RunConfig):
