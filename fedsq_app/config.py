@@ -38,6 +38,12 @@ REMOVED_KEYS = {
 }
 
 
+# The server's defences switched off: each method aggregates as its paper describes it (a plain weighted mean
+# of every valid reply). The keys of the trust model, for runs and benchmarks that compare against it.
+DEFENCES_OFF: dict[str, Any] = {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0,
+                                "bn-clamp": False, "direction-check": 0.0, "min-valid-replies": 1}
+DEFENCE_KEYS = (*DEFENCES_OFF, "reply-judge", "aggregation", "trim-fraction")
+
 @dataclass(frozen=True)
 class RunConfig:
     strategy: str = "fedsq"

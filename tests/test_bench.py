@@ -301,20 +301,9 @@ def test_still_improving_and_time_to_accuracy():
 
 # ---------------------------------------------------------------------------------------------- --set
 def _args(*argv):
-    from fedsq_app.tools.bench.cli import main  # noqa: F401 (the parser lives in main; build it the same way)
-    import argparse
+    from fedsq_app.tools.bench.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    for flag in ("--preset", "--out", "--model", "--dataset", "--engine"):
-        parser.add_argument(flag)
-    for flag in ("--strategies", "--partitions", "--seeds", "--epochs", "--mu-grid", "--tune-on"):
-        parser.add_argument(flag, nargs="+")
-    for flag in ("--clients", "--rounds", "--max-train-samples", "--num-cpus"):
-        parser.add_argument(flag, type=int)
-    parser.add_argument("--gpus-per-client", type=float)
-    parser.add_argument("--set", action="append")
-    parser.add_argument("--report-only", action="store_true")
-    return parser.parse_args(list(argv))
+    return build_parser().parse_args(list(argv))
 
 
 def test_set_takes_toml_values_and_wins_over_the_preset(fedsq_cache, tmp_path):
@@ -521,3 +510,53 @@ def test_input_size_sets_the_backbones_resolution():
     assert start.spec.size == 48
     with pytest.raises(ConfigError, match="input-size"):
         RunConfig.from_mapping({"model": "smallcnn", "input-size": 224})
+
+
+def test_pretrain_with_the_standard_stem_at_32_px(fedsq_cache, tmp_path):
+    """torchvision's own ResNet-18 stem, at a size the checkpoint records: runs from it build the same."""
+    from fedsq_app.config import RunConfig
+    from fedsq_app.data.partitions import DatasetInfo
+    from fedsq_app.runtime.models import load_checkpoint
+    from fedsq_app.task import build_start_model
+    from fedsq_app.tools.pretrain import main as pretrain_main, pretrain
+
+    out = tmp_path / "r18.safetensors"
+    pretrain_main(["--model", "resnet18", "--stem", "standard", "--input-size", "32", "--epochs", "1",
+                   "--max-samples", "64", "--out", str(out)])
+    _, meta = load_checkpoint(str(out))
+    assert meta["small_stem"] is False and meta["input"]["size"] == 32 and meta["input"]["channels"] == 3
+    start = build_start_model(RunConfig(model="resnet18", pretrained=str(out)), DatasetInfo(10, 1, 28))
+    assert start.model.conv1.kernel_size == (7, 7) and start.spec.size == 32
+    auto = tmp_path / "auto.safetensors"  # the default: the small-image stem at <= 32 px
+    pretrain("resnet18", epochs=1, max_samples=64, out=str(auto), input_size=32)
+    assert load_checkpoint(str(auto))[1]["small_stem"] is True
+    with pytest.raises(ValueError, match="no small-image stem"):
+        pretrain("smallcnn", epochs=1, max_samples=64, out=str(tmp_path / "x.safetensors"), stem="small")
+
+
+def test_one_switch_names_the_defences_a_grid_ran(tmp_path):
+    from fedsq_app.config import DEFENCES_OFF, RunConfig
+    from fedsq_app.tools.bench.cli import build_preset
+    from fedsq_app.tools.bench.presets import PRESETS, parse_preset
+
+    def config(preset):
+        return RunConfig.from_mapping(main_cells(preset, tmp_path)[0].run_config(preset, tmp_path))
+
+    off = PRESETS["fmnist-cross-robust"]
+    assert off.defences == "off"
+    plain = config(off)
+    assert all(getattr(plain, key.replace("-", "_")) == value for key, value in DEFENCES_OFF.items())
+    defaults = config(build_preset(_args("--preset", "fmnist-cross-robust", "--defences", "defaults",
+                                         "--out", str(tmp_path), "--report-only")))
+    for key in ("clip_multiplier", "influence_bound", "deviation_bound", "bn_clamp", "direction_check",
+                "min_valid_replies", "reply_judge", "aggregation"):  # what a user gets
+        assert getattr(defaults, key) == getattr(RunConfig(), key), key
+    assert defaults.direction_check > 0 and defaults.min_valid_replies == 3 and defaults.bn_clamp
+    # --set still wins over the switch: one defence on top of "off"
+    one = config(build_preset(_args("--preset", "fmnist-cross-robust", "--set", "bn-clamp=true",
+                                    "--out", str(tmp_path), "--report-only")))
+    assert one.bn_clamp and one.deviation_bound == 0 and one.direction_check == 0
+    with pytest.raises(ValueError, match=r"sets \['bn-clamp'\]; say defences"):
+        parse_preset('seeds = [0]\n[base]\nbn-clamp = false\n[[setups]]\nmodel = "smallcnn"\n', "x")
+    with pytest.raises(ValueError, match="defences = 'some'"):
+        parse_preset('defences = "some"\n[[setups]]\nmodel = "smallcnn"\n', "x")

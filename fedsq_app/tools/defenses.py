@@ -39,7 +39,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from tqdm import tqdm
 
 from fedsq_app import server_app
-from fedsq_app.config import RunConfig
+from fedsq_app.config import DEFENCES_OFF, RunConfig
 from fedsq_app.core.defenses import distance
 from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.data.sources import DataError
@@ -51,8 +51,7 @@ from fedsq_app.tools.attacks import ABSENT, ATTACKS, LIVENESS, Attack, message_a
 from fedsq_app.tools.defense_report import write
 from fedsq_app.tools.bench.cli import parse_set
 
-NONE = {"clip-multiplier": 0.0, "influence-bound": 0.0, "deviation-bound": 0.0, "bn-clamp": False,
-        "direction-check": 0.0, "min-valid-replies": 1}
+NONE = DEFENCES_OFF
 UNCHECKED = {"direction-check": 0.0}  # per-round rules alone, without the check across rounds
 DEFENSES = {  # name -> run-config keys on top of the run's
     "none": NONE,

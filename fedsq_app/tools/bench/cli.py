@@ -15,7 +15,7 @@ from fedsq_app.data.partitions import DataKey, dataset_info
 from fedsq_app.runtime.strategies import STRATEGIES
 from fedsq_app.tools.bench.cluster import run_grid_on_ray
 from fedsq_app.tools.bench.grid import Cell, run_grid
-from fedsq_app.tools.bench.presets import PRESETS, Preset, Setup
+from fedsq_app.tools.bench.presets import DEFENCE_MODES, PRESETS, Preset, Setup
 from fedsq_app.tools.bench.report import write_report
 
 DESCRIPTION = "fedsq-bench: the grid that tests the paper's claims, with tables and plots (presets: conf/*.toml)."
@@ -86,6 +86,8 @@ def build_preset(args: argparse.Namespace) -> Preset:
     changes["strategy_overrides"] = {strategy: {k: v for k, v in keys.items() if k not in forced}
                                      for strategy, keys in preset.strategy_overrides.items()}
     changes["base"] = {**preset.base, **{k: v for k, v in forced.items() if k not in ("model", "dataset")}}
+    if args.defences:
+        changes["defences"] = args.defences
     if args.num_cpus:
         changes["num_cpus"] = args.num_cpus
     if args.gpus_per_client is not None:
@@ -126,7 +128,7 @@ def preflight(preset: Preset, cells_dir: Path) -> None:
                              f", classes='{config.classes}'): {type(error).__name__}: {error}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsq-bench", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any run-config key for every cell, TOML values as flwr run --run-config takes them "
                              "(lr=0.01, pretrained='/path' or pretrained=/path); wins over the preset")
+    parser.add_argument("--defences", choices=DEFENCE_MODES,
+                        help="the server's defences (default: the preset's): defaults, what a user gets "
+                             "(docs/RELIABILITY.md), or off, a plain weighted mean as the papers aggregate")
     parser.add_argument("--engine", choices=("inprocess", "ray"),
                         help="how a cell simulates its federation (not where cells run: see --ray-address). "
                              "inprocess: the apps called in this process, no Ray (CPU grids; the preset's "
@@ -165,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --ray-address: GPUs each cell's Ray task reserves (default 0: CPU only)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots")
     parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.ray_address and args.engine == "ray":
         raise SystemExit("--ray-address runs each cell as a Ray task with the in-process engine; "

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsq_app.config import DEFENCES_OFF
 from fedsq_app.tools.bench.presets import Preset, Setup
 
 
@@ -50,7 +51,8 @@ class Cell:
         return self.setup.name, self.strategy, self.partition, self.epochs
 
     def run_config(self, preset: Preset, cells_dir: Path) -> dict:
-        config = {**preset.base, "model": self.setup.model, "dataset": self.setup.dataset,
+        off = DEFENCES_OFF if preset.defences == "off" else {}
+        config = {**off, **preset.base, "model": self.setup.model, "dataset": self.setup.dataset,
                   **self.setup.overrides, **preset.strategy_overrides.get(self.strategy, {}),
                   "strategy": self.strategy, "local-epochs": self.epochs, "seed": self.seed,
                   "out-dir": str(cells_dir), "run-name": self.name}

@@ -9,7 +9,10 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
+from fedsq_app.config import DEFENCE_KEYS
 from fedsq_app.runtime.metrics import LAST_K
+
+DEFENCE_MODES = ("defaults", "off")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Preset:
     cpus_per_client: int = 1
     gpus_per_client: float = 0.0
     engine: str = "inprocess"  # inprocess: the apps in this process (harness.inprocess); ray: Flower's engine
+    defences: str = "defaults"  # the server's: defaults (what a user gets) | off (a plain weighted mean)
 
 
 def parse_preset(text: str, name: str = "preset") -> Preset:
@@ -62,6 +66,12 @@ def parse_preset(text: str, name: str = "preset") -> Preset:
         elif isinstance(value, list):
             value = tuple(value)
         values[known[key]] = value
+    if values.get("defences", "defaults") not in DEFENCE_MODES:
+        raise ValueError(f"bench preset '{name}': defences = '{values['defences']}'; choose one of "
+                         f"{', '.join(DEFENCE_MODES)}")
+    own = sorted(set(values.get("base", {})) & set(DEFENCE_KEYS))
+    if own:  # one switch says which defences a grid ran, and its tables name it
+        raise ValueError(f"bench preset '{name}': [base] sets {own}; say defences = 'off' or 'defaults' instead")
     return Preset(**values)
 
 

@@ -143,7 +143,8 @@ def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], comp
         lines += [f"Wall time of this invocation: {wall_time_s / 60:.1f} min", ""]
     base = ", ".join(f"{key}={value}" for key, value in sorted(preset.base.items()))
     lines += [f"Setups: {'; '.join(f'{s.name} {s.overrides}' if s.overrides else s.name for s in preset.setups)}; "
-              f"{preset.num_clients} clients; seeds {list(preset.seeds)}; {base}; engine {preset.engine}"
+              f"{preset.num_clients} clients; seeds {list(preset.seeds)}; {base}; engine {preset.engine}; "
+              f"server defences {'off (a plain weighted mean)' if preset.defences == 'off' else 'the defaults'}"
               + "".join(f"; {strategy}: " + ", ".join(f"{k}={v}" for k, v in sorted(keys.items()))
                         for strategy, keys in preset.strategy_overrides.items() if keys)
               + ". The "
