@@ -72,7 +72,7 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
     ``input_size``: resize images to this size (0: the data's own); the checkpoint records it, so runs
     from it are fed the same way. ``stem``: ``auto`` gives a model with a small-image stem (ResNet-18's
     3x3 conv, no max-pool) on inputs up to its limit; ``small`` and ``standard`` force one or the other
-    (``standard``: torchvision's own network, about 8 times cheaper at 32 px).
+    (``standard``: torchvision's own network, 15 times cheaper at 32 px).
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown model '{model_name}'; choose one of {', '.join(MODELS)}")
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="resize images to this many pixels (0: the data's own); runs from it do the same")
     parser.add_argument("--stem", default="auto", choices=STEMS,
                         help="auto: a small-image stem where the model has one and the input fits it; "
-                             "standard: torchvision's own stem (ResNet-18 at 32 px: about 8 times cheaper)")
+                             "standard: torchvision's own stem (ResNet-18 at 32 px: 15 times fewer FLOPs)")
     parser.add_argument("--out", default=None, help="checkpoint path (default: the cache, found by pretrained='auto')")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calibrate", action="store_true", help="sweep the local lr/epochs and write a run config")
