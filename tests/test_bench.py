@@ -560,3 +560,20 @@ def test_one_switch_names_the_defences_a_grid_ran(tmp_path):
         parse_preset('seeds = [0]\n[base]\nbn-clamp = false\n[[setups]]\nmodel = "smallcnn"\n', "x")
     with pytest.raises(ValueError, match="defences = 'some'"):
         parse_preset('defences = "some"\n[[setups]]\nmodel = "smallcnn"\n', "x")
+
+
+def test_two_arms_of_a_grid_pair_by_seed():
+    from fedsq_app.tools.bench.arms import compare_arms, markdown
+
+    def cell(strategy, seed, bva, rounds=5):
+        return {"setup": "s", "strategy": strategy, "partition": "0.1", "epochs": 1, "seed": seed,
+                "best_val_accuracy": bva, "test_accuracy": bva, "rounds_to_best": rounds, "last_k_std": 0.01}
+
+    a = [cell("fedsq", 0, 0.80), cell("fedsq", 1, 0.90), cell("fedsq", 2, 0.70), cell("fedavg", 0, 0.5)]
+    b = [cell("fedsq", 0, 0.80), cell("fedsq", 1, 0.85), cell("fedsq", 2, 0.60), cell("fedsq", 3, 0.9)]
+    (row,) = compare_arms(a, b)  # fedavg ran in one arm only; seed 3 in one arm only
+    assert (row["strategy"], row["seeds"], row["identical"]) == ("fedsq", 3, 1)
+    assert row["best_val_accuracy"]["mean"] == pytest.approx(5.0)  # (0 + 5 + 10) / 3 pp
+    assert row["best_val_accuracy"]["low"] < 5.0 < row["best_val_accuracy"]["high"]
+    assert row["tail_a"]["worst"] == pytest.approx(70.0) and row["tail_b"]["worst"] == pytest.approx(60.0)
+    assert "| fedsq | 0.1 | 3 | +5.00 [" in markdown([row], ("defaults", "off"))
