@@ -201,6 +201,25 @@ def test_fedprox_mu_is_tuned_then_used_on_every_seed(tmp_path):
     assert "fedprox (μ=0.01)" in markdown and "FedProx μ tuning" in markdown
 
 
+
+def test_a_grid_split_over_processes_tunes_mu_on_the_grids_seed(tmp_path):
+    """--seeds 1 after --seeds 0: the second process reuses seed 0's tuning, it does not tune on seed 1."""
+    import dataclasses
+
+    preset = Preset(setups=(Setup("smallcnn"),), strategies=("fedprox",), partitions=("0.1",), epochs=(1,),
+                    seeds=(0, 1), num_clients=3, base={"num-server-rounds": 3})
+    calls = []
+    simulate = _fake_simulation(calls)(tmp_path / "cells")
+    run_grid(dataclasses.replace(preset, seeds=(0,), tune_seed=0), tmp_path, simulate_fn=simulate)
+    run_grid(dataclasses.replace(preset, seeds=(1,), tune_seed=0), tmp_path, simulate_fn=simulate)
+    assert calls == ["smallcnn-embedded-fedprox-mu0.001-a0.1-e1-s0", "smallcnn-embedded-fedprox-mu0.01-a0.1-e1-s0",
+                     "smallcnn-embedded-fedprox-mu0.1-a0.1-e1-s0", "smallcnn-embedded-fedprox-mu0.01-a0.1-e1-s1"]
+    from fedsq_app.tools.bench.cli import build_preset
+
+    split = build_preset(_args("--preset", "fmnist-cross-robust", "--seeds", "12", "13", "--out", str(tmp_path),
+                               "--report-only"))
+    assert split.seeds == (12, 13) and split.tuning_seed == 0
+
 def test_fedsq_adam_sends_the_structural_hash_and_steps_q():
     from fedsq_app.core.strategy import FedSQAdam
 

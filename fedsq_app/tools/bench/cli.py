@@ -55,6 +55,8 @@ def build_preset(args: argparse.Namespace) -> Preset:
         value = getattr(args, key)
         if value:
             changes[key] = tuple(value)
+    if args.seeds and preset.tune_seed is None:  # μ stays tuned on the grid's seed, however its seeds are split
+        changes["tune_seed"] = preset.seeds[0]
     if args.clients:
         changes["num_clients"] = args.clients
     if args.tune_on:

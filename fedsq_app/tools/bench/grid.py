@@ -87,7 +87,7 @@ def tuning_cells(preset: Preset) -> list[Cell]:
     if "fedprox" not in preset.strategies:
         return []
     combos = list(preset.tune_on) or [(p, e) for p in preset.partitions for e in preset.epochs]
-    return [Cell(s, "fedprox", p, e, preset.seeds[0], mu)
+    return [Cell(s, "fedprox", p, e, preset.tuning_seed, mu)
             for s in preset.setups for p, e in combos for mu in preset.mu_grid]
 
 

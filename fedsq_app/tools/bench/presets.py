@@ -41,6 +41,11 @@ class Preset:
     strategy_overrides: dict = field(default_factory=dict)
     mu_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
     tune_on: tuple[tuple[str, int], ...] = ()  # (partition, epochs) combos to tune μ on; () = every combo
+    tune_seed: int | None = None  # the seed μ is tuned on; None: the first of ``seeds``
+
+    @property
+    def tuning_seed(self) -> int:
+        return self.seeds[0] if self.tune_seed is None else self.tune_seed
     last_k: int = LAST_K
     num_cpus: int = 2
     cpus_per_client: int = 1

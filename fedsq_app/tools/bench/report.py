@@ -176,7 +176,7 @@ def _markdown(preset: Preset, summary: list[dict], tuning_rows: list[dict], comp
             f"{s['still_improving']}/{s['seeds']} | {_num(s['round_time_s_mean'], s['round_time_s_std'])} | "
             f"{s['seeds']} |")
     if tuning_rows:
-        lines += ["", f"FedProx μ tuning (seed {preset.seeds[0]}, BVA %):", "",
+        lines += ["", f"FedProx μ tuning (seed {preset.tuning_seed}, BVA %):", "",
                   "| setup | partition | E | " + " | ".join(f"μ={mu:g}" for mu in preset.mu_grid) + " |",
                   "|---|---|---|" + "---|" * len(preset.mu_grid)]
         combos: dict[tuple, dict] = {}
