@@ -78,6 +78,8 @@ def pretrain(model_name: str, dataset: str = "embedded", split: str = "pretrain"
         raise ValueError(f"unknown model '{model_name}'; choose one of {', '.join(MODELS)}")
     if stem not in STEMS:
         raise ValueError(f"stem='{stem}': choose one of {', '.join(STEMS)}")
+    if input_size < 0:
+        raise ValueError(f"input_size={input_size}: a size in pixels, or 0 for the data's own")
     if classes and out is None:
         raise ValueError("a backbone pretrained on a subset of the classes needs its own --out path "
                          "(pretrained='auto' stands for the backbone of all classes)")
