@@ -44,6 +44,7 @@ DEFENCES_OFF: dict[str, Any] = {"clip-multiplier": 0.0, "influence-bound": 0.0, 
                                 "bn-clamp": False, "direction-check": 0.0, "min-valid-replies": 1}
 DEFENCE_KEYS = (*DEFENCES_OFF, "reply-judge", "aggregation", "trim-fraction")
 
+
 @dataclass(frozen=True)
 class RunConfig:
     strategy: str = "fedsq"

@@ -51,10 +51,9 @@ from fedsq_app.tools.attacks import ABSENT, ATTACKS, LIVENESS, Attack, message_a
 from fedsq_app.tools.defense_report import write
 from fedsq_app.tools.bench.cli import parse_set
 
-NONE = DEFENCES_OFF
 UNCHECKED = {"direction-check": 0.0}  # per-round rules alone, without the check across rounds
 DEFENSES = {  # name -> run-config keys on top of the run's
-    "none": NONE,
+    "none": DEFENCES_OFF,
     "defaults": {},
     "no direction check": UNCHECKED,
     "repeat rule": {"reply-judge": "repeat"},  # the check without the server's validation loss

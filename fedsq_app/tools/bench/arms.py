@@ -25,10 +25,10 @@ def compare_arms(a: list[dict], b: list[dict]) -> list[dict]:
         return {(r["setup"], r["strategy"], r["partition"], r["epochs"], r["seed"]): r for r in rows}
 
     left, right = index(a), index(b)
-    groups = sorted({key[:4] for key in left.keys() & right.keys()})
+    shared = left.keys() & right.keys()
     out = []
-    for group in groups:
-        seeds = sorted(key[4] for key in left.keys() & right.keys() if key[:4] == group)
+    for group in sorted({key[:4] for key in shared}):
+        seeds = sorted(key[4] for key in shared if key[:4] == group)
         row = {"setup": group[0], "strategy": group[1], "partition": group[2], "epochs": group[3],
                "seeds": len(seeds),
                "identical": sum(left[(*group, s)]["best_val_accuracy"] == right[(*group, s)]["best_val_accuracy"]

@@ -42,16 +42,16 @@ class Preset:
     mu_grid: tuple[float, ...] = (0.001, 0.01, 0.1)
     tune_on: tuple[tuple[str, int], ...] = ()  # (partition, epochs) combos to tune μ on; () = every combo
     tune_seed: int | None = None  # the seed μ is tuned on; None: the first of ``seeds``
-
-    @property
-    def tuning_seed(self) -> int:
-        return self.seeds[0] if self.tune_seed is None else self.tune_seed
     last_k: int = LAST_K
     num_cpus: int = 2
     cpus_per_client: int = 1
     gpus_per_client: float = 0.0
     engine: str = "inprocess"  # inprocess: the apps in this process (harness.inprocess); ray: Flower's engine
     defences: str = "defaults"  # the server's: defaults (what a user gets) | off (a plain weighted mean)
+
+    @property
+    def tuning_seed(self) -> int:
+        return self.seeds[0] if self.tune_seed is None else self.tune_seed
 
 
 def parse_preset(text: str, name: str = "preset") -> Preset:
