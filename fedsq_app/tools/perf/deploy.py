@@ -45,6 +45,7 @@ def _final_results(path: Path) -> bool:
         return False
 
 
+GOAL_S = 3.0  # a deployed round may cost the simulated one plus this much (docs/PERFORMANCE.md)
 VOLATILE = ("wall_time", "time_s", "reply_time", "node_id", "nodes")  # timings; ids drawn per deployment
 
 
@@ -172,7 +173,7 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
                              "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1),
                              "digest": results_digest(run, mode) if path.is_file() else None,
                              "accepted": [r.get("accepted") for r in run["rounds"]]}
-            if mode == "deploy-warm":
+            if mode in ("deploy-warm", "deploy-warm-short-poll"):  # forked children to count
                 results[mode]["children"] = forked_children(procs.log_dir)
             print(json.dumps({"app": str(app), mode: results[mode]}), file=sys.stderr, flush=True)
         finally:
@@ -292,13 +293,13 @@ def print_deploy(rows: dict) -> None:
             print(f"| {app} | {executor} | {settings} | {load} | {rounds(sim)} | {rounds(dep)} | {sim['steady_s']} | "
                   f"{dep['steady_s']} | {dep['steady_s'] / sim['steady_s']:.2f} | "
                   f"{dep['steady_s'] - sim['steady_s']:.2f} |")
-            met = dep["steady_s"] <= 2.0 * sim["steady_s"] or dep["steady_s"] <= sim["steady_s"] + 4.0
-            verdicts.append(f"{app} [{executor}]: goal deployment <= 2x simulation or <= simulation + 4 s: "
+            met = dep["steady_s"] <= sim["steady_s"] + GOAL_S
+            verdicts.append(f"{app} [{executor}]: goal steady deployed round <= simulated + {GOAL_S:g} s: "
                             f"{'met' if met else 'missed'}")
     for app, r in rows.items():  # the same figures whatever ran the ClientApps (timings and node ids aside)
         digests = {m: d["digest"][:12] for m, d in r.items() if isinstance(d, dict) and d.get("digest")}
         same = "identical" if len(set(digests.values())) == 1 else "DIFFERENT"
-        children = (r.get("deploy-warm") or {}).get("children")
+        children = next((d["children"] for d in r.values() if isinstance(d, dict) and "children" in d), None)
         warm = f"; warm: {children['primed']} of {children['forked']} forked tasks used the parent's state of " \
                "their run" if children else ""
         verdicts.append(f"{app}: results (figures, timings and node ids aside) {same}: {digests}{warm}")
@@ -350,7 +351,8 @@ def run(args, apps: list[Path], cache: Path) -> None:
     rows = {}
     executors = tuple(args.executor)
     for i, (label, app, poll, threads, arrays) in enumerate(jobs):
-        trace = Path(f"{args.trace}.{i}") if args.trace else None
+        # absolute: the deployments' processes write it from their own working directories
+        trace = Path(f"{args.trace}.{i}").resolve() if args.trace else None
         for executor in executors if trace else ():
             Path(f"{trace}.{executor}").unlink(missing_ok=True)
         overrides = f"{args.run_config} floor-arrays={arrays}" if arrays else args.run_config
