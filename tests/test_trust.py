@@ -609,6 +609,22 @@ def test_the_direction_check_rejects_a_node_pulling_against_the_median_two_repli
     assert all(o.alignment is not None for r in (1, 2, 3) for o in unchecked.round_replies[r].outcomes)  # recorded
 
 
+def test_the_server_keeps_only_the_current_rounds_reply_arrays():
+    """A long run must not hold every round's replies: earlier rounds keep their nodes, weights and metrics
+    (results.json and model delivery read them), not their arrays (a model per reply, round after round)."""
+    rng = np.random.default_rng(5)
+    strategy = _strategy()
+    for server_round in (1, 2, 3):
+        strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+        strategy.aggregate_train(server_round, [_reply(_honest(rng), n) for n in range(1, 6)])
+    for server_round in (1, 2, 3):
+        accepted = strategy.round_replies[server_round].accepted
+        assert [r.node_id for r in accepted] == [1, 2, 3, 4, 5]
+        assert all(r.num_examples > 0 and r.metrics for r in accepted)
+        held = [bool(r.arrays) for r in accepted]
+        assert held == [server_round == 3] * 5, (server_round, held)
+
+
 def test_the_direction_check_lets_a_slightly_opposed_update_through_and_rejects_a_clearly_opposed_one():
     """τ = 0.2: with the node opposed the round before, cosine −0.1 passes, −0.5 is rejected; a node not
     opposed before passes at any cosine; τ = 0 checks nothing."""

@@ -9,6 +9,7 @@ Imports numpy and flwr, never torch.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from logging import INFO, WARNING
 from typing import Callable, Iterable, Iterator
 
@@ -164,6 +165,11 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
                                  opposed_before=self.opposition.before() if self.judge is None else frozenset(),
                                  opposition=self.opposition.tau)
         checked = self.judge_round(server_round, checked, template)
+        # Earlier rounds keep what results.json and model delivery read (nodes, weights, metrics, outcomes),
+        # not their arrays: one model per reply, they would add up round after round (ResNet-18, 20 replies:
+        # 0.9 GB a round).
+        for earlier in self.round_replies.values():
+            earlier.accepted[:] = [replace(reply, arrays={}) for reply in earlier.accepted]
         self.round_replies[server_round] = checked
         self.opposition.record(checked.outcomes)
         needed = self.quarantine.needed(self.min_valid_replies, self.sampled)
