@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedsq_app.config import ConfigError, RunConfig
+from fedsq_app.core import defenses
 from fedsq_app.core.aggregation import AGGREGATIONS, aggregate
 from fedsq_app.core.defenses import (DEFAULT_DEVIATION_BOUND, DEFAULT_INFLUENCE_BOUND, alignments, bound_deviation, bound_influence, clamp_bn_statistics,
                                     clip_updates, deviations, median_update, update_keys, update_norm)
@@ -607,6 +608,19 @@ def test_the_direction_check_rejects_a_node_pulling_against_the_median_two_repli
     unchecked = _strategy(direction_check=0.0)
     assert all(o.accepted for r in (1, 2, 3) for o in round_of(unchecked, r).outcomes)
     assert all(o.alignment is not None for r in (1, 2, 3) for o in unchecked.round_replies[r].outcomes)  # recorded
+
+
+@pytest.mark.parametrize("count", [4, 5])
+def test_the_median_update_taken_a_slice_at_a_time_is_the_whole_arrays_median(monkeypatch, count):
+    """Slicing bounds the median's memory (a model-sized float64 stack per reply otherwise) and changes no value."""
+    rng = np.random.default_rng(count)
+    replies = [CheckedReply(node_id=n, arrays=_honest(rng), num_examples=100, metrics={}) for n in range(count)]
+    keys = update_keys(GLOBAL)
+    whole = {k: np.median(np.stack([r.arrays[k].astype(np.float64) for r in replies]), axis=0)
+             - GLOBAL[k].astype(np.float64) for k in keys}
+    monkeypatch.setattr(defenses, "MEDIAN_SLICE", 7)  # conv.weight's 108 coordinates: 16 slices, the last short
+    sliced = median_update(replies, GLOBAL, keys)
+    assert all(np.array_equal(sliced[k], whole[k]) and sliced[k].shape == GLOBAL[k].shape for k in keys)
 
 
 def test_the_server_keeps_only_the_current_rounds_reply_arrays():

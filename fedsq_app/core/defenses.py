@@ -146,10 +146,23 @@ def with_update(reply, template: dict[str, np.ndarray], updates: dict[str, np.nd
     return replace(reply, arrays=arrays)
 
 
+# Coordinates per slice of the median: its working memory is replies x 8 MiB, not replies x the model in float64
+# (AlexNet, 20 replies: 0.2 GB instead of about 20 GB with the sort's copy).
+MEDIAN_SLICE = 1 << 20
+
+
 def median_update(replies: list, template: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
-    """The coordinate-wise median of the replies' updates x_k − x_t over ``keys`` (float64, key by key)."""
-    return {key: np.median(np.stack([reply.arrays[key].astype(np.float64) for reply in replies]), axis=0)
-            - template[key].astype(np.float64) for key in keys}
+    """The coordinate-wise median of the replies' updates x_k − x_t over ``keys`` (float64, key by key, a slice
+    of coordinates at a time: the same values, as each coordinate's median is its own)."""
+    center = {}
+    for key in keys:
+        flat = [reply.arrays[key].reshape(-1) for reply in replies]
+        median = np.empty(flat[0].size, np.float64)
+        for start in range(0, median.size, MEDIAN_SLICE):
+            part = np.stack([values[start:start + MEDIAN_SLICE] for values in flat]).astype(np.float64)
+            median[start:start + MEDIAN_SLICE] = np.median(part, axis=0)
+        center[key] = median.reshape(np.shape(template[key])) - template[key].astype(np.float64)
+    return center
 
 
 def bound_influence(replies: list, template: dict[str, np.ndarray],
