@@ -167,9 +167,10 @@ class ValidatedFedAvg(ScreenedEvaluation, FedAvg):  # evaluate replies: screened
         checked = self.judge_round(server_round, checked, template)
         # Earlier rounds keep what results.json and model delivery read (nodes, weights, metrics, outcomes),
         # not their arrays: one model per reply, they would add up round after round (ResNet-18, 20 replies:
-        # 0.9 GB a round).
-        for earlier in self.round_replies.values():
-            earlier.accepted[:] = [replace(reply, arrays={}) for reply in earlier.accepted]
+        # 0.9 GB a round). Only the latest stored round still holds them.
+        if self.round_replies:
+            latest = self.round_replies[max(self.round_replies)]
+            latest.accepted[:] = [replace(reply, arrays={}) for reply in latest.accepted]
         self.round_replies[server_round] = checked
         self.opposition.record(checked.outcomes)
         needed = self.quarantine.needed(self.min_valid_replies, self.sampled)

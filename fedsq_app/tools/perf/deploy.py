@@ -173,7 +173,7 @@ def deploy_pair(app: Path, cache: Path, overrides: str, nodes: int, rounds: int,
                              "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1),
                              "digest": results_digest(run, mode) if path.is_file() else None,
                              "accepted": [r.get("accepted") for r in run["rounds"]]}
-            if mode in ("deploy-warm", "deploy-warm-short-poll"):  # forked children to count
+            if mode.startswith("deploy-warm"):  # fedsq-superexec's executors: forked children to count
                 results[mode]["children"] = forked_children(procs.log_dir)
             print(json.dumps({"app": str(app), mode: results[mode]}), file=sys.stderr, flush=True)
         finally:
