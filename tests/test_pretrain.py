@@ -86,6 +86,20 @@ def test_calibration_writes_a_run_config_every_strategy_can_use(backbone, idx_da
         assert RunConfig.from_mapping({**parsed, "strategy": strategy}).lr == chosen["lr"]
 
 
+def test_calibration_counts_a_diverging_learning_rate_as_a_losing_candidate(backbone, idx_data, tmp_path):
+    out = tmp_path / "calibrated.toml"
+    result = calibrate("smallcnn", backbone, idx_data, "train[300:600]", lrs=(0.01, 1e9), max_epochs=2,
+                       batch_size=16, out=out)
+    diverged = [t for t in result["trials"] if t["lr"] == 1e9]
+    assert diverged == [{"lr": 1e9, "local-epochs": 1, "val_accuracy": None, "val_loss": None}]  # no 2nd epoch
+    assert tomllib.loads(out.read_text())["lr"] == 0.01
+    assert "1e+09, 1 -> diverged" in out.read_text()
+    with pytest.raises(FloatingPointError, match="every learning rate diverged"):
+        calibrate("smallcnn", backbone, idx_data, "train[300:600]", lrs=(1e9,), max_epochs=1, batch_size=16,
+                  out=tmp_path / "none.toml")
+    assert not (tmp_path / "none.toml").exists()
+
+
 def test_simulation_uses_the_pretrained_checkpoint(backbone, idx_data, tmp_path):
     run = {**RUN, "dataset": idx_data, "pretrained": backbone, "out-dir": str(tmp_path), "run-name": "ckpt"}
     results = simulate(run, num_supernodes=3)

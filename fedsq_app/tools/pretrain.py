@@ -157,12 +157,22 @@ def calibrate(model_name: str, pretrained: str, dataset: str, proxy_split: str, 
         start = build_start_model(config, info)  # fresh: same backbone, same seeded head
         schedule = LocalSchedule(1, batch_size, lr, momentum, weight_decay)
         for epoch in range(1, max_epochs + 1):
-            train_local(start.model, proxy_train, start.spec, schedule, device=device, seed=seed * 1000 + epoch)
+            try:
+                train_local(start.model, proxy_train, start.spec, schedule, device=device,
+                            seed=seed * 1000 + epoch)
+            except FloatingPointError:  # a learning rate too high for this network: a losing candidate
+                trials.append({"lr": lr, "local-epochs": epoch, "val_accuracy": None, "val_loss": None})
+                print(f"calibrate: lr={lr:g} epochs={epoch}: diverged (loss not finite)")
+                break
             loss, accuracy = evaluate(start.model, proxy_val, start.spec, device=device)
             trials.append({"lr": lr, "local-epochs": epoch, "val_accuracy": accuracy, "val_loss": loss})
             print(f"calibrate: lr={lr:g} epochs={epoch}: proxy val accuracy {accuracy:.4f}, loss {loss:.4f}")
+    finished = [t for t in trials if t["val_accuracy"] is not None]
+    if not finished:
+        raise FloatingPointError(f"calibration: every learning rate diverged ({', '.join(f'{lr:g}' for lr in lrs)}); "
+                                 "try smaller ones with --lrs")
     # Best accuracy; ties go to fewer epochs (cheaper rounds), then to the smaller learning rate.
-    best = max(trials, key=lambda t: (t["val_accuracy"], -t["local-epochs"], -t["lr"]))
+    best = max(finished, key=lambda t: (t["val_accuracy"], -t["local-epochs"], -t["lr"]))
     schedule = {"model": model_name, "pretrained": str(Path(pretrained).resolve()) if Path(pretrained).is_file()
                 else pretrained, "lr": best["lr"], "local-epochs": best["local-epochs"], "batch-size": batch_size,
                 "momentum": momentum, "weight-decay": weight_decay}
@@ -171,7 +181,8 @@ def calibrate(model_name: str, pretrained: str, dataset: str, proxy_split: str, 
              "# One schedule for FedSQ and every baseline:  flwr run . --run-config <this file>",
              "# (flwr takes a TOML file alone: add the run's other keys, e.g. dataset, below.)",
              "# Sweep (lr, local-epochs -> proxy val accuracy):"]
-    lines += [f"#   {t['lr']:g}, {t['local-epochs']} -> {t['val_accuracy']:.4f}" for t in trials]
+    lines += [f"#   {t['lr']:g}, {t['local-epochs']} -> "
+              + ("diverged" if t["val_accuracy"] is None else f"{t['val_accuracy']:.4f}") for t in trials]
     lines += [f"{key} = {json.dumps(value)}" for key, value in schedule.items()]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
