@@ -136,7 +136,8 @@ def calibrate(model_name: str, pretrained: str, dataset: str, proxy_split: str, 
     """Sweep the local learning rate (and epochs) centrally on a proxy split; write the best as run config.
 
     Every trial starts from the same pretrained backbone and the same seeded head and trains the plain
-    network (the same transfer-learning step for every strategy), evaluating after each epoch.
+    network (the same transfer-learning step for every strategy), evaluating after each epoch. A learning
+    rate whose loss stops being finite loses (``val_accuracy`` None); if every one does, nothing is written.
     """
     leaks = overlaps(pretrained, dataset, {"proxy split": proxy_split}, image_column=image_column,
                      label_column=label_column)
